@@ -1,0 +1,106 @@
+"""Platform configuration: one pydantic model that every entry point reads.
+
+Values come from the embedded defaults, then an optional YAML file (``RECSYS_CONFIG``), then environment
+variables ``RECSYS_<FIELD>`` (nested with ``__``, e.g. ``RECSYS_KAFKA__BOOTSTRAP``). Unknown keys are an error, so
+a typo never falls back silently to a default.
+
+>>> cfg = PlatformConfig()
+>>> cfg.kafka.topic
+'interactions'
+>>> PlatformConfig.model_validate({"kafak": {}})
+Traceback (most recent call last):
+...
+pydantic_core._pydantic_core.ValidationError: 1 validation error for PlatformConfig
+kafak
+  Extra inputs are not permitted [type=extra_forbidden, input_value={}, input_type=dict]
+    For further information visit https://errors.pydantic.dev/.../v/extra_forbidden
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Strict):
+    bootstrap: str = "127.0.0.1:9092"
+    topic: str = "interactions"
+    partitions: int = Field(4, ge=1)
+
+
+class SparkConfig(_Strict):
+    master: str = "local[2]"
+    shuffle_partitions: int = Field(4, ge=1)
+    driver_memory: str = "2g"
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    #: Logical CPUs given to the local Ray cluster; more than the workers take, so Ray Data's read tasks can run.
+    ray_cpus: int = Field(4, ge=1)
+    use_gpu: bool = False
+    ray_address: str | None = None
+
+
+class PlatformConfig(_Strict):
+    #: Where downloaded data, the lake, checkpoints and artifacts live (all git-ignored).
+    data_dir: Path = ROOT / "data"
+    artifacts_dir: Path = ROOT / "artifacts"
+    kafka: KafkaConfig = KafkaConfig()
+    spark: SparkConfig = SparkConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.data_dir / "lake"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+
+def _env_overrides(prefix: str = "RECSYS_") -> dict:
+    out: dict = {}
+    for key, value in os.environ.items():
+        if not key.startswith(prefix) or key == "RECSYS_CONFIG":
+            continue
+        node = out
+        *parents, leaf = key[len(prefix):].lower().split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | Path | None = None) -> PlatformConfig:
+    """Read the configuration: defaults, then YAML (``path`` or ``$RECSYS_CONFIG``), then ``RECSYS_*`` variables.
+
+    Raises:
+        pydantic.ValidationError: an unknown key or a value of the wrong type.
+        FileNotFoundError: the YAML file named does not exist.
+    """
+    data: dict = {}
+    path = path or os.environ.get("RECSYS_CONFIG")
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    return PlatformConfig.model_validate(_merge(data, _env_overrides()))

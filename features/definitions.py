@@ -1,0 +1,98 @@
+"""Declared features: entities, the sparse (categorical) features and the sequence feature each model reads,
+the label rule and the split protocol.
+
+Models build their embedding tables from these declarations (one ``EmbeddingBagConfig`` per table), so a new
+feature is added here once and the pipelines, trainer and server all see it.
+
+>>> [f.name for f in SPARSE_FEATURES][:3]
+['user_idx', 'item_idx', 'age_idx']
+>>> label_of(4.0), label_of(3.5)
+(1, 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    join_key: str
+
+
+USER = Entity("user", "user_id")
+ITEM = Entity("item", "item_id")
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    """A categorical feature: the column of ``gold.ctr_samples`` holding its index, and the embedding table it
+    looks up. Features that name the same table share it (DIN's history and candidate share ``t_item``).
+
+    Args:
+        name: column in ``gold.ctr_samples``; an int, or array<int> when ``multi_hot``.
+        table: embedding table name.
+        vocab: where the table's size comes from: ``user``/``item`` vocabulary or a ``category_vocab`` feature.
+        multi_hot: several indices per sample (genres), pooled by sum.
+    """
+
+    name: str
+    table: str
+    vocab: str
+    multi_hot: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.table.startswith("t_"):
+            raise ValueError(f"feature {self.name!r}: table names start with 't_', got {self.table!r}")
+
+
+SPARSE_FEATURES: tuple[SparseFeature, ...] = (
+    SparseFeature("user_idx", "t_user", "user"),
+    SparseFeature("item_idx", "t_item", "item"),
+    SparseFeature("age_idx", "t_age", "age_bucket"),
+    SparseFeature("gender_idx", "t_gender", "gender"),
+    SparseFeature("occupation_idx", "t_occupation", "occupation"),
+    SparseFeature("zip_idx", "t_zip", "zip_prefix"),
+    SparseFeature("genre_idx", "t_genre", "genre", multi_hot=True),
+)
+
+#: The behaviour sequence: items the user rated strictly before the sample's time, most recent last.
+HISTORY_FEATURE = SparseFeature("hist_item_idx", "t_item", "item", multi_hot=True)
+#: L, the longest history kept per sample (most recent items).
+MAX_HISTORY = 50
+
+#: Categorical side features with a ``category_vocab`` entry, in the order of ``SPARSE_FEATURES``.
+CATEGORY_FEATURES = ("age_bucket", "gender", "occupation", "zip_prefix", "genre")
+#: Age buckets (years, lower bound inclusive) as published for MovieLens-1M's user file.
+AGE_BUCKETS = ((0, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+"))
+#: Characters of the zip code kept as the zip prefix feature.
+ZIP_PREFIX_LEN = 2
+
+#: Index 0 of every vocabulary is the unknown / padding value.
+UNKNOWN_INDEX = 0
+
+#: Positive label threshold on the 1-5 star rating.
+POSITIVE_RATING = 4.0
+
+#: Global time split: events ordered by (event_time, event_id) -- ties keep the original order -- first 80% train,
+#: next 10% valid, last 10% test. The protocol of published MovieLens CTR results.
+SPLIT_FRACTIONS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
+
+
+def label_of(rating: float) -> int:
+    """CTR label of a rating: 1 when ``rating >= 4`` stars."""
+    return int(rating >= POSITIVE_RATING)
+
+
+def age_bucket(age: int) -> str:
+    """The MovieLens age bucket of an age in years.
+
+    >>> age_bucket(17), age_bucket(18), age_bucket(60)
+    ('<18', '18-24', '56+')
+    """
+    label = AGE_BUCKETS[0][1]
+    for lower, name in AGE_BUCKETS:
+        if age >= lower:
+            label = name
+    return label

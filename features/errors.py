@@ -1,0 +1,29 @@
+"""Project exceptions. Each message names the object (table, column, offset, file) and says what to do."""
+
+
+class PlatformError(Exception):
+    """Base class of every error the platform raises on purpose."""
+
+
+class DatasetError(PlatformError):
+    """The raw data set is missing, unreachable or fails its integrity check (row, user or item counts)."""
+
+
+class TableNotFoundError(PlatformError):
+    """A Delta or Parquet table that a step reads has not been written yet."""
+
+    def __init__(self, table: str, path: str, producer: str) -> None:
+        super().__init__(f"table {table!r} not found at {path}; run {producer} first")
+        self.table, self.path, self.producer = table, path, producer
+
+
+class VocabularyError(PlatformError):
+    """An id or index does not fit the vocabulary the model was built with."""
+
+
+class EventError(PlatformError, ValueError):
+    """A raw event is malformed. ``reason`` is the short code written to the quarantine table."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail

@@ -1,0 +1,106 @@
+"""The interaction event on the Kafka topic, and its validation rules.
+
+Wire format: one JSON object per message, UTF-8, keyed by ``user_id``::
+
+    {"event_id": "ml100k-000000", "user_id": 196, "item_id": 242, "rating": 3.0,
+     "event_time": "1997-12-04T15:55:49Z"}
+
+``event_time`` is ISO-8601 in UTC. The Spark stream applies the same rules as :func:`parse_event` (its column
+expressions mirror them; a test checks both agree), and rejects a message with one of ``REASONS``.
+
+>>> parse_event(b'{"event_id":"e1","user_id":1,"item_id":2,"rating":4,"event_time":"1998-01-01T00:00:00Z"}')
+Event(event_id='e1', user_id=1, item_id=2, rating=4.0, event_time='1998-01-01T00:00:00Z')
+>>> parse_event(b'{"event_id":"e1","user_id":1}')
+Traceback (most recent call last):
+...
+features.errors.EventError: missing_field: item_id
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from features.errors import EventError
+
+FIELDS = ("event_id", "user_id", "item_id", "rating", "event_time")
+#: Spark DDL of the JSON payload, parsed with an explicit schema (no inference).
+EVENT_SCHEMA_DDL = "event_id string, user_id int, item_id int, rating double, event_time string"
+MIN_RATING, MAX_RATING = 0.5, 5.0
+#: Events earlier than this are rejected as implausible (MovieLens-100K starts in 1997).
+MIN_EVENT_TIME = datetime(1995, 1, 1, tzinfo=timezone.utc)
+#: Bytes; a larger message is rejected before it is parsed.
+MAX_MESSAGE_BYTES = 4096
+
+REASONS = {
+    "not_json": "the message is not a JSON object",
+    "missing_field": "a required field is absent or null",
+    "wrong_type": "a field does not have its declared type",
+    "bad_timestamp": "event_time is not ISO-8601, before 1995 or in the future",
+    "rating_out_of_range": f"rating is outside [{MIN_RATING}, {MAX_RATING}]",
+    "oversized": f"the message is larger than {MAX_MESSAGE_BYTES} bytes",
+    "bad_encoding": "the message is not valid UTF-8",
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    user_id: int
+    item_id: int
+    rating: float
+    event_time: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+def format_time(ts_seconds: int) -> str:
+    """ISO-8601 UTC of a Unix time in seconds.
+
+    >>> format_time(881250949)
+    '1997-12-04T15:55:49Z'
+    """
+    return datetime.fromtimestamp(ts_seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_event(raw: bytes, now: datetime | None = None) -> Event:
+    """Validate one Kafka message value.
+
+    Raises:
+        EventError: with ``reason`` one of ``REASONS``.
+    """
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise EventError("oversized", f"{len(raw)} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EventError("bad_encoding", str(e)) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EventError("not_json", str(e)) from None
+    if not isinstance(obj, dict):
+        raise EventError("not_json", f"top level is {type(obj).__name__}")
+    for name in FIELDS:
+        if obj.get(name) is None:
+            raise EventError("missing_field", name)
+    if not isinstance(obj["event_id"], str):
+        raise EventError("wrong_type", "event_id")
+    for name in ("user_id", "item_id"):
+        if isinstance(obj[name], bool) or not isinstance(obj[name], int):
+            raise EventError("wrong_type", name)
+    if isinstance(obj["rating"], bool) or not isinstance(obj["rating"], (int, float)):
+        raise EventError("wrong_type", "rating")
+    if not MIN_RATING <= obj["rating"] <= MAX_RATING:
+        raise EventError("rating_out_of_range", str(obj["rating"]))
+    if not isinstance(obj["event_time"], str):
+        raise EventError("wrong_type", "event_time")
+    try:
+        ts = datetime.strptime(obj["event_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise EventError("bad_timestamp", obj["event_time"]) from None
+    if ts < MIN_EVENT_TIME or ts > (now or datetime.now(timezone.utc)):
+        raise EventError("bad_timestamp", obj["event_time"])
+    return Event(obj["event_id"], obj["user_id"], obj["item_id"], float(obj["rating"]), obj["event_time"])

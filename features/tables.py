@@ -1,0 +1,134 @@
+"""Every table of the lake: name, medallion layer, location, partitioning and schema.
+
+Schemas are Spark DDL strings so that this module needs no Spark; ``pipelines`` turns them into ``StructType``
+with ``StructType.fromDDL`` and writes exactly these columns. Locations are relative to the lake root
+(``PlatformConfig.lake_dir``); Parquet exports for readers that cannot read Delta (Ray Data's Parquet reader, the
+ANN builder) live under ``export/``.
+
+>>> BRONZE_INTERACTIONS.path("/lake")
+'/lake/bronze/interactions'
+>>> TABLES["gold.ctr_samples"].partition_by
+('split',)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LAYERS = ("bronze", "silver", "gold", "quarantine", "export")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table of the lake.
+
+    Args:
+        name: ``<layer>.<table>``, e.g. ``bronze.interactions``.
+        schema: Spark DDL of the columns, in order.
+        partition_by: partition columns (a subset of the schema).
+        fmt: ``delta`` or ``parquet``.
+        doc: what one row is.
+    """
+
+    name: str
+    schema: str
+    partition_by: tuple[str, ...] = ()
+    fmt: str = "delta"
+    doc: str = ""
+    columns: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        layer, _, table = self.name.partition(".")
+        if layer not in LAYERS or not table:
+            raise ValueError(f"table name {self.name!r} must be '<layer>.<table>' with layer in {LAYERS}")
+        if self.fmt not in ("delta", "parquet"):
+            raise ValueError(f"table {self.name!r}: fmt must be 'delta' or 'parquet', not {self.fmt!r}")
+        cols = tuple(part.strip().split()[0].strip("`") for part in _split_top_level(self.schema))
+        missing = set(self.partition_by) - set(cols)
+        if missing:
+            raise ValueError(f"table {self.name!r}: partition columns {sorted(missing)} are not in its schema")
+        object.__setattr__(self, "columns", cols)
+
+    def path(self, lake_dir: str | Path) -> str:
+        layer, _, table = self.name.partition(".")
+        return str(Path(lake_dir) / layer / table)
+
+
+def _split_top_level(ddl: str) -> list[str]:
+    """Split a DDL column list on the commas that are not inside ``<...>`` (array<int>, struct<...>)."""
+    parts, depth, cur = [], 0, []
+    for ch in ddl:
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p.strip()]
+
+
+BRONZE_INTERACTIONS = TableSpec(
+    "bronze.interactions",
+    "event_id string, user_id int, item_id int, rating float, event_time timestamp, event_date date, "
+    "kafka_partition int, kafka_offset bigint, ingested_at timestamp",
+    partition_by=("event_date",),
+    doc="One valid interaction event as it arrived on the Kafka topic, deduplicated on event_id.",
+)
+
+QUARANTINE_INTERACTIONS = TableSpec(
+    "quarantine.interactions",
+    "raw string, reason string, detail string, kafka_partition int, kafka_offset bigint, "
+    "kafka_timestamp timestamp, ingested_at timestamp",
+    doc="One rejected Kafka message, kept whole with the reason code and a readable detail.",
+)
+
+USER_VOCAB = TableSpec(
+    "silver.user_vocab", "user_id int, user_idx int, first_seen timestamp",
+    doc="Stable user id -> embedding row. Index 0 is reserved for unknown users; indices are append-only.",
+)
+ITEM_VOCAB = TableSpec(
+    "silver.item_vocab", "item_id int, item_idx int, first_seen timestamp",
+    doc="Stable item id -> embedding row. Index 0 is reserved for unknown items; indices are append-only.",
+)
+USER_FEATURES = TableSpec(
+    "silver.user_features",
+    "user_id int, age int, age_bucket string, gender string, occupation string, zip_prefix string",
+    doc="Side features of a user from the MovieLens user file.",
+)
+ITEM_FEATURES = TableSpec(
+    "silver.item_features", "item_id int, title string, year int, genres array<string>",
+    doc="Side features of an item from the MovieLens item file.",
+)
+CATEGORY_VOCAB = TableSpec(
+    "silver.category_vocab", "feature string, value string, idx int",
+    doc="Index of each categorical side-feature value (age_bucket, gender, occupation, zip_prefix, genre); 0 = unknown.",
+)
+CTR_SAMPLES = TableSpec(
+    "gold.ctr_samples",
+    "event_id string, user_id int, item_id int, rating float, label int, event_time timestamp, split string, "
+    "user_idx int, item_idx int, age_idx int, gender_idx int, occupation_idx int, zip_idx int, "
+    "genre_idx array<int>, hist_item_idx array<int>, hist_len int",
+    partition_by=("split",),
+    doc="One labelled sample (label = rating >= 4) with the user's behaviour history strictly before event_time.",
+)
+ITEM_SEQUENCES = TableSpec(
+    "gold.item_sequences", "user_id int, user_idx int, item_idx array<int>, seq_len int",
+    doc="A user's positively rated items of the train period in time order: item2vec's sentences.",
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (
+    BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS, USER_VOCAB, ITEM_VOCAB, USER_FEATURES, ITEM_FEATURES,
+    CATEGORY_VOCAB, CTR_SAMPLES, ITEM_SEQUENCES,
+)}
+
+
+def parquet_export(table: TableSpec, lake_dir: str | Path) -> str:
+    """Where the Parquet copy of a Delta table lives, for readers that need plain Parquet.
+
+    >>> parquet_export(CTR_SAMPLES, "/lake")
+    '/lake/export/ctr_samples'
+    """
+    return str(Path(lake_dir) / "export" / table.name.partition(".")[2])
