@@ -55,6 +55,8 @@ class PlatformConfig(_Strict):
     #: Where downloaded data, the lake, checkpoints and artifacts live (all git-ignored).
     data_dir: Path = ROOT / "data"
     artifacts_dir: Path = ROOT / "artifacts"
+    #: Name of this run: its outputs go to ``artifacts_dir / run_name``.
+    run_name: str = "demo"
     kafka: KafkaConfig = KafkaConfig()
     spark: SparkConfig = SparkConfig()
     train: TrainConfig = TrainConfig()
@@ -70,6 +72,12 @@ class PlatformConfig(_Strict):
     @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints"
+
+    @property
+    def run_dir(self) -> Path:
+        """Outputs of this run: ``stages/`` (one result JSON per stage), ``models/``, ``embeddings/``,
+        ``summary.json``."""
+        return self.artifacts_dir / self.run_name
 
 
 def _env_overrides(prefix: str = "RECSYS_") -> dict:

@@ -1,0 +1,70 @@
+"""The stages of the main job as command lines: the one definition that ``make demo`` (pipelines.demo) and the
+Airflow DAGs (dags/) both run. Plain functions returning argv lists, standard library only, so a DAG file can
+import this at parse time and a test can assert the commands without any cluster.
+
+Every stage reads its configuration from the environment (``RECSYS_*``, see features.config) and writes its
+figures with ``features.results.write_stage_result`` under the stage's name.
+
+>>> build_command("features", python="py", spark_submit="spark-submit")[:2]
+['spark-submit', '--master']
+>>> [s.name for s in STAGES]
+['produce', 'ingest', 'features', 'train_deepfm', 'train_item2vec', 'export', 'evaluate']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the main job.
+
+    Args:
+        name: the stage's name; also the name of its result file.
+        module: ``python -m`` module, or for Spark stages the script path relative to the repo root.
+        args: fixed arguments.
+        spark: run through ``spark-submit`` (the jars passed with ``--jars``) rather than ``python -m``.
+    """
+
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+    spark: bool = False
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("produce", "pipelines.produce"),
+    Stage("ingest", "pipelines/ingest.py", ("--trigger", "available-now"), spark=True),
+    Stage("features", "pipelines/features_batch.py", spark=True),
+    Stage("train_deepfm", "training.train", ("--model", "deepfm")),
+    Stage("train_item2vec", "training.train", ("--model", "item2vec")),
+    Stage("export", "serving.export"),
+    Stage("evaluate", "serving.replay"),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def spark_jar_list(root: Path = ROOT) -> str:
+    return ",".join(sorted(str(p) for p in (root / ".jars" / "spark").glob("*.jar")))
+
+
+def build_command(stage: str, python: str = str(ROOT / ".venv/bin/python"),
+                  spark_submit: str = str(ROOT / ".venv/bin/spark-submit"), master: str = "local[2]",
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """The argv that runs ``stage`` from the repository root.
+
+    Raises:
+        KeyError: no stage of that name.
+    """
+    s = STAGE_BY_NAME[stage]
+    if s.spark:
+        return [spark_submit, "--master", master, "--jars", spark_jar_list(),
+                "--conf", "spark.sql.session.timeZone=UTC", "--conf", "spark.ui.enabled=false",
+                "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+                "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+                str(ROOT / s.module), *s.args, *extra]
+    return [python, "-m", s.module, *s.args, *extra]
