@@ -68,3 +68,10 @@ def build_command(stage: str, python: str = str(ROOT / ".venv/bin/python"),
                 "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
                 str(ROOT / s.module), *s.args, *extra]
     return [python, "-m", s.module, *s.args, *extra]
+
+
+def stage_env(python: str = str(ROOT / ".venv/bin/python")) -> dict[str, str]:
+    """Environment additions every stage runs with: spark-submit's driver and executors use the project's
+    Python, and Java uses UTC."""
+    return {"PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python, "SPARK_LOCAL_IP": "127.0.0.1",
+            "TZ": "UTC", "PYTHONPATH": str(ROOT)}

@@ -18,7 +18,8 @@ import pytest
 
 from features.config import ROOT, KafkaConfig, PlatformConfig, SparkConfig, TrainConfig
 
-TEST_KAFKA_PORT, TEST_CONTROLLER_PORT = 19092, 19093
+TEST_KAFKA_PORT = int(os.environ.get("RECSYS_TEST_KAFKA_PORT", "19092"))
+TEST_CONTROLLER_PORT = TEST_KAFKA_PORT + 1
 
 
 @pytest.fixture(scope="session")
