@@ -1,0 +1,144 @@
+"""``make demo``: the main job end to end on MovieLens-100K, on the real services.
+
+Starts the Kafka broker, runs every stage of ``pipelines.stages.STAGES`` through its command line (the same
+commands the Airflow DAG runs: spark-submit for the Spark jobs, ``python -m`` for the rest), collects the figures
+each stage measured, writes ``<run_dir>/summary.json``, prints a short summary and stops the broker.
+
+A demo run starts from an empty broker, lake and run folder, so two runs measure the same thing. The downloaded
+data set and the environments are kept.
+
+    python -m pipelines.demo [--keep-kafka]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from features.config import ROOT, PlatformConfig, load_config
+from features.results import read_stage_result
+from pipelines import movielens
+from pipelines.stages import STAGES, build_command, stage_env
+
+console = Console()
+KAFKA_SCRIPT = ROOT / "infra" / "scripts" / "kafka.sh"
+
+
+def kafka_env(cfg: PlatformConfig) -> dict[str, str]:
+    port = int(cfg.kafka.bootstrap.rsplit(":", 1)[1])
+    return {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1)}
+
+
+def kafka(cfg: PlatformConfig, action: str, state_dir: Path) -> None:
+    subprocess.run([str(KAFKA_SCRIPT), action, str(state_dir)], check=action == "start", env=kafka_env(cfg))
+
+
+def reset(cfg: PlatformConfig, kafka_state: Path) -> None:
+    """Empty the broker's log, the lake, the checkpoints and this run's outputs (never the raw data)."""
+    for path in (kafka_state, cfg.lake_dir, cfg.checkpoint_dir, cfg.run_dir):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_stage(name: str, log_dir: Path) -> float:
+    """Run one stage's command, its output to ``log_dir/<stage>.log``; returns wall seconds.
+
+    Raises:
+        SystemExit: the stage failed; the end of its log is printed.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    cmd = build_command(name)
+    start = time.perf_counter()
+    with console.status(f"[bold]{name}[/]: {' '.join(Path(c).name if c.startswith('/') else c for c in cmd[:3])} ..."), \
+            log.open("w") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **stage_env()}, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        console.print(f"[red]stage {name} failed (exit {proc.returncode}) after {wall:.1f} s; end of {log}:[/]")
+        console.print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+        raise SystemExit(1)
+    console.print(f"[green]✓[/] {name:<15} {wall:7.1f} s")
+    return wall
+
+
+def summarise(cfg: PlatformConfig, walls: dict[str, float]) -> dict:
+    """Assemble summary.json from the stage results; every figure was measured by its stage in this run."""
+    r = {s.name: read_stage_result(cfg, s.name) for s in STAGES}
+    deepfm, item2vec = r["train_deepfm"], r["train_item2vec"]
+    return {
+        "dataset": "MovieLens-100K",
+        "events_produced": r["produce"]["events_produced"],
+        "events_bronze": r["ingest"]["events_bronze"],
+        "events_quarantined": r["ingest"]["events_quarantined"],
+        "samples": r["features"]["samples"],
+        "sharding_plan": {"deepfm": deepfm["sharding_plan"], "item2vec": item2vec["sharding_plan"]},
+        "models": {
+            "deepfm": {k: deepfm[k] for k in ("test_auc", "test_logloss", "train_samples_per_s", "epochs")}
+            | {k: deepfm[k] for k in ("test_gauc", "valid_auc", "model_version") if k in deepfm},
+            "item2vec": {k: item2vec[k] for k in ("pairs_per_s", "epochs")}
+            | {k: item2vec[k] for k in ("final_loss", "model_version") if k in item2vec},
+        },
+        "ann": {m: {k: v for k, v in e.items() if k in ("recall@10", "rows", "dim", "index_path")}
+                for m, e in r["export"]["models"].items()},
+        "retrieval": r["evaluate"]["retrieval"],
+        "wall_s": {**{k: round(v, 1) for k, v in walls.items()}, "total": round(sum(walls.values()), 1)},
+    }
+
+
+def print_summary(summary: dict) -> None:
+    t = Table(title="MovieLens-100K main job", show_header=False)
+    t.add_row("events produced / bronze / quarantined",
+              f"{summary['events_produced']:,} / {summary['events_bronze']:,} / {summary['events_quarantined']:,}")
+    s = summary["samples"]
+    t.add_row("samples train / valid / test", f"{s['train']:,} / {s['valid']:,} / {s['test']:,}")
+    d = summary["models"]["deepfm"]
+    t.add_row("DeepFM test AUC / logloss", f"{d['test_auc']:.4f} / {d['test_logloss']:.4f}")
+    t.add_row("DeepFM train samples/s, epochs", f"{d['train_samples_per_s']:,.0f}, {d['epochs']}")
+    i = summary["models"]["item2vec"]
+    t.add_row("item2vec pairs/s, epochs", f"{i['pairs_per_s']:,.0f}, {i['epochs']}")
+    for model, plan in summary["sharding_plan"].items():
+        t.add_row(f"{model} sharding plan", ", ".join(f"{k}: {v}" for k, v in plan.items()))
+    for policy, m in summary["retrieval"].items():
+        t.add_row(f"replay {policy} HR@10 / NDCG@10", f"{m['hr@10']:.4f} / {m['ndcg@10']:.4f} ({m['cases']:,} cases)")
+    t.add_row("wall s", ", ".join(f"{k} {v}" for k, v in summary["wall_s"].items()))
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep-kafka", action="store_true", help="leave the broker running at the end")
+    args = parser.parse_args(argv)
+    cfg = load_config()
+    kafka_state = ROOT / "var" / cfg.run_name / "kafka"
+    movielens.fetch(cfg.raw_dir)
+    kafka(cfg, "stop", kafka_state)
+    reset(cfg, kafka_state)
+    walls: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        kafka(cfg, "start", kafka_state)
+        walls["kafka_start"] = time.perf_counter() - start
+        for stage in STAGES:
+            walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
+    finally:
+        if not args.keep_kafka:
+            kafka(cfg, "stop", kafka_state)
+    summary = summarise(cfg, walls)
+    path = cfg.run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+    console.print(f"summary written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
