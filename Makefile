@@ -1,58 +1,77 @@
 # Two commands for a fresh machine: `make demo` (the main job end to end) and `make test` (the suite).
-# Every set-up step below is cached: the virtual environments and jar folders are rebuilt only when their lock
-# file (requirements/*.lock, infra/*/pom.xml) is newer than the stamp left by the last build.
+#
+# Set-up is cached outside the checkout, keyed by the hash of each lock file, so a fresh clone (CI) reuses the
+# virtual environments and jar folders that an earlier clone built from identical locks:
+#   $(CACHE)/venv-main-<hash of requirements/main.lock>     -> .venv
+#   $(CACHE)/venv-airflow-<hash of requirements/airflow.lock> -> .venv-airflow
+#   $(CACHE)/jars-<name>-<hash of infra/<name>/pom.xml>       -> .jars/<name>
+# A cache entry is used only when its build finished (it holds a .complete marker). The project itself is not
+# installed into the environments: PYTHONPATH points at the checkout.
 SHELL := /bin/bash
 PY_BASE ?= $(shell command -v python3.11 || command -v python3)
 UV_VERSION := 0.13.8
-VENV := .venv
-AIRFLOW_VENV := .venv-airflow
-PY := $(VENV)/bin/python
-UV := .tools/bin/uv
-MVN := mvn -q -B -s infra/maven-settings.xml
+CACHE ?= $(HOME)/.cache/recsys-platform
+UV := $(CACHE)/uv-$(UV_VERSION)/bin/uv
+MVN := mvn -q -B -s $(CURDIR)/infra/maven-settings.xml
+hash = $(shell cat $(1) | sha256sum | cut -c1-16)
+MAIN_ENV := $(CACHE)/venv-main-$(call hash,requirements/main.lock)
+AIRFLOW_ENV := $(CACHE)/venv-airflow-$(call hash,requirements/airflow.lock)
+KAFKA_JARS := $(CACHE)/jars-kafka-$(call hash,infra/kafka/pom.xml infra/maven-settings.xml)
+SPARK_JARS := $(CACHE)/jars-spark-$(call hash,infra/spark/pom.xml infra/maven-settings.xml)
+PY := .venv/bin/python
 PYTEST_ARGS ?=
+export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv airflow-venv jars data demo test test-fast lock clean-data kafka-start kafka-stop bench
+.PHONY: setup venv airflow-venv jars data demo test test-fast lock kafka-start kafka-stop clean-data
 
-setup: venv jars data
+setup: venv airflow-venv jars data
 
 $(UV):
-	$(PY_BASE) -m venv .tools
-	.tools/bin/pip install -q uv==$(UV_VERSION)
+	$(PY_BASE) -m venv $(CACHE)/uv-$(UV_VERSION)
+	$(CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION)
 
-venv: $(VENV)/.stamp
-$(VENV)/.stamp: requirements/main.lock pyproject.toml | $(UV)
-	rm -rf $(VENV)
-	$(UV) venv -q --python $(PY_BASE) $(VENV)
-	$(UV) pip install -q -p $(VENV) --no-deps -r requirements/main.lock
-	$(UV) pip install -q -p $(VENV) --no-deps -e .
-	touch $@
+# $(1) cache dir, $(2) lock file, $(3) link name
+define build_env
+	@if [ ! -f $(1)/.complete ]; then \
+	  echo "building $(3) from $(2) in $(1)"; rm -rf $(1) && \
+	  $(UV) venv -q --python $(PY_BASE) $(1) && \
+	  $(UV) pip install -q -p $(1) --no-deps -r $(2) && touch $(1)/.complete; fi
+	@rm -rf $(3) && ln -sfn $(1) $(3)
+endef
 
-airflow-venv: $(AIRFLOW_VENV)/.stamp
-$(AIRFLOW_VENV)/.stamp: requirements/airflow.lock | $(UV)
-	rm -rf $(AIRFLOW_VENV)
-	$(UV) venv -q --python $(PY_BASE) $(AIRFLOW_VENV)
-	$(UV) pip install -q -p $(AIRFLOW_VENV) --no-deps -r requirements/airflow.lock
-	touch $@
+venv: | $(UV)
+	$(call build_env,$(MAIN_ENV),requirements/main.lock,.venv)
 
-jars: .jars/kafka/.stamp .jars/spark/.stamp
-.jars/%/.stamp: infra/%/pom.xml infra/maven-settings.xml
-	rm -rf .jars/$*
-	cd infra/$* && $(MVN) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=../../.jars/$*
-	touch $@
+airflow-venv: | $(UV)
+	$(call build_env,$(AIRFLOW_ENV),requirements/airflow.lock,.venv-airflow)
+
+# $(1) cache dir, $(2) pom folder name
+define build_jars
+	@if [ ! -f $(1)/.complete ]; then \
+	  echo "resolving infra/$(2)/pom.xml into $(1)"; rm -rf $(1) && \
+	  (cd infra/$(2) && $(MVN) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(1)) && \
+	  touch $(1)/.complete; fi
+	@mkdir -p .jars && rm -rf .jars/$(2) && ln -sfn $(1) .jars/$(2)
+endef
+
+jars:
+	$(call build_jars,$(KAFKA_JARS),kafka)
+	$(call build_jars,$(SPARK_JARS),spark)
 
 data: venv
 	$(PY) -m pipelines.movielens
 
-# Regenerate the lock files from the top-level pins (requirements/*.in); commit the result.
+# Regenerate requirements/main.lock from the top-level pins in requirements/main.in; commit the result.
 lock: | $(UV)
-	$(UV) venv -q --python $(PY_BASE) /tmp/recsys-lock && $(UV) pip install -q -p /tmp/recsys-lock -r requirements/main.in \
-	  && $(UV) pip install -q -p /tmp/recsys-lock --no-deps torchrec==1.9.2 \
-	  && $(UV) pip freeze -p /tmp/recsys-lock > requirements/main.lock && rm -rf /tmp/recsys-lock
+	rm -rf /tmp/recsys-lock && $(UV) venv -q --python $(PY_BASE) /tmp/recsys-lock
+	$(UV) pip install -q -p /tmp/recsys-lock -r requirements/main.in
+	$(UV) pip install -q -p /tmp/recsys-lock --no-deps torchrec==1.9.2  # its CUDA fbgemm-gpu dependency is replaced by fbgemm-gpu-cpu
+	$(UV) pip freeze -p /tmp/recsys-lock > requirements/main.lock && rm -rf /tmp/recsys-lock
 
-demo: setup airflow-venv
+demo: setup
 	$(PY) -m pipelines.demo
 
-test: setup airflow-venv
+test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
@@ -62,9 +81,6 @@ kafka-start: jars
 	infra/scripts/kafka.sh start
 kafka-stop:
 	infra/scripts/kafka.sh stop
-
-bench: setup
-	$(PY) -m bench.run
 
 clean-data:
 	infra/scripts/kafka.sh stop || true
