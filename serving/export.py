@@ -1,0 +1,112 @@
+"""Stage ``export`` (``python -m serving.export``): for each trained model, write its item embeddings to Parquet,
+build an HNSW index over them (cosine = inner product on L2-normalised vectors) and measure the index's recall@10
+against exact search with every item as a query.
+
+Per model, under ``<run_dir>/embeddings/<model>/``: ``items.parquet`` (see serving.embeddings), ``index.faiss``
+and ``index.json`` (M, efConstruction, efSearch, dim, ntotal, ``recall@10``, ``model_version``).
+
+Stage result (``<run_dir>/stages/export.json``)::
+
+    {"models": {m: {"rows", "dim", "path", "index_path", "recall@10", "model_version", ...}},
+     "export_wall_s"}
+
+``rows`` is the number of exported items (row 0 and unmapped rows excluded); ``export_wall_s`` is seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import faiss
+
+from features.config import PlatformConfig, load_config
+from features.errors import PlatformError
+from features.results import write_stage_result
+from serving.ann import HnswParams, ItemIndex, measure_recall
+from serving.embeddings import (INDEX_FILE, MODELS, embeddings_dir, load_model_embeddings, map_rows,
+                                read_item_vocab, to_arrow, write_parquet)
+
+log = logging.getLogger("serving.export")
+
+RECALL_K = 10
+
+
+def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswParams) -> dict | None:
+    """Export one model; ``None`` when it has no outputs.
+
+    Args:
+        vocab: ``(item_idx, item_id)`` from ``read_item_vocab``.
+
+    Raises:
+        PlatformError: the model's table maps to no vocabulary item at all (vocabulary mismatch).
+    """
+    emb = load_model_embeddings(cfg, model)
+    if emb is None:
+        return None
+    items = map_rows(emb, *vocab)
+    if items.item_idx.size == 0:
+        raise PlatformError(f"model {model!r}: none of its {emb.table.shape[0] - 1} embedding rows has an "
+                            f"item_vocab entry; it was trained on another vocabulary, retrain it")
+    out = embeddings_dir(cfg, model)
+    parquet_path = write_parquet(to_arrow(items, emb.model_version), out)
+
+    t0 = time.perf_counter()
+    index = ItemIndex.build(items.vectors, items.item_idx, params)
+    build_s = time.perf_counter() - t0
+    recall = measure_recall(index, items.vectors, items.item_idx, k=RECALL_K)
+    index.extra.update({f"recall@{RECALL_K}": recall, "recall_queries": int(items.item_idx.size),
+                        "model_version": emb.model_version, "build_s": build_s})
+    index_path = out / INDEX_FILE
+    index.save(index_path)
+    log.info("model %s: %d items x %d dims -> %s; HNSW(M=%d, efC=%d, efS=%d) recall@%d = %.4f",
+             model, items.item_idx.size, items.vectors.shape[1], out, params.m, params.ef_construction,
+             params.ef_search, RECALL_K, recall)
+    return {"rows": int(items.item_idx.size), "dim": int(items.vectors.shape[1]), "path": str(parquet_path),
+            "index_path": str(index_path), f"recall@{RECALL_K}": recall, "model_version": emb.model_version,
+            "unmapped_rows": items.unmapped_rows, "items_without_row": items.items_without_row,
+            "index_build_s": build_s, "hnsw": {"M": params.m, "efConstruction": params.ef_construction,
+                                               "efSearch": params.ef_search}}
+
+
+def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: tuple[str, ...] = MODELS) -> dict:
+    """Export every model of ``models`` that has outputs and write the stage result.
+
+    Raises:
+        TableNotFoundError: the item vocabulary export is missing.
+        PlatformError: no model has outputs (run the training stages first).
+    """
+    t0 = time.perf_counter()
+    vocab = read_item_vocab(cfg)
+    results = {}
+    for m in models:
+        r = export_model(cfg, m, vocab, params)
+        if r is not None:
+            results[m] = r
+    if not results:
+        raise PlatformError(f"no model among {list(models)} has item embeddings under {cfg.run_dir / 'models'}; "
+                            f"run the train_deepfm / train_item2vec stages first")
+    result = {"models": results, "export_wall_s": time.perf_counter() - t0}
+    write_stage_result(cfg, "export", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--hnsw-m", type=int, default=HnswParams.m)
+    p.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
+    p.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
+    p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faiss.omp_set_num_threads(args.threads)
+    result = run_export(load_config(), HnswParams(args.hnsw_m, args.ef_construction, args.ef_search),
+                        tuple(args.models))
+    log.info("export: %s", {m: r[f"recall@{RECALL_K}"] for m, r in result["models"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
