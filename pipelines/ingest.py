@@ -1,0 +1,286 @@
+"""Stage ``ingest``: Kafka topic -> Delta ``bronze.interactions`` + ``quarantine.interactions`` (Spark Structured
+Streaming).
+
+Every message is validated by Spark column expressions that mirror :func:`features.events.parse_event` rule for
+rule and in the same order (``VALIDATION_RULES`` below; ``tests/test_ingest.py`` checks that both give the same
+reason on the same messages). A valid event is MERGEd into bronze on ``event_id`` (inserted when not already
+there), so replaying the topic or re-running the stage never duplicates a row. A malformed one is appended to
+quarantine, kept whole with its reason code and the Kafka coordinates; nothing malformed stops the stream.
+
+Each micro-batch (``foreachBatch``) is idempotent: the bronze MERGE inserts only unseen event_ids, and the
+quarantine append carries Delta's ``txnAppId``/``txnVersion`` (the query id from the checkpoint and the batch id),
+so a batch replayed after a crash is not appended twice.
+
+Run under spark-submit (``pipelines.stages.build_command("ingest")``) or as ``python pipelines/ingest.py``::
+
+    pipelines/ingest.py --trigger available-now            # drain the topic, write the stage result, exit
+    pipelines/ingest.py --trigger continuous --interval-s 10   # a micro-batch every 10 s until stopped
+
+The stage result ``ingest`` is ``{"events_bronze", "events_quarantined", "quarantine_reasons": {reason: n},
+"ingest_wall_s"}`` (counts are of the whole tables).
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script (spark-submit, python pipelines/ingest.py): import from the repo
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from features.config import PlatformConfig, load_config
+from features.events import EVENT_SCHEMA_DDL, FIELDS, MAX_MESSAGE_BYTES, MAX_RATING, MIN_EVENT_TIME, MIN_RATING
+from features.results import write_stage_result
+from features.tables import BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS, TableSpec
+
+log = logging.getLogger("pipelines.ingest")
+
+STAGE = "ingest"
+TRIGGERS = ("available-now", "continuous")
+
+#: Spark JSON options that make the parser as strict as Python's ``json.loads``: no single quotes, no unquoted
+#: names or control characters, no leading zeros; NaN/Infinity allowed (json.loads accepts them too).
+_JSON_OPTIONS = {"allowSingleQuotes": "false", "allowUnquotedFieldNames": "false",
+                 "allowNumericLeadingZeros": "false", "allowNonNumericNumbers": "true",
+                 "allowUnquotedControlChars": "false", "allowBackslashEscapingAnyCharacter": "false"}
+#: Every field as VARIANT: parsing never fails on a field's type, so ``_corrupt_record`` is set only when the
+#: message is not JSON (or not an object), and ``schema_of_variant`` gives each field's JSON type.
+_PROBE_DDL = ", ".join(f"{name} variant" for name in FIELDS) + ", _corrupt_record string"
+#: json.loads accepts only whitespace around the one top-level value; Spark's parser ignores trailing text.
+_JSON_OBJECT_RE = r"(?s)\A[ \t\n\r]*\{.*\}[ \t\n\r]*\z"
+#: datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ") as a regex: the groups of CPython's _strptime.TimeRE (one-digit
+#: month/day/hour/minute/second accepted, " 1" as a day, seconds up to 61, case-insensitive 'T' and 'Z'),
+#: anchored at both ends because strptime rejects unconverted data.
+_EVENT_TIME_RE = (r"(?i)\A([0-9]{4})-(1[0-2]|0[1-9]|[1-9])-(3[01]|[12][0-9]|0[1-9]|[1-9]| [1-9])"
+                  r"T(2[0-3]|[01][0-9]|[0-9]):([0-5][0-9]|[0-9]):(6[01]|[0-5][0-9]|[0-9])Z\z")
+
+
+def _validation_rules():
+    """``[(condition, reason, detail)]`` in the order :func:`features.events.parse_event` checks them; the first
+    condition that holds names the message's reason.
+
+    Expects the columns that :func:`validate` prepares: ``_bytes`` (binary), ``_text`` (string, possibly invalid
+    UTF-8), ``_probe`` (struct of variants), ``_typed`` (struct of EVENT_SCHEMA_DDL), ``_event_ts`` (timestamp).
+    """
+    from pyspark.sql import functions as F
+
+    probe, typed = F.col("_probe"), F.col("_typed")
+
+    def json_type(name: str):  # 'STRING', 'BIGINT', 'DECIMAL(p,s)', 'DOUBLE', 'BOOLEAN', 'VOID', 'OBJECT<..>', ...
+        return F.schema_of_variant(probe[name])
+
+    def absent(name: str):  # obj.get(name) is None: the key is missing or its value is JSON null
+        return probe[name].isNull() | (json_type(name) == "VOID")
+
+    def not_int(name: str):  # not a JSON integer, or one that does not fit the int column (typed parse is null)
+        return (json_type(name) != "BIGINT") | typed[name].isNull()
+
+    rating = typed["rating"]
+    rating_text = F.when(json_type("rating") == "BIGINT", F.try_variant_get(probe["rating"], "$", "bigint")
+                         .cast("string")).otherwise(rating.cast("string"))
+    rules = [
+        (F.octet_length("_bytes") > MAX_MESSAGE_BYTES, "oversized",
+         F.concat(F.octet_length("_bytes").cast("string"), F.lit(" bytes"))),
+        (~F.is_valid_utf8("_text"), "bad_encoding", F.lit("the message is not valid UTF-8")),
+        (probe.isNull() | probe["_corrupt_record"].isNotNull() | ~F.col("_text").rlike(_JSON_OBJECT_RE),
+         "not_json", F.lit("not a JSON object")),
+        *[(absent(name), "missing_field", F.lit(name)) for name in FIELDS],
+        (json_type("event_id") != "STRING", "wrong_type", F.lit("event_id")),
+        (not_int("user_id"), "wrong_type", F.lit("user_id")),
+        (not_int("item_id"), "wrong_type", F.lit("item_id")),
+        (~(json_type("rating").isin("BIGINT", "DOUBLE") | json_type("rating").startswith("DECIMAL")),
+         "wrong_type", F.lit("rating")),
+        (~((rating >= MIN_RATING) & (rating <= MAX_RATING)), "rating_out_of_range", rating_text),  # NaN: out
+        (json_type("event_time") != "STRING", "wrong_type", F.lit("event_time")),
+        (F.col("_event_ts").isNull() | (F.col("_event_ts") < F.lit(MIN_EVENT_TIME.strftime("%Y-%m-%d %H:%M:%S"))
+                                        .cast("timestamp")) | (F.col("_event_ts") > F.current_timestamp()),
+         "bad_timestamp", typed["event_time"]),
+    ]
+    return rules
+
+
+def _event_time(text_col):
+    """The timestamp (UTC) that strptime would read from ``text_col``, or null where it would raise ValueError
+    (no match, or an impossible date/time such as Feb 30 or second 60)."""
+    from pyspark.sql import functions as F
+
+    part = lambda i: F.lpad(F.trim(F.regexp_extract(text_col, _EVENT_TIME_RE, i)), 2 if i > 1 else 4, "0")
+    normalised = F.concat(part(1), F.lit("-"), part(2), F.lit("-"), part(3), F.lit(" "),
+                          part(4), F.lit(":"), part(5), F.lit(":"), part(6))
+    return F.when(text_col.rlike(_EVENT_TIME_RE), F.try_to_timestamp(normalised, F.lit("yyyy-MM-dd HH:mm:ss")))
+
+
+def validate(messages):
+    """Validate Kafka messages with the rules of :func:`features.events.parse_event`.
+
+    Args:
+        messages: DataFrame with the Kafka source's ``value`` (binary, may be null), ``partition``, ``offset``,
+            ``timestamp``.
+
+    Returns:
+        The input's Kafka columns plus ``reason`` and ``detail`` (null for a valid event; else one of
+        ``features.events.REASONS`` and what was wrong), ``raw`` (the value decoded as UTF-8 with U+FFFD for bad
+        bytes) and the typed fields ``event_id``, ``user_id``, ``item_id``, ``rating`` (double), ``event_time``
+        (timestamp, UTC). A null value (tombstone) is read as empty bytes, hence ``not_json``.
+    """
+    from pyspark.sql import functions as F
+
+    prepared = (
+        messages
+        .withColumn("_bytes", F.coalesce(F.col("value"), F.lit(bytearray())))
+        .withColumn("_text", F.col("_bytes").cast("string"))
+        .withColumn("_probe", F.from_json("_text", _PROBE_DDL,
+                                          {**_JSON_OPTIONS, "columnNameOfCorruptRecord": "_corrupt_record"}))
+        .withColumn("_typed", F.from_json("_text", EVENT_SCHEMA_DDL, _JSON_OPTIONS))
+        .withColumn("_event_ts", _event_time(F.col("_typed.event_time")))
+    )
+    verdict = F.lit(None).cast("struct<reason: string, detail: string>")
+    for condition, reason, detail in reversed(_validation_rules()):  # build the CASE from the last rule up
+        verdict = F.when(condition, F.struct(F.lit(reason).alias("reason"), detail.alias("detail"))) \
+                   .otherwise(verdict)
+    return prepared.select(
+        "partition", "offset", "timestamp",
+        verdict["reason"].alias("reason"), verdict["detail"].alias("detail"),
+        F.make_valid_utf8("_text").alias("raw"),
+        F.col("_typed.event_id").alias("event_id"), F.col("_typed.user_id").alias("user_id"),
+        F.col("_typed.item_id").alias("item_id"), F.col("_typed.rating").alias("rating"),
+        F.col("_event_ts").alias("event_time"),
+    )
+
+
+def _ensure_table(spark, spec: TableSpec, path: str) -> None:
+    """Create the empty Delta table at ``path`` with exactly ``spec``'s columns unless it exists."""
+    from delta.tables import DeltaTable
+    from pyspark.sql.types import StructType
+
+    (DeltaTable.createIfNotExists(spark).location(path).addColumns(StructType.fromDDL(spec.schema))
+     .partitionedBy(*spec.partition_by).execute())
+
+
+def _query_id(checkpoint: Path) -> str:
+    """The streaming query's id, which Spark keeps in ``<checkpoint>/metadata`` across restarts; a new checkpoint
+    gets a new id, so its batch ids (which start again at 0) never collide with an older query's txnVersions."""
+    return json.loads((checkpoint / "metadata").read_text())["id"]
+
+
+def _batch_writer(bronze_path: str, quarantine_path: str, checkpoint: Path):
+    """The foreachBatch function: validate, MERGE valid events into bronze, append rejects to quarantine."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    bronze_cols, quarantine_cols = BRONZE_INTERACTIONS.columns, QUARANTINE_INTERACTIONS.columns
+
+    def write(batch, batch_id: int) -> None:
+        checked = (validate(batch).withColumn("ingested_at", F.current_timestamp())
+                   .withColumn("kafka_partition", F.col("partition").cast("int"))
+                   .withColumn("kafka_offset", F.col("offset").cast("bigint"))
+                   .withColumn("kafka_timestamp", F.col("timestamp"))
+                   .persist())
+        try:
+            first = Window.partitionBy("event_id").orderBy("kafka_partition", "kafka_offset")
+            valid = (checked.where(F.col("reason").isNull())
+                     .withColumn("rating", F.col("rating").cast("float"))
+                     .withColumn("event_date", F.to_date("event_time"))
+                     .withColumn("_n", F.row_number().over(first)).where("_n = 1")  # dedupe within the batch
+                     .select(*bronze_cols))
+            (DeltaTable.forPath(batch.sparkSession, bronze_path).alias("t")
+             .merge(valid.alias("s"), "t.event_id = s.event_id")
+             .whenNotMatchedInsertAll().execute())
+            (checked.where(F.col("reason").isNotNull()).select(*quarantine_cols)
+             .write.format("delta").mode("append")
+             .option("txnAppId", f"ingest-quarantine-{_query_id(checkpoint)}").option("txnVersion", batch_id)
+             .save(quarantine_path))
+        finally:
+            checked.unpersist()
+
+    return write
+
+
+def table_counts(spark, cfg: PlatformConfig) -> dict:
+    """Rows in bronze and quarantine, and quarantined rows per reason."""
+    bronze = spark.read.format("delta").load(BRONZE_INTERACTIONS.path(cfg.lake_dir))
+    quarantine = spark.read.format("delta").load(QUARANTINE_INTERACTIONS.path(cfg.lake_dir))
+    reasons = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+    return {"events_bronze": bronze.count(), "events_quarantined": sum(reasons.values()),
+            "quarantine_reasons": dict(sorted(reasons.items()))}
+
+
+def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", interval_s: float = 10.0,
+               max_offsets_per_trigger: int | None = None) -> dict:
+    """Stream the topic ``cfg.kafka.topic`` into bronze and quarantine.
+
+    Args:
+        spark: a session with Delta and the Kafka source (``pipelines.spark.get_spark``).
+        cfg: broker, topic, lake and checkpoint locations.
+        trigger: ``available-now`` drains what the topic holds and returns; ``continuous`` runs a micro-batch
+            every ``interval_s`` seconds until the query is stopped (Ctrl-C stops it cleanly).
+        interval_s: seconds between micro-batches (continuous only).
+        max_offsets_per_trigger: cap on messages per micro-batch (None: all that are available).
+
+    Returns:
+        ``events_bronze``, ``events_quarantined`` (rows in the tables), ``quarantine_reasons`` ({reason: rows}),
+        ``ingest_wall_s`` (seconds the query ran).
+
+    Raises:
+        ValueError: an unknown trigger.
+        pyspark.errors.StreamingQueryException: the query failed (broker unreachable, lake not writable); the
+            checkpoint lets a re-run resume where it stopped.
+    """
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}, not {trigger!r}")
+    bronze_path = BRONZE_INTERACTIONS.path(cfg.lake_dir)
+    quarantine_path = QUARANTINE_INTERACTIONS.path(cfg.lake_dir)
+    checkpoint = cfg.checkpoint_dir / STAGE
+    _ensure_table(spark, BRONZE_INTERACTIONS, bronze_path)
+    _ensure_table(spark, QUARANTINE_INTERACTIONS, quarantine_path)
+
+    reader = (spark.readStream.format("kafka")
+              .option("kafka.bootstrap.servers", cfg.kafka.bootstrap)
+              .option("subscribe", cfg.kafka.topic)
+              .option("startingOffsets", "earliest"))
+    if max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
+    writer = (reader.load().writeStream.queryName(f"ingest-{cfg.kafka.topic}")
+              .foreachBatch(_batch_writer(bronze_path, quarantine_path, checkpoint))
+              .option("checkpointLocation", str(checkpoint)))
+    writer = (writer.trigger(availableNow=True) if trigger == "available-now"
+              else writer.trigger(processingTime=f"{interval_s} seconds"))
+    start = time.perf_counter()
+    query = writer.start()
+    try:
+        query.awaitTermination()
+    except KeyboardInterrupt:
+        log.info("stopping the ingest query")
+        query.stop()
+    wall_s = time.perf_counter() - start
+    return {**table_counts(spark, cfg), "ingest_wall_s": round(wall_s, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.spark import get_spark
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trigger", choices=TRIGGERS, default="available-now")
+    parser.add_argument("--interval-s", type=float, default=10.0, help="seconds between micro-batches")
+    parser.add_argument("--max-offsets-per-trigger", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config()
+    spark = get_spark(cfg, app_name="recsys-ingest")
+    result = run_ingest(spark, cfg, args.trigger, args.interval_s, args.max_offsets_per_trigger)
+    if args.trigger == "available-now":
+        path = write_stage_result(cfg, STAGE, result)
+        print(f"ingest: {result['events_bronze']:,} events in bronze, {result['events_quarantined']:,} "
+              f"quarantined {result['quarantine_reasons']} in {result['ingest_wall_s']:.1f} s; result: {path}")
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
