@@ -75,3 +75,43 @@ def stage_env(python: str = str(ROOT / ".venv/bin/python")) -> dict[str, str]:
     Python, and Java uses UTC."""
     return {"PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python, "SPARK_LOCAL_IP": "127.0.0.1",
             "TZ": "UTC", "PYTHONPATH": str(ROOT)}
+
+
+KAFKA_ACTIONS = ("start", "stop", "status")
+
+
+def kafka_command(action: str, state_dir: str | Path | None = None, root: Path = ROOT) -> list[str]:
+    """The argv that starts, stops or checks the local Kafka broker (infra/scripts/kafka.sh).
+
+    The broker's ports come from the environment (``KAFKA_PORT``, ``KAFKA_CONTROLLER_PORT``); see
+    :func:`kafka_env`. Without ``state_dir`` the script uses ``var/kafka`` under the repository root.
+
+    >>> kafka_command("start", "/tmp/k", root=Path("/repo"))
+    ['/repo/infra/scripts/kafka.sh', 'start', '/tmp/k']
+    >>> kafka_command("stop", root=Path("/repo"))
+    ['/repo/infra/scripts/kafka.sh', 'stop']
+    >>> kafka_command("restart")
+    Traceback (most recent call last):
+    ...
+    ValueError: kafka action 'restart' is not one of ('start', 'stop', 'status')
+
+    Raises:
+        ValueError: ``action`` is not one the script knows.
+    """
+    if action not in KAFKA_ACTIONS:
+        raise ValueError(f"kafka action {action!r} is not one of {KAFKA_ACTIONS}")
+    return [str(root / "infra" / "scripts" / "kafka.sh"), action, *([str(state_dir)] if state_dir else [])]
+
+
+def kafka_env(bootstrap: str) -> dict[str, str]:
+    """The ports kafka.sh listens on for a broker reached at ``bootstrap`` (``host:port``): the broker on that
+    port, its KRaft controller on the next one.
+
+    >>> kafka_env("127.0.0.1:19092")
+    {'KAFKA_PORT': '19092', 'KAFKA_CONTROLLER_PORT': '19093'}
+
+    Raises:
+        ValueError: ``bootstrap`` has no numeric port.
+    """
+    port = int(bootstrap.rsplit(":", 1)[-1])
+    return {"KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1)}
