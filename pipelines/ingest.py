@@ -144,9 +144,9 @@ def validate(messages):
     for condition, reason, detail in reversed(_validation_rules()):  # build the CASE from the last rule up
         verdict = F.when(condition, F.struct(F.lit(reason).alias("reason"), detail.alias("detail"))) \
                    .otherwise(verdict)
-    return prepared.select(
+    return prepared.withColumn("_verdict", verdict).select(
         "partition", "offset", "timestamp",
-        verdict["reason"].alias("reason"), verdict["detail"].alias("detail"),
+        F.col("_verdict.reason").alias("reason"), F.col("_verdict.detail").alias("detail"),
         F.make_valid_utf8("_text").alias("raw"),
         F.col("_typed.event_id").alias("event_id"), F.col("_typed.user_id").alias("user_id"),
         F.col("_typed.item_id").alias("item_id"), F.col("_typed.rating").alias("rating"),

@@ -157,6 +157,7 @@ def main() -> None:
     from pipelines import movielens
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # the client logs every connection at INFO
     cfg = load_config()
     ratings = movielens.load(cfg.raw_dir).ratings
     result = run_produce(cfg, ratings)
