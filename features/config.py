@@ -52,8 +52,10 @@ class TrainConfig(_Strict):
 
 
 class PlatformConfig(_Strict):
-    #: Where downloaded data, the lake, checkpoints and artifacts live (all git-ignored).
+    #: Where the lake and checkpoints live (git-ignored).
     data_dir: Path = ROOT / "data"
+    #: Where downloaded data sets live; separate from data_dir so a scratch lake reuses the fetched data.
+    raw_dir: Path = ROOT / "data" / "raw"
     artifacts_dir: Path = ROOT / "artifacts"
     #: Name of this run: its outputs go to ``artifacts_dir / run_name``.
     run_name: str = "demo"
@@ -64,10 +66,6 @@ class PlatformConfig(_Strict):
     @property
     def lake_dir(self) -> Path:
         return self.data_dir / "lake"
-
-    @property
-    def raw_dir(self) -> Path:
-        return self.data_dir / "raw"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -5,7 +5,9 @@ Wire format: one JSON object per message, UTF-8, keyed by ``user_id``::
     {"event_id": "ml100k-000000", "user_id": 196, "item_id": 242, "rating": 3.0,
      "event_time": "1997-12-04T15:55:49Z"}
 
-``event_time`` is ISO-8601 in UTC. The Spark stream applies the same rules as :func:`parse_event` (its column
+``event_time`` is ISO-8601 in UTC; ``user_id`` and ``item_id`` are 32-bit ints. A message with no value (a
+tombstone) is treated as empty bytes, so it is rejected as ``not_json``. The ``detail`` of ``not_json`` and
+``bad_encoding`` is informative only: Spark cannot reproduce Python's parser messages. The Spark stream applies the same rules as :func:`parse_event` (its column
 expressions mirror them; a test checks both agree), and rejects a message with one of ``REASONS``.
 
 >>> parse_event(b'{"event_id":"e1","user_id":1,"item_id":2,"rating":4,"event_time":"1998-01-01T00:00:00Z"}')
@@ -28,6 +30,8 @@ FIELDS = ("event_id", "user_id", "item_id", "rating", "event_time")
 #: Spark DDL of the JSON payload, parsed with an explicit schema (no inference).
 EVENT_SCHEMA_DDL = "event_id string, user_id int, item_id int, rating double, event_time string"
 MIN_RATING, MAX_RATING = 0.5, 5.0
+#: Ids are stored as 32-bit ints in bronze; a larger one is a wrong_type, not a valid event.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 #: Events earlier than this are rejected as implausible (MovieLens-100K starts in 1997).
 MIN_EVENT_TIME = datetime(1995, 1, 1, tzinfo=timezone.utc)
 #: Bytes; a larger message is rejected before it is parsed.
@@ -89,7 +93,7 @@ def parse_event(raw: bytes, now: datetime | None = None) -> Event:
     if not isinstance(obj["event_id"], str):
         raise EventError("wrong_type", "event_id")
     for name in ("user_id", "item_id"):
-        if isinstance(obj[name], bool) or not isinstance(obj[name], int):
+        if isinstance(obj[name], bool) or not isinstance(obj[name], int) or not INT32_MIN <= obj[name] <= INT32_MAX:
             raise EventError("wrong_type", name)
     if isinstance(obj["rating"], bool) or not isinstance(obj["rating"], (int, float)):
         raise EventError("wrong_type", "rating")

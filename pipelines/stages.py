@@ -54,7 +54,7 @@ def spark_jar_list(root: Path = ROOT) -> str:
 
 def build_command(stage: str, python: str = str(ROOT / ".venv/bin/python"),
                   spark_submit: str = str(ROOT / ".venv/bin/spark-submit"), master: str = "local[2]",
-                  extra: tuple[str, ...] = ()) -> list[str]:
+                  driver_memory: str = "2g", extra: tuple[str, ...] = ()) -> list[str]:
     """The argv that runs ``stage`` from the repository root.
 
     Raises:
@@ -62,7 +62,7 @@ def build_command(stage: str, python: str = str(ROOT / ".venv/bin/python"),
     """
     s = STAGE_BY_NAME[stage]
     if s.spark:
-        return [spark_submit, "--master", master, "--jars", spark_jar_list(),
+        return [spark_submit, "--master", master, "--driver-memory", driver_memory, "--jars", spark_jar_list(),
                 "--conf", "spark.sql.session.timeZone=UTC", "--conf", "spark.ui.enabled=false",
                 "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
                 "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",

@@ -75,8 +75,6 @@ def test_spark_reads_valid_fields_as_parse_event_does(spark):
             (event.event_id, event.user_id, event.item_id, event.rating, ts)
 
 
-@pytest.mark.xfail(strict=True, reason="contract gap: parse_event accepts any Python int for user_id/item_id, "
-                   "but bronze stores int (32 bit); the stream quarantines these as wrong_type")
 def test_out_of_int32_ids_agree(spark):
     raws = [event_json(user_id=2**31), event_json(item_id=-(2**31) - 1)]
     assert spark_verdicts(spark, raws) == [python_verdict(raw) for raw in raws]
