@@ -1,0 +1,257 @@
+"""Reading the Parquet exports into batches for the models.
+
+CTR samples (DeepFM): each rank reads its shard of ``export/ctr_samples/split=<split>`` with pyarrow (rows
+``rank::world_size``) and iterates fixed-size batches as ``KeyedJaggedTensor`` s. Every rank yields the same number
+of batches of the same size, because the sharded embedding lookup is a collective: the last batch is padded with
+repeated rows whose weight is 0.
+
+Item sequences (item2vec): skip-gram pairs with word2vec's dynamic window, frequent-item subsampling
+(Mikolov et al. 2013, keep probability ``(sqrt(f / t) + 1) * t / f``) and negatives from the unigram^0.75
+distribution.
+
+Legend: N rows, B batch size, K negatives per pair.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import torch
+from torchrec import KeyedJaggedTensor
+
+from features.definitions import SPARSE_FEATURES, SparseFeature
+from features.errors import TableNotFoundError
+from features.tables import CTR_SAMPLES, ITEM_SEQUENCES, parquet_export
+
+PRODUCER = "the features stage (python -m pipelines.stages features)"
+
+
+def synthetic_vocab_sizes() -> dict[str, int]:
+    """Small vocabulary sizes for examples and tests (MovieLens-100K's side-feature sizes, few users/items)."""
+    return {"user": 30, "item": 40, "age_bucket": 8, "gender": 3, "occupation": 22, "zip_prefix": 12, "genre": 20}
+
+
+def read_vocab_sizes(lake_dir: str | Path) -> dict[str, int]:
+    """``export/vocab_sizes.json``: rows per vocabulary, index 0 included.
+
+    Raises:
+        TableNotFoundError: the file has not been exported yet.
+    """
+    path = Path(lake_dir) / "export" / "vocab_sizes.json"
+    if not path.exists():
+        raise TableNotFoundError("vocab_sizes", str(path), PRODUCER)
+    return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+# ----------------------------------------------------------------------------------------------- CTR samples
+@dataclass
+class CtrShard:
+    """One rank's rows of a CTR split, column-wise.
+
+    ``ids[name]`` is (N,) int64 for a one-hot feature; a multi-hot feature has ``values[name]`` (total ids,) and
+    ``offsets[name]`` (N + 1,). ``label`` (N,) float32, ``user`` (N,) int64 for GAUC.
+    """
+
+    ids: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    offsets: dict[str, np.ndarray]
+    label: np.ndarray
+    user: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
+                   features: Sequence[SparseFeature] = SPARSE_FEATURES) -> CtrShard:
+    """Rows ``rank::world_size`` of ``export/ctr_samples/split=<split>``.
+
+    Raises:
+        TableNotFoundError: the split has not been exported.
+    """
+    path = Path(parquet_export(CTR_SAMPLES, lake_dir)) / f"split={split}"
+    if not path.exists() or not any(path.glob("*.parquet")):
+        raise TableNotFoundError(f"{CTR_SAMPLES.name} split={split}", str(path), PRODUCER)
+    columns = sorted({f.name for f in features} | {"label", "user_idx"})
+    table = ds.dataset(str(path), format="parquet").to_table(columns=columns)
+    table = table.take(np.arange(rank, table.num_rows, world_size))
+    ids, values, offsets = {}, {}, {}
+    for f in features:
+        col = table.column(f.name).combine_chunks()
+        if f.multi_hot:
+            col = col.fill_null([]) if col.null_count else col
+            offsets[f.name] = col.offsets.to_numpy().astype(np.int64) - col.offsets[0].as_py()
+            values[f.name] = col.flatten().fill_null(0).to_numpy().astype(np.int64)
+        else:
+            ids[f.name] = col.fill_null(0).to_numpy().astype(np.int64)
+    label = table.column("label").to_numpy().astype(np.float32)
+    user = table.column("user_idx").to_numpy().astype(np.int64)
+    return CtrShard(ids, values, offsets, label, user)
+
+
+def num_batches(total_rows: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank so that every rank covers its ``ceil(N / world_size)`` rows.
+
+    >>> num_batches(10, 2, 2)
+    3
+    """
+    per_rank = -(-total_rows // world_size)
+    return max(1, -(-per_rank // batch_size))
+
+
+def kjt_of_rows(rows: Sequence[Mapping[str, int | Sequence[int]]],
+                features: Sequence[SparseFeature] = SPARSE_FEATURES) -> KeyedJaggedTensor:
+    """A KJT from a few rows given as dicts (examples, tests, serving one request).
+
+    >>> kjt_of_rows([{"user_idx": 1, "item_idx": 2, "age_idx": 0, "gender_idx": 1, "occupation_idx": 1,
+    ...               "zip_idx": 1, "genre_idx": [3, 4]}])["genre_idx"].values()
+    tensor([3, 4])
+    """
+    values, lengths = [], []
+    for f in features:
+        for row in rows:
+            v = row[f.name]
+            ids = list(v) if f.multi_hot else [int(v)]
+            values += ids
+            lengths.append(len(ids))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in features], values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64))
+
+
+@dataclass
+class CtrBatch:
+    """``features`` KJT with B rows per key; ``label``, ``weight`` (0 = padding) (B,) float32; ``user`` (B,)."""
+
+    features: KeyedJaggedTensor
+    label: torch.Tensor
+    weight: torch.Tensor
+    user: torch.Tensor
+
+
+def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
+                features: Sequence[SparseFeature] = SPARSE_FEATURES) -> Iterator[CtrBatch]:
+    """Exactly ``n_batches`` batches of exactly ``batch_size`` rows; rows beyond the shard are padding (weight 0).
+
+    Raises:
+        ValueError: the shard is empty (nothing to pad with).
+    """
+    n = len(shard)
+    if n == 0:
+        raise ValueError("empty CTR shard: every rank needs at least one row")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    total = n_batches * batch_size
+    index = np.resize(order, total)  # repeats rows to fill the padding
+    weight = (np.arange(total) < n).astype(np.float32)
+    for b in range(n_batches):
+        rows = index[b * batch_size:(b + 1) * batch_size]
+        values, lengths = [], []
+        for f in features:
+            if f.multi_hot:
+                off = shard.offsets[f.name]
+                starts, ends = off[rows], off[rows + 1]
+                lengths.append(ends - starts)
+                values.append(np.concatenate([shard.values[f.name][s:e] for s, e in zip(starts, ends)])
+                              if len(rows) else np.zeros(0, np.int64))
+            else:
+                lengths.append(np.ones(len(rows), np.int64))
+                values.append(shard.ids[f.name][rows])
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=[f.name for f in features],
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
+        yield CtrBatch(kjt, torch.from_numpy(shard.label[rows]),
+                       torch.from_numpy(weight[b * batch_size:(b + 1) * batch_size]),
+                       torch.from_numpy(shard.user[rows]))
+
+
+# ------------------------------------------------------------------------------------------------- item2vec
+def read_item_sequences(lake_dir: str | Path) -> list[np.ndarray]:
+    """Every user's positively rated train-period items in time order (``export/item_sequences``).
+
+    Raises:
+        TableNotFoundError: the table has not been exported.
+    """
+    path = Path(parquet_export(ITEM_SEQUENCES, lake_dir))
+    if not path.exists() or not any(path.rglob("*.parquet")):
+        raise TableNotFoundError(ITEM_SEQUENCES.name, str(path), PRODUCER)
+    table = ds.dataset(str(path), format="parquet").to_table(columns=["user_idx", "item_idx"])
+    table = table.sort_by("user_idx")
+    return [np.asarray(seq, dtype=np.int64) for seq in table.column("item_idx").to_pylist() if seq]
+
+
+def item_counts(sequences: Sequence[np.ndarray], num_items: int) -> np.ndarray:
+    """(num_items,) occurrences of each item index in the sequences."""
+    if not sequences:
+        return np.zeros(num_items, np.int64)
+    return np.bincount(np.concatenate(sequences), minlength=num_items)[:num_items]
+
+
+def keep_probabilities(counts: np.ndarray, threshold: float = 1e-3) -> np.ndarray:
+    """word2vec's subsampling: keep an occurrence of an item of frequency f with probability
+    ``min(1, (sqrt(f / t) + 1) * t / f)`` (``t`` = ``threshold``); items never seen get 1.
+
+    >>> keep_probabilities(np.array([0, 1, 99]), threshold=0.01).round(3).tolist()
+    [1.0, 1.0, 0.111]
+    """
+    freq = counts / max(counts.sum(), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = (np.sqrt(freq / threshold) + 1.0) * threshold / freq
+    return np.where(counts > 0, np.minimum(keep, 1.0), 1.0)
+
+
+def negative_distribution(counts: np.ndarray, power: float = 0.75) -> np.ndarray:
+    """(num_items,) sampling probabilities proportional to ``count ** power`` (word2vec's unigram^0.75).
+
+    >>> negative_distribution(np.array([0, 1, 16])).round(3).tolist()
+    [0.0, 0.111, 0.889]
+    """
+    weights = counts.astype(np.float64) ** power
+    return weights / weights.sum()
+
+
+def skipgram_pairs(sequences: Sequence[np.ndarray], window: int, rng: np.random.Generator,
+                   keep_prob: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(center, context) pairs, (P,) each: after subsampling each sequence with ``keep_prob``, every item is paired
+    with the items at most ``b`` positions away, ``b`` drawn uniformly from 1..window per center (word2vec's
+    dynamic window, which weights near neighbours more).
+
+    >>> c, x = skipgram_pairs([np.array([1, 2, 3])], window=1, rng=np.random.default_rng(0))
+    >>> sorted(zip(c.tolist(), x.tolist()))
+    [(1, 2), (2, 1), (2, 3), (3, 2)]
+    """
+    centers, contexts = [], []
+    for seq in sequences:
+        if keep_prob is not None:
+            seq = seq[rng.random(len(seq)) < keep_prob[seq]]
+        n = len(seq)
+        if n < 2:
+            continue
+        spans = rng.integers(1, window + 1, size=n)  # (n,) effective window per center
+        for offset in range(1, window + 1):
+            pos = np.arange(n - offset)
+            right = spans[pos] >= offset  # center pos -> context pos + offset
+            left = spans[pos + offset] >= offset  # center pos + offset -> context pos
+            centers += [seq[pos[right]], seq[pos[left] + offset]]
+            contexts += [seq[pos[right] + offset], seq[pos[left]]]
+    if not centers:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(centers), np.concatenate(contexts)
+
+
+def pairs_kjt(center: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor) -> KeyedJaggedTensor:
+    """KJT for ``Item2Vec``: keys ``center``, ``context``, ``neg_0..neg_{K-1}``, one id per row.
+
+    Args:
+        center: (B,) item indices; context: (B,); negatives: (B, K).
+    """
+    b, k = negatives.shape
+    keys = ["center", "context", *[f"neg_{i}" for i in range(k)]]
+    values = torch.cat([center, context, negatives.t().reshape(-1)]).to(torch.int64)  # key-major (2 + K) * B
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values,
+                                               lengths=torch.ones(len(keys) * b, dtype=torch.int64))

@@ -1,0 +1,152 @@
+"""Sharding plans for the models' embedding tables and the DistributedModelParallel (DMP) wrapping, on CPU/gloo.
+
+Two ways to plan:
+- ``planner``: TorchRec's ``EmbeddingShardingPlanner`` over a CPU ``Topology(world_size)``, restricted by
+  ``ParameterConstraints`` to the configured sharding types (default ``table_wise``: whole tables spread over
+  the ranks). The plan is computed collectively, so every rank gets the same one.
+- ``row_wise``: a hand-built plan that splits every table's rows evenly over all ranks. TorchRec's planner does
+  not offer row-wise sharding for an EmbeddingBagCollection on CPU, but the sharded module runs it.
+
+DMP shards the tables by the plan and wraps the rest of the model (dense layers, first-order weights) in
+DistributedDataParallel. Embedding tables should be built on the ``meta`` device; DMP materialises only the
+local shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+STRATEGIES = ("planner", "row_wise")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How to shard the embedding tables.
+
+    Args:
+        strategy: ``planner`` (TorchRec's planner) or ``row_wise`` (hand-built plan).
+        sharding_types: sharding types the planner may choose from (``ShardingType`` values).
+    """
+
+    strategy: str = "planner"
+    sharding_types: tuple[str, ...] = (ShardingType.TABLE_WISE.value,)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"sharding strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        valid = {t.value for t in ShardingType}
+        bad = set(self.sharding_types) - valid
+        if bad:
+            raise ValueError(f"unknown sharding types {sorted(bad)}; choose from {sorted(valid)}")
+
+
+def _ebcs(model: nn.Module) -> dict[str, EmbeddingBagCollection]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+
+
+def plan_sharding(model: nn.Module, world_size: int, config: ShardingConfig = ShardingConfig(),
+                  pg: dist.ProcessGroup | None = None) -> ShardingPlan:
+    """The sharding plan of every EmbeddingBagCollection in ``model``.
+
+    Args:
+        model: the unsharded model (tables on ``meta`` are fine).
+        world_size: number of ranks.
+        config: strategy and allowed sharding types.
+        pg: process group for the collective planner; when None (or no process group is initialised) the plan
+            is computed locally, which gives the same plan on every rank for the same inputs.
+    """
+    if config.strategy == "row_wise":
+        return ShardingPlan({
+            path: construct_module_sharding_plan(
+                ebc, per_param_sharding={t.name: row_wise() for t in ebc.embedding_bag_configs()},
+                local_size=world_size, world_size=world_size, device_type="cpu")
+            for path, ebc in _ebcs(model).items()
+        })
+    constraints = {
+        t.name: ParameterConstraints(sharding_types=list(config.sharding_types))
+        for ebc in _ebcs(model).values() for t in ebc.embedding_bag_configs()
+    }
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"),
+                                       constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    if pg is not None or dist.is_initialized():
+        return planner.collective_plan(model, sharders, pg or dist.GroupMember.WORLD)
+    return planner.plan(model, sharders)
+
+
+def placements(plan: ShardingPlan) -> dict[str, str]:
+    """JSON-able summary: ``{table: "<sharding type>@rank<r>[,<r>...]"}``.
+
+    >>> from torchrec.distributed.sharding_plan import table_wise
+    >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    >>> ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=10,
+    ...                                                  feature_names=["a"])], device=torch.device("meta"))
+    >>> mp = construct_module_sharding_plan(ebc, {"t_a": table_wise(rank=1)}, local_size=2, world_size=2,
+    ...                                     device_type="cpu")
+    >>> placements(ShardingPlan({"": mp}))
+    {'t_a': 'table_wise@rank1'}
+    """
+    out = {}
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            ranks = sorted(set(ps.ranks or []))
+            out[table] = f"{ps.sharding_type}@rank{','.join(map(str, ranks))}"
+    return dict(sorted(out.items()))
+
+
+def shard_model(model: nn.Module, plan: ShardingPlan) -> DistributedModelParallel:
+    """Wrap ``model`` in DMP on CPU: tables sharded by ``plan``, dense parts data-parallel.
+
+    The process group (gloo) must be initialised. Fused sparse optimizers must already be attached with
+    ``apply_optimizer_in_backward``.
+    """
+    return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan,
+                                    sharders=[EmbeddingBagCollectionSharder()])
+
+
+def _is_sharded(t: object) -> bool:
+    return hasattr(t, "local_shards")
+
+
+def load_full_state_dict(dmp: DistributedModelParallel, full: Mapping[str, torch.Tensor]) -> None:
+    """Copy an unsharded model's state dict into ``dmp``: each rank copies the rows/columns of its local shards.
+
+    Raises:
+        KeyError: a key of the sharded model is missing from ``full``.
+    """
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            src = full[key]
+            if _is_sharded(value):
+                for shard in value.local_shards():
+                    (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(src[r:r + h, c:c + w])
+            else:
+                value.copy_(src)
+
+
+def gather_full_state_dict(dmp: DistributedModelParallel, dst: int = 0) -> dict[str, torch.Tensor] | None:
+    """The unsharded state dict, assembled on rank ``dst`` (None on the other ranks). Collective: call on all
+    ranks. Keys match the unsharded model's ``state_dict()``."""
+    rank = dist.get_rank()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if _is_sharded(value):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            value.gather(dst=dst, out=full)
+            if rank == dst:
+                out[key] = full
+        else:
+            out[key] = value.detach().clone()
+    return out if rank == dst else None

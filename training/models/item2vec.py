@@ -1,0 +1,105 @@
+"""item2vec (Barkan & Koenigstein 2016, "Item2Vec: Neural Item Embedding for Collaborative Filtering").
+
+Skip-gram with negative sampling (SGNS; Mikolov et al. 2013) over each user's sequence of positively rated
+items: for a (center, context) pair and K items drawn from the unigram^0.75 distribution,
+
+    loss = -log sigmoid(<u_center, v_context>) - sum_k log sigmoid(-<u_center, v_neg_k>)
+
+with u from the input table ``t_item_in`` (the item embeddings that are exported) and v from the output table
+``t_item_out``. Pair generation, frequent-item subsampling and negative sampling live in ``training.data``.
+
+Legend: B batch of pairs, K negatives per pair, D embedding dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from training.modules import SparseArch
+
+CENTER, CONTEXT = "center", "context"
+
+
+def negative_keys(num_negatives: int) -> list[str]:
+    """KJT keys of the K negatives: ``neg_0 .. neg_{K-1}``, each looked up in the output table."""
+    return [f"neg_{k}" for k in range(num_negatives)]
+
+
+@dataclass(frozen=True)
+class Item2VecConfig:
+    """Hyper-parameters of item2vec.
+
+    Args:
+        embedding_dim: D; a multiple of 4 (FBGEMM's fused kernels).
+        num_negatives: K negatives per positive pair.
+    """
+
+    embedding_dim: int = 32
+    num_negatives: int = 5
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim <= 0 or self.embedding_dim % 4:
+            raise ValueError(f"embedding_dim must be a positive multiple of 4, got {self.embedding_dim}")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+
+
+class Item2Vec(nn.Module):
+    """SGNS scorer with an input (``t_item_in``) and an output (``t_item_out``) item table.
+
+    Args:
+        num_items: rows of the item vocabulary (index 0 included).
+        config: hyper-parameters.
+        sparse_device: device of the tables; ``meta`` before sharding with DMP.
+
+    Call: ``forward(features: KJT with keys center, context, neg_0..neg_{K-1}, one id per row each)
+    -> logits Tensor (B, 1 + K)``; column 0 scores the true context, the others the negatives.
+
+    >>> from training.data import pairs_kjt
+    >>> model = Item2Vec(10, Item2VecConfig(embedding_dim=8, num_negatives=2))
+    >>> model(pairs_kjt(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([[5, 6], [7, 8]]))).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, num_items: int, config: Item2VecConfig = Item2VecConfig(),
+                 sparse_device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d = config.embedding_dim
+        # word2vec's initialisation: input rows uniform in [-0.5/D, 0.5/D], output rows zero.
+        tables = [
+            EmbeddingBagConfig(name="t_item_in", embedding_dim=d, num_embeddings=num_items, feature_names=[CENTER],
+                               pooling=PoolingType.SUM, weight_init_min=-0.5 / d, weight_init_max=0.5 / d,
+                               init_fn=lambda w, r=0.5 / d: nn.init.uniform_(w, -r, r)),
+            EmbeddingBagConfig(name="t_item_out", embedding_dim=d, num_embeddings=num_items,
+                               feature_names=[CONTEXT, *negative_keys(config.num_negatives)],
+                               pooling=PoolingType.SUM, weight_init_min=0.0, weight_init_max=0.0,
+                               init_fn=nn.init.zeros_),
+        ]
+        self.sparse_arch = SparseArch(tables, device=sparse_device)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        emb = self.sparse_arch(features)  # (B, 2 + K, D): center, context, negatives
+        center, targets = emb[:, :1, :], emb[:, 1:, :]  # (B, 1, D), (B, 1 + K, D)
+        return (center * targets).sum(dim=2)  # (B, 1 + K)
+
+
+def sgns_loss(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative-sampling loss, averaged over pairs.
+
+    Args:
+        logits: (B, 1 + K) from ``Item2Vec``; column 0 is the true context.
+        weights: (B,) per-pair weights (0 for padding rows); default all ones.
+
+    >>> round(sgns_loss(torch.tensor([[0.0, 0.0]])).item(), 4)  # -2 log(1/2)
+    1.3863
+    """
+    per_pair = -F.logsigmoid(logits[:, 0]) - F.logsigmoid(-logits[:, 1:]).sum(dim=1)  # (B,)
+    if weights is None:
+        return per_pair.mean()
+    return (per_pair * weights).sum() / weights.sum().clamp_min(1.0)
