@@ -80,4 +80,4 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
             weight += e - s
     if weight == 0:
         raise ValueError("GAUC needs at least one user with both positive and negative samples")
-    return total / weight
+    return float(total / weight)

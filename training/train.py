@@ -1,0 +1,385 @@
+"""Stage command: train DeepFM or item2vec with Ray Train over sharded TorchRec tables, on CPU.
+
+    python -m training.train --model deepfm|item2vec [--epochs N] [--batch-size B] [--sharding planner|row_wise]
+
+The driver reads the configuration (``features.config.load_config``), starts a local Ray cluster (or joins
+``cfg.train.ray_address``) and runs a ``TorchTrainer`` with ``cfg.train.num_workers`` workers of 1 CPU each
+(gloo process group). Each worker reads its shard of the Parquet exports (``training.data``), builds the model
+with its tables on ``meta``, shards it with DistributedModelParallel by the plan (``training.distributed``), and
+trains: tables with TorchRec's fused row-wise Adagrad (applied in backward; FBGEMM's CPU kernels have no Adam),
+dense layers with AdamW. Every epoch each rank writes its shards with ``torch.distributed.checkpoint`` and all
+report one ``ray.train.Checkpoint`` (stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC.
+
+Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
+``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json``; the driver
+writes the stage result ``train_deepfm`` / ``train_item2vec``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from features.config import ROOT, PlatformConfig, load_config
+from features.results import write_stage_result
+
+MODELS = ("deepfm", "item2vec")
+ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_item.weight",
+              "item2vec": "sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight"}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What one training run does. Batch size is global (split evenly over the workers); learning rates are per
+    step; ``patience`` counts epochs without a better validation AUC (DeepFM)."""
+
+    model: str = "deepfm"
+    epochs: int = 0  # 0: the model's default (deepfm 12, item2vec 8)
+    batch_size: int = 0  # 0: the model's default (deepfm 2048, item2vec 4096)
+    embedding_dim: int = 0  # 0: the model's default (deepfm 16, item2vec 32)
+    sharding: str = "planner"
+    lr_sparse: float = 0.0  # 0: the model's default (deepfm 0.05, item2vec 0.2)
+    lr_dense: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 2
+    seed: int = 0
+    window: int = 5
+    negatives: int = 5
+    subsample: float = 1e-3
+    defaults: dict = field(default_factory=lambda: {
+        "deepfm": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.05},
+        "item2vec": {"epochs": 8, "batch_size": 4096, "embedding_dim": 32, "lr_sparse": 0.2},
+    })
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        for name, value in self.defaults[self.model].items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs, batch_size and patience must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------- policies
+class Decision(Enum):
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a higher metric.
+
+    >>> stop = EarlyStopping(patience=2)
+    >>> [stop.update(v).value for v in (0.6, 0.7, 0.69, 0.7)], stop.best, stop.best_epoch
+    (['continue', 'continue', 'continue', 'stop'], 0.7, 1)
+    """
+
+    patience: int
+    best: float = float("-inf")
+    best_epoch: int = -1
+    epoch: int = -1
+    improved: bool = False
+
+    def update(self, value: float) -> Decision:
+        self.epoch += 1
+        self.improved = value > self.best
+        if self.improved:
+            self.best, self.best_epoch = value, self.epoch
+        return Decision.STOP if self.epoch - self.best_epoch >= self.patience else Decision.CONTINUE
+
+
+# ----------------------------------------------------------------------------------------- worker side
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[train rank0] {msg}", flush=True)
+
+
+def _all_gather_arrays(*arrays: np.ndarray) -> list[np.ndarray]:
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, arrays)
+    return [np.concatenate([g[i] for g in gathered]) for i in range(len(arrays))]
+
+
+def _report(metrics: dict, dmp, rank: int) -> None:
+    """Each rank saves its own shards (torch.distributed.checkpoint) into its folder; Ray gathers all folders of
+    one report into one checkpoint."""
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp.save(dmp.state_dict(), checkpoint_id=tmp)
+        if rank == 0:
+            Path(tmp, "metrics.json").write_text(json.dumps(metrics, default=float))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _build(model, opts: TrainOptions, world_size: int, rank: int):
+    """Attach the fused sparse optimizer, plan, shard; returns (dmp, plan placements, dense optimizer)."""
+    import torch
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from training.distributed import ShardingConfig, placements, plan_sharding, shard_model
+
+    apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": opts.lr_sparse})
+    plan = plan_sharding(model, world_size, ShardingConfig(strategy=opts.sharding))
+    _log(rank, f"sharding plan:\n{plan}")
+    dmp = shard_model(model, plan)
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    dense_opt = torch.optim.AdamW(dense, lr=opts.lr_dense, weight_decay=opts.weight_decay) if dense else None
+    return dmp, placements(plan), dense_opt
+
+
+def _evaluate(dmp, shard, batch_size: int, world_size: int) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    from training.data import ctr_batches, num_batches
+    from training.metrics import auc, gauc, logloss
+
+    n = torch.tensor([len(shard)])
+    dist.all_reduce(n)
+    dmp.eval()
+    scores, labels, users = [], [], []
+    with torch.no_grad():
+        for b in ctr_batches(shard, batch_size, num_batches(int(n), world_size, batch_size)):
+            keep = b.weight > 0
+            scores.append(dmp(b.features)[keep].numpy())
+            labels.append(b.label[keep].numpy())
+            users.append(b.user[keep].numpy())
+    s, y, u = _all_gather_arrays(np.concatenate(scores), np.concatenate(labels), np.concatenate(users))
+    return {"auc": auc(y, s), "logloss": logloss(y, 1.0 / (1.0 + np.exp(-s))), "gauc": gauc(u, y, s)}
+
+
+def _train_deepfm(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes
+    from training.models import DeepFM, DeepFMConfig
+
+    lake = c["lake_dir"]
+    vocab = read_vocab_sizes(lake)
+    train, valid, test = (read_ctr_shard(lake, s, rank, world_size) for s in ("train", "valid", "test"))
+    n_train = torch.tensor([len(train)])
+    dist.all_reduce(n_train)
+    local_bs = max(1, opts.batch_size // world_size)
+    steps = num_batches(int(n_train), world_size, local_bs)
+
+    torch.manual_seed(opts.seed)
+    config = DeepFMConfig(embedding_dim=opts.embedding_dim)
+    dmp, where, dense_opt = _build(DeepFM(vocab, config, sparse_device=torch.device("meta")), opts, world_size, rank)
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    stopping, best, train_time = EarlyStopping(opts.patience), {}, 0.0
+    best_state = None
+    for epoch in range(opts.epochs):
+        dmp.train()
+        t0, total = time.perf_counter(), 0.0
+        for b in ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank):
+            dense_opt.zero_grad()
+            loss = (loss_fn(dmp(b.features), b.label) * b.weight).sum() / b.weight.sum().clamp_min(1.0)
+            loss.backward()  # the tables' fused Adagrad steps inside backward
+            dense_opt.step()
+            total += float(loss)
+        train_time += time.perf_counter() - t0
+        valid_m = _evaluate(dmp, valid, local_bs, world_size)
+        decision = stopping.update(valid_m["auc"])
+        if stopping.improved:
+            test_m = _evaluate(dmp, test, local_bs, world_size)
+            from training.distributed import gather_full_state_dict
+            best_state = gather_full_state_dict(dmp)
+            best = {"valid_auc": valid_m["auc"], "test_auc": test_m["auc"], "test_logloss": test_m["logloss"],
+                    "test_gauc": test_m["gauc"], "best_epoch": epoch + 1}
+        metrics = {"epoch": epoch + 1, "train_loss": total / steps, "epoch_valid_auc": valid_m["auc"],
+                   "epoch_valid_logloss": valid_m["logloss"],
+                   "train_samples_per_s": int(n_train) * (epoch + 1) / train_time, **best}
+        _log(rank, f"epoch {epoch + 1}/{opts.epochs} loss {metrics['train_loss']:.4f} valid auc "
+                   f"{valid_m['auc']:.4f} logloss {valid_m['logloss']:.4f} ({int(n_train) / (time.perf_counter() - t0):,.0f} samples/s)")
+        last = decision is Decision.STOP or epoch + 1 == opts.epochs
+        if last:
+            metrics.update(epochs=epoch + 1, sharding_plan=where)
+        _report(metrics, dmp, rank)
+        if last:
+            break
+    if rank == 0:
+        _write_artifacts(c, opts, best_state, {**asdict(config), "features": DeepFM.__module__}, vocab, where, best)
+
+
+def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from training.data import (item_counts, keep_probabilities, negative_distribution, num_batches, pairs_kjt,
+                               read_item_sequences, read_vocab_sizes, skipgram_pairs)
+    from training.distributed import gather_full_state_dict
+    from training.models import Item2Vec, Item2VecConfig, sgns_loss
+
+    lake = c["lake_dir"]
+    vocab = read_vocab_sizes(lake)
+    num_items = vocab["item"]
+    sequences = read_item_sequences(lake)
+    counts = item_counts(sequences, num_items)
+    keep, neg_p = keep_probabilities(counts, opts.subsample), negative_distribution(counts)
+    torch.manual_seed(opts.seed)
+    config = Item2VecConfig(embedding_dim=opts.embedding_dim, num_negatives=opts.negatives)
+    dmp, where, _ = _build(Item2Vec(num_items, config, sparse_device=torch.device("meta")), opts, world_size, rank)
+    local_bs = max(1, opts.batch_size // world_size)
+    train_time, pairs_seen, loss_avg = 0.0, 0, float("nan")
+    for epoch in range(opts.epochs):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(opts.seed * 1000 + epoch)  # same pairs on every rank ...
+        center, context = skipgram_pairs(sequences, opts.window, rng, keep)
+        order = rng.permutation(len(center))[rank::world_size]  # ... each rank takes its share
+        steps = num_batches(len(center), world_size, local_bs)
+        idx = np.resize(order, steps * local_bs)
+        weight = torch.from_numpy((np.arange(len(idx)) < len(order)).astype(np.float32))
+        negs = np.random.default_rng([opts.seed, epoch, rank]).choice(num_items, size=(len(idx), opts.negatives),
+                                                                        p=neg_p)
+        total = torch.zeros(2)
+        for s in range(steps):
+            rows = slice(s * local_bs, (s + 1) * local_bs)
+            kjt = pairs_kjt(torch.from_numpy(center[idx[rows]]), torch.from_numpy(context[idx[rows]]),
+                            torch.from_numpy(negs[rows]))
+            loss = sgns_loss(dmp(kjt), weight[rows])
+            loss.backward()  # fused Adagrad updates both tables
+            total += torch.tensor([float(loss) * float(weight[rows].sum()), float(weight[rows].sum())])
+        dist.all_reduce(total)
+        loss_avg = float(total[0] / total[1])
+        train_time += time.perf_counter() - t0
+        pairs_seen += len(center)
+        metrics = {"epoch": epoch + 1, "loss": loss_avg, "pairs": len(center), "pairs_per_s": pairs_seen / train_time}
+        _log(rank, f"epoch {epoch + 1}/{opts.epochs} sgns loss {loss_avg:.4f} pairs {len(center):,} "
+                   f"({len(center) / (time.perf_counter() - t0):,.0f} pairs/s)")
+        if epoch + 1 == opts.epochs:
+            metrics.update(epochs=epoch + 1, final_loss=loss_avg, sharding_plan=where)
+        _report(metrics, dmp, rank)
+    state = gather_full_state_dict(dmp)
+    if rank == 0:
+        _write_artifacts(c, opts, state, asdict(config), vocab, where, {"final_loss": loss_avg})
+
+
+def _write_artifacts(c: dict, opts: TrainOptions, state: dict, model_config: dict, vocab: dict, where: dict,
+                     metrics: dict) -> None:
+    import torch
+
+    out = Path(c["model_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    table = state[ITEM_TABLE[opts.model]].numpy().astype(np.float32)
+    np.save(out / "item_embeddings.npy", table)  # (items, D), row = item_idx
+    torch.save(state, out / "model.pt")
+    meta = {"model": opts.model, "model_version": c["model_version"], "model_config": model_config,
+            "options": {k: v for k, v in asdict(opts).items() if k != "defaults"}, "vocab_sizes": vocab,
+            "sharding_plan": where, "item_embedding_shape": list(table.shape), "metrics": metrics,
+            "created_utc": datetime.now(timezone.utc).isoformat()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+    print(f"[train rank0] wrote {out}/item_embeddings.npy {table.shape}, model.pt, meta.json", flush=True)
+
+
+def train_loop(c: dict) -> None:
+    """Ray Train worker entry point; ``c`` holds the options and the paths (no config object crosses)."""
+    import ray.train
+    import torch
+
+    torch.set_num_threads(1)  # one CPU per worker
+    ctx = ray.train.get_context()
+    opts = TrainOptions(**c["options"])
+    run = _train_deepfm if opts.model == "deepfm" else _train_item2vec
+    run(c, opts, ctx.get_world_rank(), ctx.get_world_size())
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
+    """Run one training on Ray; returns (and writes) the stage result.
+
+    Raises:
+        TableNotFoundError: the Parquet exports are missing (run the features stage).
+        ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.data import read_vocab_sizes
+
+    t0 = time.perf_counter()
+    read_vocab_sizes(cfg.lake_dir)  # fail fast, before starting anything
+    version = f"{opts.model}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.train.ray_address, num_cpus=None if cfg.train.ray_address else cfg.train.ray_cpus,
+                 include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"options": {k: v for k, v in asdict(opts).items() if k != "defaults"},
+                               "lake_dir": str(cfg.lake_dir), "model_version": version,
+                               "model_dir": str(cfg.run_dir / "models" / opts.model)},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=version, storage_path=str(cfg.checkpoint_dir),
+                                 failure_config=FailureConfig(max_failures=1),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    m = dict(result.metrics)
+    wall = time.perf_counter() - t0
+    common = {"epochs": m["epochs"], "sharding_plan": m["sharding_plan"], "model_version": version,
+              "train_wall_s": round(wall, 2), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    if opts.model == "deepfm":
+        out = {k: m[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s")}
+        out.update(common, best_epoch=m["best_epoch"])
+        write_stage_result(cfg, "train_deepfm", out)
+    else:
+        out = {"pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"], **common}
+        write_stage_result(cfg, "train_item2vec", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=0, help="global batch size (rows or pairs)")
+    p.add_argument("--embedding-dim", type=int, default=0)
+    p.add_argument("--sharding", choices=("planner", "row_wise"), default="planner")
+    p.add_argument("--lr-sparse", type=float, default=0.0)
+    p.add_argument("--lr-dense", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
+                        sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
+                        seed=a.seed)
+    result = train(load_config(), opts)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"train {opts.model}")
+    table.add_column("figure")
+    table.add_column("value")
+    for k, v in result.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
