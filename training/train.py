@@ -22,7 +22,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -33,6 +33,11 @@ from features.config import ROOT, PlatformConfig, load_config
 from features.results import write_stage_result
 
 MODELS = ("deepfm", "item2vec")
+#: Per-model defaults of the options left at 0.
+MODEL_DEFAULTS = {
+    "deepfm": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.05},
+    "item2vec": {"epochs": 8, "batch_size": 4096, "embedding_dim": 32, "lr_sparse": 0.2},
+}
 ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_item.weight",
               "item2vec": "sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight"}
 
@@ -52,18 +57,14 @@ class TrainOptions:
     weight_decay: float = 1e-4
     patience: int = 2
     seed: int = 0
-    window: int = 5
-    negatives: int = 5
-    subsample: float = 1e-3
-    defaults: dict = field(default_factory=lambda: {
-        "deepfm": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.05},
-        "item2vec": {"epochs": 8, "batch_size": 4096, "embedding_dim": 32, "lr_sparse": 0.2},
-    })
+    window: int = 5  # item2vec: largest distance between center and context in a sequence
+    negatives: int = 5  # item2vec: K
+    subsample: float = 1e-3  # item2vec: word2vec's subsampling threshold t
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        for name, value in self.defaults[self.model].items():
+        for name, value in MODEL_DEFAULTS[self.model].items():
             if not getattr(self, name):
                 object.__setattr__(self, name, value)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -170,6 +171,7 @@ def _train_deepfm(c: dict, opts: TrainOptions, rank: int, world_size: int) -> No
     import torch.distributed as dist
 
     from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes
+    from training.distributed import gather_full_state_dict
     from training.models import DeepFM, DeepFMConfig
 
     lake = c["lake_dir"]
@@ -200,7 +202,6 @@ def _train_deepfm(c: dict, opts: TrainOptions, rank: int, world_size: int) -> No
         decision = stopping.update(valid_m["auc"])
         if stopping.improved:
             test_m = _evaluate(dmp, test, local_bs, world_size)
-            from training.distributed import gather_full_state_dict
             best_state = gather_full_state_dict(dmp)
             best = {"valid_auc": valid_m["auc"], "test_auc": test_m["auc"], "test_logloss": test_m["logloss"],
                     "test_gauc": test_m["gauc"], "best_epoch": epoch + 1}
@@ -282,7 +283,7 @@ def _write_artifacts(c: dict, opts: TrainOptions, state: dict, model_config: dic
     np.save(out / "item_embeddings.npy", table)  # (items, D), row = item_idx
     torch.save(state, out / "model.pt")
     meta = {"model": opts.model, "model_version": c["model_version"], "model_config": model_config,
-            "options": {k: v for k, v in asdict(opts).items() if k != "defaults"}, "vocab_sizes": vocab,
+            "options": asdict(opts), "vocab_sizes": vocab,
             "sharding_plan": where, "item_embedding_shape": list(table.shape), "metrics": metrics,
             "created_utc": datetime.now(timezone.utc).isoformat()}
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
@@ -325,7 +326,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     try:
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"options": {k: v for k, v in asdict(opts).items() if k != "defaults"},
+            train_loop_config={"options": asdict(opts),
                                "lake_dir": str(cfg.lake_dir), "model_version": version,
                                "model_dir": str(cfg.run_dir / "models" / opts.model)},
             torch_config=TorchConfig(backend="gloo"),
