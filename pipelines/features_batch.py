@@ -1,0 +1,460 @@
+"""Batch features: ``bronze.interactions`` + the MovieLens user/item files -> silver vocabularies and side features
+-> gold CTR samples and item2vec sequences, with Parquet copies for Ray Data.
+
+Data flow (every table is described in ``features.tables``)::
+
+    bronze.interactions ----+--> silver.user_vocab, silver.item_vocab    (append-only merge)
+    MovieLens users/items --+--> silver.user_features, silver.item_features (overwrite)
+                                 silver.category_vocab                  (append-only merge)
+                            +--> gold.ctr_samples (partitioned by split) --> gold.item_sequences
+                            +--> export/: Parquet copies + vocab_sizes.json
+
+Semantics (declared in ``features.definitions``):
+
+- Vocabularies map a stable id (or a categorical value) to an embedding row starting at 1; row 0
+  (``UNKNOWN_INDEX``) is the unknown/padding value. They are append-only: ids already in the table keep their
+  index and new ids get ``max + 1`` onwards, ordered by ``(first_seen, id)`` (category values: by value within
+  each feature). A re-run never renumbers, so a checkpoint's embedding rows stay valid.
+- Split: all events ordered by ``(event_time, event_id)``; the first 80% are ``train``, the next 10% ``valid``, the
+  rest ``test`` (``SPLIT_FRACTIONS``; boundaries are exact integer fractions of the count, :func:`split_bounds`).
+  ``event_id`` encodes the original row index, so ties in time keep the file's order.
+- History (point-in-time, as DIN's behaviour sequence, Zhou et al. 2018): ``hist_item_idx`` holds the
+  ``item_idx`` of every item the same user rated at a Unix second strictly before the sample's (same-second
+  events excluded), ordered by ``(event_time, event_id)``, most recent last, truncated to the last
+  ``MAX_HISTORY``. Computed with a window ``rangeBetween(unboundedPreceding, -1)`` over Unix seconds.
+- Item sequences (item2vec's sentences, Barkan & Koenigstein 2016): per user, the ``item_idx`` of the positively
+  rated train-split samples in time order; users with fewer than 2 such items are dropped.
+
+Every table except the vocabularies is overwritten, so a re-run over the same bronze is idempotent.
+
+Run as ``spark-submit ... pipelines/features_batch.py`` (``pipelines.stages.build_command("features")``), which
+reads the configuration from ``RECSYS_*`` and writes the stage result ``features``; or call :func:`run_features`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from fractions import Fraction
+from itertools import chain
+from pathlib import Path
+
+import pandas as pd
+from delta.tables import DeltaTable
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
+
+from features.config import PlatformConfig, load_config
+from features.definitions import (
+    CATEGORY_FEATURES,
+    MAX_HISTORY,
+    POSITIVE_RATING,
+    SPLIT_FRACTIONS,
+    UNKNOWN_INDEX,
+    ZIP_PREFIX_LEN,
+    age_bucket,
+)
+from features.errors import PlatformError, TableNotFoundError
+from features.results import write_stage_result
+from features.tables import (
+    BRONZE_INTERACTIONS,
+    CATEGORY_VOCAB,
+    CTR_SAMPLES,
+    ITEM_FEATURES,
+    ITEM_SEQUENCES,
+    ITEM_VOCAB,
+    USER_FEATURES,
+    USER_VOCAB,
+    TableSpec,
+    parquet_export,
+)
+from pipelines import movielens
+from pipelines.spark import get_spark
+
+log = logging.getLogger(__name__)
+
+STAGE = "features"
+#: Tables copied to plain Parquet under ``<lake>/export/`` for Ray Data and the ANN builder.
+PARQUET_EXPORTS = (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, USER_VOCAB)
+#: Embedding-table names in ``vocab_sizes.json``: the id vocabularies, then every ``category_vocab`` feature.
+VOCAB_SIZE_KEYS = ("user", "item", *CATEGORY_FEATURES)
+
+
+def vocab_sizes_path(lake_dir: str | Path) -> Path:
+    """``<lake>/export/vocab_sizes.json``: rows of each embedding table, index 0 included.
+
+    >>> str(vocab_sizes_path("/lake"))
+    '/lake/export/vocab_sizes.json'
+    """
+    return Path(lake_dir) / "export" / "vocab_sizes.json"
+
+
+def split_bounds(n: int) -> list[tuple[str, int]]:
+    """Cumulative end position (1-based, inclusive) of each split over ``n`` events ordered by time.
+
+    Exact integer arithmetic on the fractions of ``SPLIT_FRACTIONS`` (``floor(n * cumulative fraction)``), so
+    MovieLens-100K splits into exactly 80,000 / 10,000 / 10,000 events.
+
+    >>> split_bounds(100_000)
+    [('train', 80000), ('valid', 90000), ('test', 100000)]
+    >>> split_bounds(7)
+    [('train', 5), ('valid', 6), ('test', 7)]
+
+    Raises:
+        ValueError: the fractions do not sum to 1.
+    """
+    bounds, cum = [], Fraction(0)
+    for name, frac in SPLIT_FRACTIONS:
+        cum += Fraction(frac).limit_denominator(10**6)
+        bounds.append((name, n * cum.numerator // cum.denominator))
+    if cum != 1:
+        raise ValueError(f"SPLIT_FRACTIONS sum to {cum}, not 1; fix features.definitions.SPLIT_FRACTIONS")
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------------- table I/O
+
+
+def spark_schema(spec: TableSpec):
+    """The contract's DDL as a ``StructType`` (needs an active Spark session)."""
+    return StructType.fromDDL(spec.schema)
+
+
+def conform(df, spec: TableSpec):
+    """Select and cast ``df``'s columns to exactly ``spec``'s schema, in order.
+
+    Raises:
+        PlatformError: a contract column is missing from ``df`` (a bug in this job).
+    """
+    missing = [c for c in spec.columns if c not in df.columns]
+    if missing:
+        raise PlatformError(f"table {spec.name!r}: the job produced no column(s) {missing}; "
+                            f"fix pipelines/features_batch.py to match features/tables.py")
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in spark_schema(spec).fields])
+
+
+def is_delta(spark, path: str) -> bool:
+    return Path(path).exists() and DeltaTable.isDeltaTable(spark, path)
+
+
+def read_delta(spark, spec: TableSpec, lake_dir: Path, producer: str = "pipelines/features_batch.py"):
+    """Raises:
+        TableNotFoundError: no Delta table at ``spec.path(lake_dir)``.
+    """
+    path = spec.path(lake_dir)
+    if not is_delta(spark, path):
+        raise TableNotFoundError(spec.name, path, producer)
+    return spark.read.format("delta").load(path)
+
+
+def read_or_empty(spark, spec: TableSpec, lake_dir: Path):
+    """The Delta table, or an empty frame of its schema when it has never been written."""
+    path = spec.path(lake_dir)
+    if is_delta(spark, path):
+        return spark.read.format("delta").load(path)
+    return spark.createDataFrame([], spark_schema(spec))
+
+
+def write_delta(df, spec: TableSpec, lake_dir: Path, mode: str = "overwrite") -> str:
+    """Write ``df`` (conformed to ``spec``) as Delta at ``spec.path(lake_dir)``; ``overwrite`` replaces the whole
+    table (idempotent re-run), ``append`` adds rows (vocabulary growth)."""
+    path = spec.path(lake_dir)
+    writer = conform(df, spec).write.format("delta").mode(mode)
+    if mode == "overwrite":
+        writer = writer.option("overwriteSchema", "true")
+    if spec.partition_by:
+        writer = writer.partitionBy(*spec.partition_by)
+    writer.save(path)
+    return path
+
+
+def export_parquet(spark, spec: TableSpec, lake_dir: Path) -> str:
+    """Copy the Delta table to plain Parquet at ``parquet_export(spec, lake_dir)`` (overwrite), same partitioning."""
+    path = parquet_export(spec, lake_dir)
+    writer = read_delta(spark, spec, lake_dir).write.mode("overwrite")
+    if spec.partition_by:
+        writer = writer.partitionBy(*spec.partition_by)
+    writer.parquet(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- vocabularies
+
+
+def new_vocab_rows(candidates, existing, id_col: str, idx_col: str):
+    """Rows to append to an id vocabulary: the ``candidates`` whose id is not in ``existing``, numbered from
+    ``max(existing idx) + 1`` (1 when empty) in order of ``(first_seen, id)``.
+
+    Args:
+        candidates: one row per id: ``id_col``, ``first_seen`` (timestamp of its earliest event).
+        existing: the vocabulary table as stored (may be empty).
+        id_col: ``user_id`` / ``item_id``.
+        idx_col: ``user_idx`` / ``item_idx``.
+
+    Returns:
+        The new rows, ``id_col, idx_col, first_seen``; indices >= 1, never ``UNKNOWN_INDEX``.
+    """
+    fresh = candidates.join(existing.select(id_col), id_col, "left_anti")
+    base = existing.agg(F.coalesce(F.max(idx_col), F.lit(UNKNOWN_INDEX)).alias("_base"))  # one row
+    order = Window.orderBy("first_seen", id_col)  # one partition: only the new ids of this run
+    return (fresh.crossJoin(base)
+            .withColumn(idx_col, (F.col("_base") + F.row_number().over(order)).cast("int"))
+            .drop("_base"))
+
+
+def update_id_vocab(spark, events, spec: TableSpec, id_col: str, idx_col: str, lake_dir: Path):
+    """Append the ids of ``events`` not yet in the vocabulary ``spec`` (first_seen = their earliest event_time),
+    then return the whole vocabulary as stored."""
+    seen = events.groupBy(id_col).agg(F.min("event_time").alias("first_seen"))
+    fresh = new_vocab_rows(seen, read_or_empty(spark, spec, lake_dir), id_col, idx_col)
+    write_delta(fresh, spec, lake_dir, mode="append")
+    return read_delta(spark, spec, lake_dir)
+
+
+def new_category_rows(values: dict[str, set[str]], existing: dict[tuple[str, str], int]) -> list[tuple[str, str, int]]:
+    """Rows to append to ``silver.category_vocab``: the values not yet indexed, numbered per feature from
+    ``max(existing idx of that feature) + 1`` (1 for a new feature) in sorted order.
+
+    Args:
+        values: feature -> the values seen in the side files.
+        existing: ``(feature, value) -> idx`` as stored.
+
+    >>> new_category_rows({"gender": {"M", "F", "X"}}, {("gender", "M"): 1})
+    [('gender', 'F', 2), ('gender', 'X', 3)]
+    """
+    rows = []
+    for feature in sorted(values):
+        base = max((i for (f, _), i in existing.items() if f == feature), default=UNKNOWN_INDEX)
+        fresh = sorted(v for v in values[feature] if (feature, v) not in existing)
+        rows += [(feature, v, base + k) for k, v in enumerate(fresh, start=1)]
+    return rows
+
+
+def update_category_vocab(spark, values: dict[str, set[str]], lake_dir: Path) -> dict[tuple[str, str], int]:
+    """Append the new categorical values to ``silver.category_vocab`` (append-only; the table is small, hundreds
+    of values, so it is merged on the driver) and return the whole vocabulary ``(feature, value) -> idx``."""
+    existing = {(r["feature"], r["value"]): r["idx"] for r in read_or_empty(spark, CATEGORY_VOCAB, lake_dir).collect()}
+    fresh = new_category_rows(values, existing)
+    if fresh or not is_delta(spark, CATEGORY_VOCAB.path(lake_dir)):
+        write_delta(spark.createDataFrame(fresh, spark_schema(CATEGORY_VOCAB)), CATEGORY_VOCAB, lake_dir, "append")
+    return {**existing, **{(f, v): i for f, v, i in fresh}}
+
+
+# ----------------------------------------------------------------------------------------------- side features
+
+
+def user_feature_rows(users: pd.DataFrame) -> list[tuple]:
+    """``silver.user_features`` rows from the MovieLens user file: age (years) -> ``age_bucket``, zip code -> its
+    first ``ZIP_PREFIX_LEN`` characters.
+
+    >>> user_feature_rows(pd.DataFrame({"user_id": [1], "age": [24], "gender": ["M"], "occupation": ["technician"],
+    ...                                 "zip_code": ["85711"]}))
+    [(1, 24, '18-24', 'M', 'technician', '85')]
+    """
+    return [(int(r.user_id), int(r.age), age_bucket(int(r.age)), str(r.gender), str(r.occupation),
+             None if pd.isna(r.zip_code) else str(r.zip_code)[:ZIP_PREFIX_LEN])
+            for r in users.itertuples(index=False)]
+
+
+def item_feature_rows(items: pd.DataFrame) -> list[tuple]:
+    """``silver.item_features`` rows from the MovieLens item file: genres '|'-separated -> list (empty when none).
+
+    >>> item_feature_rows(pd.DataFrame({"item_id": [1], "title": ["Toy Story"], "year": [1995],
+    ...                                 "genres": ["Animation|Comedy"]}))
+    [(1, 'Toy Story', 1995, ['Animation', 'Comedy'])]
+    """
+    return [(int(r.item_id), str(r.title), None if pd.isna(r.year) else int(r.year),
+             [g for g in str(r.genres).split("|") if g])
+            for r in items.itertuples(index=False)]
+
+
+def category_values(user_rows: list[tuple], item_rows: list[tuple]) -> dict[str, set[str]]:
+    """Values of each ``CATEGORY_FEATURES`` feature in the side-feature rows (nulls left out: they map to 0)."""
+    cols = {c: USER_FEATURES.columns.index(c) for c in CATEGORY_FEATURES if c in USER_FEATURES.columns}
+    values = {f: {r[i] for r in user_rows if r[i] is not None} for f, i in cols.items()}
+    genres = ITEM_FEATURES.columns.index("genres")
+    values["genre"] = {g for r in item_rows for g in r[genres]}
+    return values
+
+
+def _lookup(mapping: dict[str, int]):
+    """A literal map column ``value -> idx`` (categorical cardinalities are small: hundreds of values)."""
+    if not mapping:
+        return F.create_map().cast("map<string,int>")
+    return F.create_map(*chain.from_iterable((F.lit(k), F.lit(v)) for k, v in sorted(mapping.items())))
+
+
+def side_indices(user_features, item_features, category_vocab: dict[tuple[str, str], int]):
+    """Per-user ``age_idx, gender_idx, occupation_idx, zip_idx`` and per-item ``genre_idx`` (array, in the item
+    file's genre order); a value missing from the vocabulary maps to ``UNKNOWN_INDEX``."""
+    maps: dict[str, dict[str, int]] = {f: {} for f in CATEGORY_FEATURES}
+    for (feature, value), i in category_vocab.items():
+        maps.setdefault(feature, {})[value] = i
+    idx = lambda feature, value: F.coalesce(F.try_element_at(_lookup(maps[feature]), value), F.lit(UNKNOWN_INDEX))
+    users = user_features.select(
+        "user_id",
+        idx("age_bucket", F.col("age_bucket")).alias("age_idx"),
+        idx("gender", F.col("gender")).alias("gender_idx"),
+        idx("occupation", F.col("occupation")).alias("occupation_idx"),
+        idx("zip_prefix", F.col("zip_prefix")).alias("zip_idx"),
+    )
+    items = item_features.select("item_id", F.transform("genres", lambda g: idx("genre", g)).alias("genre_idx"))
+    return users, items
+
+
+# ----------------------------------------------------------------------------------------------- gold samples
+
+
+def with_split(events, n: int):
+    """Add ``split`` by the global time split over ``n`` events ordered by ``(event_time, event_id)``."""
+    pos = F.col("_pos")
+    split = None
+    for name, end in split_bounds(n):
+        split = F.when(pos <= end, F.lit(name)) if split is None else split.when(pos <= end, F.lit(name))
+    return (events.withColumn("_pos", F.row_number().over(Window.orderBy("event_time", "event_id")))  # 1-based
+            .withColumn("split", split).drop("_pos"))
+
+
+def with_history(samples, max_history: int = MAX_HISTORY):
+    """Add ``hist_item_idx`` (array<int>, length <= L = ``max_history``) and ``hist_len``: the item_idx of the
+    user's events at Unix seconds strictly before the sample's, sorted by ``(event_time, event_id)``, the last L.
+    """
+    before = (Window.partitionBy("user_id").orderBy(F.col("_ts_s"))
+              .rangeBetween(Window.unboundedPreceding, -1))  # frame: ts <= sample ts - 1 s
+    earlier = F.array_sort(F.collect_list(F.struct("event_time", "event_id", "item_idx")).over(before))  # (H,)
+    last = F.slice(earlier, F.greatest(F.size(earlier) - max_history + 1, F.lit(1)), max_history)  # (min(H, L),)
+    return (samples.withColumn("_ts_s", F.unix_seconds("event_time"))
+            .withColumn("hist_item_idx", F.transform(last, lambda e: e["item_idx"]))
+            .withColumn("hist_len", F.size("hist_item_idx"))
+            .drop("_ts_s"))
+
+
+def build_samples(events, user_vocab, item_vocab, user_side, item_side, n: int):
+    """``gold.ctr_samples`` rows: one per bronze event, labelled, split, indexed and with its history."""
+    samples = (with_split(events, n)
+               .withColumn("label", (F.col("rating") >= F.lit(POSITIVE_RATING)).cast("int"))
+               .join(user_vocab.select("user_id", "user_idx"), "user_id", "left")
+               .join(item_vocab.select("item_id", "item_idx"), "item_id", "left")
+               .join(F.broadcast(user_side), "user_id", "left")
+               .join(F.broadcast(item_side), "item_id", "left"))
+    for c in ("user_idx", "item_idx", "age_idx", "gender_idx", "occupation_idx", "zip_idx"):
+        samples = samples.withColumn(c, F.coalesce(F.col(c), F.lit(UNKNOWN_INDEX)))
+    samples = samples.withColumn("genre_idx", F.coalesce(F.col("genre_idx"), F.array().cast("array<int>")))
+    return with_history(samples)
+
+
+def build_item_sequences(samples):
+    """``gold.item_sequences``: per user, item_idx of the train split's positives ordered by
+    ``(event_time, event_id)``; users with ``seq_len < 2`` dropped (no skip-gram pair)."""
+    positives = samples.where((F.col("split") == "train") & (F.col("label") == 1))
+    seq = F.array_sort(F.collect_list(F.struct("event_time", "event_id", "item_idx")))
+    return (positives.groupBy("user_id", "user_idx")
+            .agg(F.transform(seq, lambda e: e["item_idx"]).alias("item_idx"))
+            .withColumn("seq_len", F.size("item_idx"))
+            .where(F.col("seq_len") >= 2))
+
+
+def vocab_sizes(user_vocab, item_vocab, category_vocab: dict[tuple[str, str], int]) -> dict[str, int]:
+    """Rows of each embedding table (max index + 1, so index 0 included), keyed as ``VOCAB_SIZE_KEYS``."""
+    ids = (user_vocab.agg(F.max("user_idx")).crossJoin(item_vocab.agg(F.max("item_idx"))).first())
+    sizes = {"user": ids[0] or UNKNOWN_INDEX, "item": ids[1] or UNKNOWN_INDEX}
+    for f in CATEGORY_FEATURES:
+        sizes[f] = max((i for (feature, _), i in category_vocab.items() if feature == f), default=UNKNOWN_INDEX)
+    return {k: int(v) + 1 for k, v in sizes.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- job
+
+
+def run_features(spark, cfg: PlatformConfig) -> dict:
+    """Build every silver and gold table from bronze and the MovieLens side files; see the module docstring.
+
+    Returns:
+        The stage result: ``samples`` and ``positives`` (events per split), ``users``/``items`` (vocabulary
+        entries), ``sequences`` (rows of ``gold.item_sequences``), ``unknown_side_features`` (events whose user
+        or item is absent from the MovieLens side files: their side indices are ``UNKNOWN_INDEX``),
+        ``vocab_sizes`` and ``features_wall_s`` (seconds).
+
+    Raises:
+        TableNotFoundError: ``bronze.interactions`` has not been written (run the ingest stage).
+        PlatformError: bronze is empty, or holds an event_id more than once (bronze is deduplicated by ingest).
+        DatasetError: the MovieLens files are missing (run ``make data``).
+    """
+    t0 = time.perf_counter()
+    lake = Path(cfg.lake_dir)
+    bronze_path = BRONZE_INTERACTIONS.path(lake)
+    events = read_delta(spark, BRONZE_INTERACTIONS, lake, producer="the ingest stage (pipelines/ingest.py)")
+    events = events.select("event_id", "user_id", "item_id", "rating", "event_time").cache()
+    n, n_ids = events.agg(F.count("*"), F.countDistinct("event_id")).first()
+    if n == 0:
+        raise PlatformError(f"table 'bronze.interactions' at {bronze_path} is empty; run the ingest stage first")
+    if n != n_ids:
+        raise PlatformError(f"table 'bronze.interactions' at {bronze_path} holds {n - n_ids} duplicate event_id "
+                            f"rows; bronze must be deduplicated on event_id by the ingest stage")
+    ml = movielens.load(cfg.raw_dir)
+
+    # silver: side features (overwrite), vocabularies (append-only)
+    user_rows, item_rows = user_feature_rows(ml.users), item_feature_rows(ml.items)
+    write_delta(spark.createDataFrame(user_rows, spark_schema(USER_FEATURES)), USER_FEATURES, lake)
+    write_delta(spark.createDataFrame(item_rows, spark_schema(ITEM_FEATURES)), ITEM_FEATURES, lake)
+    user_features = read_delta(spark, USER_FEATURES, lake)
+    item_features = read_delta(spark, ITEM_FEATURES, lake)
+    user_vocab = update_id_vocab(spark, events, USER_VOCAB, "user_id", "user_idx", lake)
+    item_vocab = update_id_vocab(spark, events, ITEM_VOCAB, "item_id", "item_idx", lake)
+    category_vocab = update_category_vocab(spark, category_values(user_rows, item_rows), lake)
+    user_side, item_side = side_indices(user_features, item_features, category_vocab)
+
+    # gold: samples, then sequences read back from the written samples
+    write_delta(build_samples(events, user_vocab, item_vocab, user_side, item_side, n), CTR_SAMPLES, lake)
+    known = (events.join(user_features.select("user_id", F.lit(1).alias("_u")), "user_id", "left")
+             .join(item_features.select("item_id", F.lit(1).alias("_i")), "item_id", "left")
+             .agg(F.count("_u"), F.count("_i")).first())
+    unknown = {"user": n - known[0], "item": n - known[1]}
+    events.unpersist()
+    samples = read_delta(spark, CTR_SAMPLES, lake)
+    write_delta(build_item_sequences(samples), ITEM_SEQUENCES, lake)
+
+    # exports
+    for spec in PARQUET_EXPORTS:
+        export_parquet(spark, spec, lake)
+    sizes = vocab_sizes(user_vocab, item_vocab, category_vocab)
+    path = vocab_sizes_path(lake)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sizes, indent=2))
+    tmp.replace(path)
+
+    per_split = {r["split"]: r for r in samples.groupBy("split").agg(
+        F.count("*").alias("n"), F.sum("label").alias("pos")).collect()}
+    names = [name for name, _ in SPLIT_FRACTIONS]
+    get = lambda name, col: int(per_split[name][col]) if name in per_split else 0
+    return {
+        "samples": {s: get(s, "n") for s in names},
+        "positives": {s: get(s, "pos") for s in names},
+        "users": sizes["user"] - 1,  # indices are dense 1..n, so entries = max index
+        "items": sizes["item"] - 1,
+        "sequences": read_delta(spark, ITEM_SEQUENCES, lake).count(),
+        "unknown_side_features": unknown,
+        "vocab_sizes": sizes,
+        "features_wall_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def main() -> None:
+    """Entry point of the ``features`` stage: configuration from ``RECSYS_*``, result to the run's stage dir."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config()
+    spark = get_spark(cfg, app_name="recsys-features")
+    try:
+        result = run_features(spark, cfg)
+        path = write_stage_result(cfg, STAGE, result)
+        log.info("features: %s samples %s, positives %s, %.1f s; result in %s", cfg.lake_dir, result["samples"],
+                 result["positives"], result["features_wall_s"], path)
+    finally:
+        spark.stop()
+
+
+if __name__ == "__main__":
+    main()
