@@ -125,8 +125,20 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
 )}
 
 
+def vocab_sizes_path(lake_dir: str | Path) -> Path:
+    """Where the features job records each vocabulary's row count (index 0 included), as JSON
+    ``{"user": 944, "item": 1683, "age_bucket": ..., ...}``; the trainer sizes its embedding tables from it.
+
+    >>> str(vocab_sizes_path("/lake"))
+    '/lake/export/vocab_sizes.json'
+    """
+    return Path(lake_dir) / "export" / "vocab_sizes.json"
+
+
 def parquet_export(table: TableSpec, lake_dir: str | Path) -> str:
-    """Where the Parquet copy of a Delta table lives, for readers that need plain Parquet.
+    """Where the Parquet copy of a Delta table lives, for readers that need plain Parquet. A table partitioned
+    in Delta is partitioned the same way here (hive layout, ``split=train/``): its partition columns live in the
+    directory names only, so a reader must read with hive partitioning to get them back.
 
     >>> parquet_export(CTR_SAMPLES, "/lake")
     '/lake/export/ctr_samples'

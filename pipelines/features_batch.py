@@ -69,6 +69,7 @@ from features.tables import (
     USER_VOCAB,
     TableSpec,
     parquet_export,
+    vocab_sizes_path,
 )
 from pipelines import movielens
 from pipelines.spark import get_spark
@@ -80,15 +81,6 @@ STAGE = "features"
 PARQUET_EXPORTS = (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, USER_VOCAB)
 #: Embedding-table names in ``vocab_sizes.json``: the id vocabularies, then every ``category_vocab`` feature.
 VOCAB_SIZE_KEYS = ("user", "item", *CATEGORY_FEATURES)
-
-
-def vocab_sizes_path(lake_dir: str | Path) -> Path:
-    """``<lake>/export/vocab_sizes.json``: rows of each embedding table, index 0 included.
-
-    >>> str(vocab_sizes_path("/lake"))
-    '/lake/export/vocab_sizes.json'
-    """
-    return Path(lake_dir) / "export" / "vocab_sizes.json"
 
 
 def split_bounds(n: int) -> list[tuple[str, int]]:

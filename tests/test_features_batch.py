@@ -38,7 +38,8 @@ from features.tables import (
     USER_VOCAB,
     parquet_export,
 )
-from pipelines.features_batch import split_bounds, vocab_sizes_path
+from features.tables import vocab_sizes_path
+from pipelines.features_batch import split_bounds
 
 FIRST_USERS, ALL_USERS = range(1, 41), range(1, 51)
 #: Events around the train/valid boundary of the 50-user slice forced to one timestamp (the tie straddles it).

@@ -26,9 +26,9 @@ from torchrec import KeyedJaggedTensor
 
 from features.definitions import SPARSE_FEATURES, SparseFeature
 from features.errors import TableNotFoundError
-from features.tables import CTR_SAMPLES, ITEM_SEQUENCES, parquet_export
+from features.tables import CTR_SAMPLES, ITEM_SEQUENCES, parquet_export, vocab_sizes_path
 
-PRODUCER = "the features stage (python -m pipelines.stages features)"
+PRODUCER = "the features stage (spark-submit pipelines/features_batch.py)"
 
 
 def synthetic_vocab_sizes() -> dict[str, int]:
@@ -42,7 +42,7 @@ def read_vocab_sizes(lake_dir: str | Path) -> dict[str, int]:
     Raises:
         TableNotFoundError: the file has not been exported yet.
     """
-    path = Path(lake_dir) / "export" / "vocab_sizes.json"
+    path = vocab_sizes_path(lake_dir)
     if not path.exists():
         raise TableNotFoundError("vocab_sizes", str(path), PRODUCER)
     return {k: int(v) for k, v in json.loads(path.read_text()).items()}
