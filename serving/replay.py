@@ -23,6 +23,20 @@ Stage result (``<run_dir>/stages/evaluate.json``)::
                    "deepfm": {...}, "popularity": {...}},
      "cold_start_cases", "cases", "k", "n_recent", "evaluate_wall_s"}
 
+The stage also runs, and adds to its result:
+
+- ``hr_curve``: HR@K for K in ``CURVE_KS`` per policy on the same cases (lists of length max K);
+- ``prequential``: the prequential replay with rolling retraining (serving.evaluation.prequential), per window and
+  overall, with team-draft interleaving of co-occurrence against popularity in every window;
+- ``interleaving``: team-draft interleaving (serving.evaluation.interleaving) of every pair of policies above on
+  the test cases and in every prequential window, each with the sign of the HR@K difference, and the share of
+  comparisons where the two agree (``sign_agreement``);
+- ``bandit``: the replay estimator of Li et al. 2011 (serving.evaluation.estimators) for the explore/exploit
+  policies on a logged uniformly random slice (``--bandit-log`` Parquet in the generator's shape, or a simulated
+  one with known CTRs), with Wilson 95 % intervals;
+- ``gate``: the publish gate's decision for the item2vec version against ``<artifacts_dir>/serving/current.json``
+  (serving.evaluation.gate); the pointer is rewritten on PUBLISH.
+
 Legend: B cases, E logged events, L longest history, C candidates per case, R embedding rows, D embedding dim.
 """
 
@@ -305,8 +319,79 @@ def evaluate(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndar
             "k": params.k, "n_recent": params.n_recent}
 
 
+CURVE_KS = (1, 2, 5, 10, 20, 50)
+
+
+def policy_lists(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndarray, str]],
+                 params: ReplayParams) -> dict[str, np.ndarray]:
+    """(B, params.k) lists of popularity and every model on the cases (as ``evaluate`` builds them)."""
+    n_items = int(max(log_.item_idx.max(initial=0), cases.target.max(initial=0), cases.hist.max(initial=0))) + 1
+    pop = popularity_recs(cases, log_, params.k, n_items)
+    out = {"popularity": pop}
+    for name, (index, matrix, _) in models.items():
+        out[name] = embedding_recs(cases, index, matrix, params, fallback=pop)[0]
+    return out
+
+
+def hr_curve(lists: dict[str, np.ndarray], targets: np.ndarray, ks: tuple[int, ...] = CURVE_KS) -> dict:
+    """``{policy: {str(K): HR@K}}`` from lists at least max(ks) long."""
+    return {name: {str(k): hit_rate(recs, targets, k) for k in ks} for name, recs in lists.items()}
+
+
+def interleaving_comparisons(lists: dict[str, np.ndarray], targets: np.ndarray, k: int, label: str,
+                             rng: np.random.Generator) -> list[dict]:
+    """Team-draft interleaving of every pair of policies on the same cases, with the sign of their HR@k
+    difference."""
+    from serving.evaluation.interleaving import interleave
+
+    names, out = sorted(lists), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            r = interleave(lists[a][:, :k], lists[b][:, :k], targets, k, rng)
+            out.append({"on": label, "a": a, "b": b, **r,
+                        "hr_diff": hit_rate(lists[a], targets, k) - hit_rate(lists[b], targets, k)})
+    return out
+
+
+def bandit_evaluation(bandit_path: str | None, n_events: int, seed: int) -> dict:
+    """Replay-estimator CTR per policy on a logged random slice (Parquet at ``bandit_path``, else simulated).
+
+    Raises:
+        BanditLogError: the table is not in the logged-bandit shape.
+    """
+    import pandas as pd
+
+    from serving.evaluation import policies as P
+    from serving.evaluation.estimators import bandit_log, replay_estimate, simulate_uniform_log
+
+    truth = None
+    if bandit_path:
+        df, source = pd.read_parquet(bandit_path), bandit_path
+    else:
+        df, truth = simulate_uniform_log(n_events, n_arms=50, n_candidates=10, n_users=500, dim=5,
+                                         rng=np.random.default_rng(seed), scale=2.0)
+        source = "simulated (serving.evaluation.estimators.simulate_uniform_log, seed %d)" % seed
+    blog = bandit_log(df)
+    dim = blog.context.shape[1]
+    pols = [P.EpsilonGreedy(0.1, np.random.default_rng(seed + 1)), P.ThompsonSampling(np.random.default_rng(seed + 2)),
+            P.UCB1(), P.Popularity()]
+    if dim:
+        pols.append(P.LinUCB(dim=dim, alpha=1.0))
+    if truth is not None:   # the trained-embedding stand-in: the true item factors seen through noise
+        noisy = truth.item_vectors + np.random.default_rng(seed + 3).normal(0, 0.3, truth.item_vectors.shape)
+        pols.append(P.EmbeddingPolicy(noisy, truth.user_context))
+    est = {p.name: replay_estimate(blog, p).as_dict() for p in pols}
+    out = {"source": source, "events": len(blog), "candidates": int(blog.candidates.shape[1]), "policies": est}
+    if truth is not None:   # what the best static policy would earn: the per-event best arm's true CTR
+        best = truth.ctr(np.repeat(blog.user, blog.candidates.shape[1]), blog.candidates.reshape(-1))
+        out["oracle_ctr"] = float(best.reshape(blog.candidates.shape).max(axis=1).mean())
+        out["uniform_ctr"] = float(blog.click.mean())
+    return out
+
+
 def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
-               models: tuple[str, ...] = MODELS) -> dict:
+               models: tuple[str, ...] = MODELS, windows: int = 8, bandit_path: str | None = None,
+               bandit_events: int = 50_000, seed: int = 0) -> dict:
     """Read the samples and exported models, evaluate, write the stage result.
 
     Raises:
@@ -320,6 +405,38 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     log.info("replay: %d positive test cases, %d logged events, models %s", len(cases), log_.item_idx.size,
              list(loaded))
     result = evaluate(cases, log_, loaded, params)
+    rng = np.random.default_rng(seed)
+    long_params = ReplayParams(k=max(CURVE_KS), n_recent=params.n_recent, batch=params.batch)
+    lists = policy_lists(cases, log_, loaded, long_params)
+    result["hr_curve"] = hr_curve(lists, cases.target)
+    comparisons = interleaving_comparisons(lists, cases.target, params.k, "test", rng)
+
+    from serving.evaluation.gate import PublishGate, gate_and_publish, pointer_path
+    from serving.evaluation.prequential import PrequentialParams, event_log, prequential
+
+    t1 = time.perf_counter()
+    window_lists: list = []
+    result["prequential"] = prequential(event_log(list(tables.values())),
+                                        PrequentialParams(n_windows=windows, k=params.k, n_recent=params.n_recent),
+                                        lists_out=window_lists)
+    for w, (wl, targets) in enumerate(window_lists, start=1):
+        comparisons += interleaving_comparisons(wl, targets, params.k, f"window {w}", rng)
+    result["prequential"]["wall_s"] = time.perf_counter() - t1
+    from serving.evaluation.interleaving import sign_agreement
+    result["interleaving"] = {"comparisons": comparisons, "sign_agreement": sign_agreement(
+        [c["preference"] for c in comparisons], [c["hr_diff"] for c in comparisons])}
+    t1 = time.perf_counter()
+    result["bandit"] = bandit_evaluation(bandit_path, bandit_events, seed)
+    result["bandit"]["wall_s"] = time.perf_counter() - t1
+    if "item2vec" in result["retrieval"]:
+        cand = result["retrieval"]["item2vec"]
+        metrics = {k: v for k, v in cand.items() if k.startswith(("hr@", "ndcg@", "mrr@"))}
+        gate = PublishGate(metric=f"ndcg@{params.k}", guard=(f"hr@{params.k}",))
+        decision, serving = gate_and_publish(gate, pointer_path(cfg.artifacts_dir), "item2vec",
+                                             cand["model_version"], metrics)
+        result["gate"] = {"decision": decision.value, "candidate": cand["model_version"],
+                          "serving": serving["model_version"] if serving else None,
+                          "pointer": str(pointer_path(cfg.artifacts_dir))}
     result["evaluate_wall_s"] = time.perf_counter() - t0
     write_stage_result(cfg, "evaluate", result)
     return result
@@ -331,13 +448,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=ReplayParams.k)
     p.add_argument("--n-recent", type=int, default=ReplayParams.n_recent)
     p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
+    p.add_argument("--windows", type=int, default=8, help="prequential windows evaluated")
+    p.add_argument("--bandit-log", default=None, help="Parquet logged-bandit table (default: simulated)")
+    p.add_argument("--bandit-events", type=int, default=50_000, help="events of the simulated bandit log")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faiss.omp_set_num_threads(args.threads)
-    result = run_replay(load_config(), ReplayParams(k=args.k, n_recent=args.n_recent), tuple(args.models))
+    result = run_replay(load_config(), ReplayParams(k=args.k, n_recent=args.n_recent), tuple(args.models),
+                        windows=args.windows, bandit_path=args.bandit_log, bandit_events=args.bandit_events,
+                        seed=args.seed)
     for name, r in result["retrieval"].items():
         log.info("%-10s HR@%d %.4f  NDCG@%d %.4f  (%d cases)", name, result["k"], r[f"hr@{result['k']}"],
                  result["k"], r[f"ndcg@{result['k']}"], r["cases"])
+    for name, r in result["prequential"]["overall"].items():
+        log.info("prequential %-12s HR@%d %.4f  coverage %.3f  novelty %.2f bits", name, result["k"],
+                 r[f"hr@{result['k']}"], r["coverage"], r["novelty_bits"])
+    for name, e in result["bandit"]["policies"].items():
+        log.info("bandit %-20s CTR %.4f [%.4f, %.4f] (%d kept)", name, e["ctr"], e["low"], e["high"], e["kept"])
+    log.info("interleaving sign agreement %.3f over %d comparisons", result["interleaving"]["sign_agreement"],
+             len(result["interleaving"]["comparisons"]))
+    if "gate" in result:
+        log.info("gate: %s %s (serving: %s)", result["gate"]["decision"], result["gate"]["candidate"],
+                 result["gate"]["serving"])
     return 0
 
 

@@ -1,0 +1,122 @@
+"""Publish gate: a new embedding version goes to serving only if its replay metrics beat those of the version
+serving now.
+
+The serving version is a pointer file, ``<artifacts_dir>/serving/current.json``::
+
+    {"model": "item2vec", "model_version": "item2vec-20261121T185130Z", "metrics": {"ndcg@10": ..., ...},
+     "published_at": "2026-11-21T19:00:00+00:00"}
+
+``PublishGate.decide`` returns ``Decision.PUBLISH`` when there is no pointer yet, or when the candidate's
+``metric`` exceeds the serving one by more than ``min_gain`` and no metric of ``guard`` falls by more than
+``max_drop``; otherwise ``Decision.REJECT``. ``publish`` rewrites the pointer atomically.
+
+>>> gate = PublishGate(metric="ndcg@10", min_gain=0.001)
+>>> gate.decide({"ndcg@10": 0.051, "hr@10": 0.10}, None)
+<Decision.PUBLISH: 'publish'>
+>>> gate.decide({"ndcg@10": 0.051, "hr@10": 0.10}, {"ndcg@10": 0.0505, "hr@10": 0.09})   # gain 0.0005 < 0.001
+<Decision.REJECT: 'reject'>
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from features.errors import PlatformError
+
+
+class Decision(enum.Enum):
+    PUBLISH = "publish"
+    REJECT = "reject"
+
+
+class PointerError(PlatformError):
+    """The serving pointer file exists but cannot be read, or lacks the gate's metric."""
+
+
+@dataclass(frozen=True)
+class PublishGate:
+    """Args:
+        metric: the replay metric that must improve (a key of the stage's retrieval results, e.g. ``ndcg@10``).
+        min_gain: absolute improvement required (same unit as the metric).
+        guard: metrics that must not fall by more than ``max_drop``.
+        max_drop: tolerated absolute fall of each guard metric.
+
+    Raises:
+        ValueError: a negative ``min_gain`` or ``max_drop``.
+    """
+
+    metric: str = "ndcg@10"
+    min_gain: float = 0.0
+    guard: tuple[str, ...] = ("hr@10",)
+    max_drop: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_gain < 0 or self.max_drop < 0:
+            raise ValueError(f"min_gain and max_drop must be >= 0, got {self.min_gain}, {self.max_drop}")
+
+    def decide(self, candidate: dict[str, float], serving: dict[str, float] | None) -> Decision:
+        """PUBLISH or REJECT for the candidate's metrics against the serving version's (``None``: none serves).
+
+        Raises:
+            PointerError: a metric the gate reads is missing from either side.
+        """
+        if serving is None:
+            return Decision.PUBLISH
+        for side, m in (("candidate", candidate), ("serving", serving)):
+            lacking = [x for x in (self.metric, *self.guard) if x not in m]
+            if lacking:
+                raise PointerError(f"{side} metrics lack {lacking}; run the evaluate stage with the same k")
+        if candidate[self.metric] - serving[self.metric] <= self.min_gain:
+            return Decision.REJECT
+        if any(serving[g] - candidate[g] > self.max_drop for g in self.guard):
+            return Decision.REJECT
+        return Decision.PUBLISH
+
+
+def pointer_path(artifacts_dir: str | Path) -> Path:
+    return Path(artifacts_dir) / "serving" / "current.json"
+
+
+def read_pointer(path: str | Path) -> dict | None:
+    """The serving pointer, ``None`` when no version has been published.
+
+    Raises:
+        PointerError: the file is not valid JSON or lacks ``metrics``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        pointer = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PointerError(f"serving pointer {path} is not valid JSON ({e}); delete it to publish afresh") from e
+    if not isinstance(pointer, dict) or "metrics" not in pointer:
+        raise PointerError(f"serving pointer {path} lacks 'metrics'; delete it to publish afresh")
+    return pointer
+
+
+def publish(path: str | Path, model: str, model_version: str, metrics: dict[str, float]) -> dict:
+    """Point serving at ``model_version`` (atomic rename); returns the pointer written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pointer = {"model": model, "model_version": model_version, "metrics": metrics,
+               "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pointer, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return pointer
+
+
+def gate_and_publish(gate: PublishGate, path: str | Path, model: str, model_version: str,
+                     metrics: dict[str, float]) -> tuple[Decision, dict | None]:
+    """Decide against the current pointer and publish on PUBLISH. Returns the decision and the pointer that serves
+    afterwards."""
+    current = read_pointer(path)
+    decision = gate.decide(metrics, current["metrics"] if current else None)
+    if decision is Decision.PUBLISH:
+        return decision, publish(path, model, model_version, metrics)
+    return decision, current
