@@ -1,57 +1,245 @@
-"""A minimal HTTP service over one model's exported index: ``GET /health`` and ``GET /similar-items``.
+"""The recommendation HTTP service (FastAPI; OpenAPI schema at ``/openapi.json``, docs at ``/docs``).
 
-Run: ``RECSYS_... python -m uvicorn serving.app:app`` (model from ``RECSYS_SERVING_MODEL``, default item2vec) or
-build one in code with ``create_app(cfg, model)``. The index and the item id <-> item_idx mapping are read once at
-start-up from ``<run_dir>/embeddings/<model>/`` (written by ``python -m serving.export``).
+    python -m serving.app [--host 127.0.0.1] [--port 8000] [--retrieval item2vec] [--watch-s 0]
+
+Endpoints:
+- ``GET /similar-items?item_id=&k=``: the ``k`` items most similar (cosine, HNSW) to an item, itself excluded.
+- ``GET /recommend?user_id=&k=``: candidates from the ANN index via the user's recent items, ranked by DeepFM
+  (see ``serving.bundle`` for the exact rule).
+- ``GET /health``: served versions and sizes. ``GET /metrics``: Prometheus text (``recsys_requests_total`` by
+  endpoint and status, ``recsys_request_latency_seconds`` histogram by endpoint, ``recsys_model_info`` with the
+  served versions as labels, ``recsys_reloads_total``).
+- ``POST /admin/reload?force=``: load the versions now on disk if ``VersionChangePolicy`` says so.
+
+Fallback (documented contract): an unknown ``item_id`` or ``user_id`` is not an error; the answer is the most
+popular items (positive ratings in the train split) with ``"fallback": "popularity"``; a known user whose
+candidates run short gets the list filled with unseen popular items (``source: "popularity"``).
+Bad parameters (missing, not an integer, ``k`` outside [1, 100], ids outside int32) get a 422 naming the
+parameter; no input yields a 5xx.
+
+Reload: every request reads the current ``ServingBundle`` once and answers from it; a reload builds a whole new
+bundle off the request path and replaces the reference in one assignment, so no request is dropped or sees a
+mix of versions. A watcher thread (``--watch-s`` > 0) asks the policy every that many seconds.
+
+The service binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import logging
+import threading
+import time
 
-import numpy as np
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
 
 from features.config import PlatformConfig, load_config
-from serving.ann import ItemIndex
-from serving.embeddings import INDEX_FILE, PARQUET_FILE, embeddings_dir, read_exported
+from serving.bundle import (BundleSpec, ReloadDecision, Scored, ServingBundle, VersionChangePolicy, load_bundle,
+                            on_disk_versions)
+
+log = logging.getLogger("serving.app")
+
+MAX_K = 100
+INT32_MAX = 2**31 - 1
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
 
 
-def create_app(cfg: PlatformConfig, model: str = "item2vec") -> FastAPI:
-    """Raises:
-        IndexFileError: the model has not been exported.
+class ScoredItem(BaseModel):
+    item_id: int
+    score: float = Field(description="cosine similarity (ann), P(rating >= 4) (ann+deepfm) or positive count "
+                                     "(popularity)")
+    source: str = Field(description="ann | ann+deepfm | popularity")
+
+
+class ItemsResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_version: str
+    fallback: str | None = Field(None, description="'popularity' when the id is unknown, else null")
+    items: list[ScoredItem]
+
+
+class SimilarItemsResponse(ItemsResponse):
+    item_id: int
+
+
+class RecommendResponse(ItemsResponse):
+    user_id: int
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    status: str
+    model_version: str
+    ranker_version: str
+    retrieval_model: str
+    retrieval_version: str
+    items: int
+    users: int
+    ef_search: int
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    decision: str
+    model_version: str
+
+
+class BundleHolder:
+    """The served bundle: ``current`` is swapped whole; reloads are serialised by a lock (readers never wait)."""
+
+    def __init__(self, cfg: PlatformConfig, spec: BundleSpec, policy: VersionChangePolicy = VersionChangePolicy()):
+        self.cfg, self.spec, self.policy = cfg, spec, policy
+        self.current: ServingBundle = load_bundle(cfg, spec)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def maybe_reload(self, force: bool = False) -> ReloadDecision:
+        """Ask the policy; on RELOAD build the new bundle and swap it in. Load errors keep the served bundle
+        (logged) and return KEEP."""
+        with self._lock:
+            b = self.current
+            decision = self.policy.decide((b.ranker_version, b.retrieval_version),
+                                          on_disk_versions(self.cfg, self.spec), force)
+            if decision is ReloadDecision.RELOAD:
+                try:
+                    new = load_bundle(self.cfg, self.spec)
+                except Exception:  # a half-written export must not take the service down
+                    log.exception("reload failed; still serving %s", b.version)
+                    return ReloadDecision.KEEP
+                self.current = new                      # one reference assignment: the atomic swap
+                log.info("reloaded: %s -> %s", b.version, new.version)
+            return decision
+
+    def watch(self, interval_s: float) -> threading.Thread:
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.maybe_reload()
+        t = threading.Thread(target=loop, name="bundle-watcher", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _items(scored: list[Scored]) -> list[ScoredItem]:
+    return [ScoredItem(item_id=s.item_id, score=s.score, source=s.source) for s in scored]
+
+
+def create_app(cfg: PlatformConfig, model: str = "item2vec", spec: BundleSpec | None = None,
+               watch_s: float = 0.0) -> FastAPI:
+    """Build the service over ``cfg.run_dir``.
+
+    Args:
+        model: the retrieval model (ignored when ``spec`` is given).
+        spec: models and candidate-generation parameters.
+        watch_s: seconds between reload checks by a watcher thread; 0 disables it.
+
+    Raises:
+        IndexFileError: the retrieval model has not been exported.
+        BundleError: the ranker's weights do not fit its configuration.
     """
-    d = embeddings_dir(cfg, model)
-    index = ItemIndex.load(d / INDEX_FILE)
-    table, vectors = read_exported(d / PARQUET_FILE)
-    item_ids = table.column("item_id").to_numpy().astype(np.int64)
-    item_idx = table.column("item_idx").to_numpy().astype(np.int64)
-    version = table.column("model_version")[0].as_py() if table.num_rows else ""
-    row_of_id = {int(i): r for r, i in enumerate(item_ids)}
-    id_of_idx = dict(zip(item_idx.tolist(), item_ids.tolist()))
+    holder = BundleHolder(cfg, spec or BundleSpec(retrieval_model=model))
+    registry = CollectorRegistry()
+    requests = Counter("recsys_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
+    latency = Histogram("recsys_request_latency_seconds", "request latency (seconds)", ["endpoint"],
+                        buckets=LATENCY_BUCKETS, registry=registry)
+    info = Gauge("recsys_model_info", "served versions (value 1)", ["model_version", "ranker_version",
+                                                                     "retrieval_version"], registry=registry)
+    reloads = Counter("recsys_reloads", "bundle reloads", registry=registry)
 
-    app = FastAPI(title=f"similar items ({model})")
+    app = FastAPI(title="recsys serving", version="1",
+                  description=__doc__.split("\n\n", 2)[2].split("\n\nThe service binds")[0])
+    app.state.holder = holder
+    if watch_s > 0:
+        holder.watch(watch_s)
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": model, "model_version": version, "items": index.ntotal,
-                "ef_search": index.ef_search}
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")          # bounded label set: routes, or "other"
+        latency.labels(endpoint).observe(time.perf_counter() - t0)
+        requests.labels(endpoint, str(response.status_code)).inc()
+        return response
 
-    @app.get("/similar-items")
-    def similar_items(item_id: int, k: int = Query(10, ge=1, le=100)) -> dict:
-        """The ``k`` items most similar (cosine) to ``item_id``, the item itself excluded; 404 if unknown."""
-        row = row_of_id.get(item_id)
-        if row is None:
-            raise HTTPException(404, f"item_id {item_id} is not in model {model!r} (version {version})")
-        scores, idx = index.search(vectors[row:row + 1], min(k + 1, index.ntotal))
-        out = [{"item_id": id_of_idx[int(i)], "score": float(s)} for s, i in zip(scores[0], idx[0])
-               if i >= 0 and int(i) != int(item_idx[row])][:k]
-        return {"item_id": item_id, "model_version": version, "items": out}
+    @app.get("/health", response_model=HealthResponse)
+    def health() -> HealthResponse:
+        b = holder.current
+        return HealthResponse(status="ok", model_version=b.version, ranker_version=b.ranker_version,
+                              retrieval_model=b.spec.retrieval_model, retrieval_version=b.retrieval_version,
+                              items=b.index.ntotal, users=len(b.users), ef_search=b.index.ef_search)
+
+    @app.get("/similar-items", response_model=SimilarItemsResponse)
+    def similar_items(item_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens item id"),
+                      k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> SimilarItemsResponse:
+        """The ``k`` items most similar (cosine) to ``item_id``; popularity fallback for an unknown item."""
+        b = holder.current
+        scored, fallback = b.similar_items(item_id, k)
+        return SimilarItemsResponse(item_id=item_id, model_version=b.version, fallback=fallback,
+                                    items=_items(scored))
+
+    @app.get("/recommend", response_model=RecommendResponse)
+    def recommend(user_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens user id"),
+                  k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> RecommendResponse:
+        """Top-``k`` items for ``user_id``: ANN candidates ranked by DeepFM; popularity fallback if unknown."""
+        b = holder.current
+        scored, fallback = b.recommend(user_id, k)
+        return RecommendResponse(user_id=user_id, model_version=b.version, fallback=fallback, items=_items(scored))
+
+    @app.post("/admin/reload", response_model=ReloadResponse)
+    def reload(force: bool = Query(False, description="reload even when the versions are unchanged")
+               ) -> ReloadResponse:
+        """Load the versions now on disk when the policy says so (or ``force``)."""
+        decision = holder.maybe_reload(force)
+        if decision is ReloadDecision.RELOAD:
+            reloads.inc()
+        return ReloadResponse(decision=decision.value, model_version=holder.current.version)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        b = holder.current
+        info.clear()
+        info.labels(b.version, b.ranker_version, b.retrieval_version).set(1)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
+def main(argv: list[str] | None = None) -> int:
+    import faiss
+    import torch
+    import uvicorn
+
+    p = argparse.ArgumentParser(description="recsys serving: /similar-items, /recommend, /health, /metrics")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--retrieval", default="item2vec", choices=("item2vec", "deepfm"),
+                   help="model whose embeddings give candidates and similar items")
+    p.add_argument("--recent-items", type=int, default=BundleSpec.recent_items)
+    p.add_argument("--per-item", type=int, default=BundleSpec.per_item)
+    p.add_argument("--watch-s", type=float, default=0.0, help="seconds between reload checks; 0: only on POST")
+    p.add_argument("--threads", type=int, default=1, help="torch and faiss threads per request")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    app = create_app(load_config(), spec=BundleSpec(args.retrieval, "deepfm", args.recent_items, args.per_item),
+                     watch_s=args.watch_s)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def __getattr__(name: str):  # ``uvicorn serving.app:app`` builds the app on first access, not at import
     if name == "app":
-        return create_app(load_config(), os.environ.get("RECSYS_SERVING_MODEL", "item2vec"))
+        return create_app(load_config())
     raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

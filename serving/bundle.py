@@ -1,0 +1,290 @@
+"""What the HTTP service answers from: one immutable ``ServingBundle`` per model version, loaded whole from a run
+dir and swapped atomically (``serving.app``), plus the policy that decides when a newer version on disk is loaded.
+
+A bundle holds
+- the retrieval model's exported items and HNSW index (``<run_dir>/embeddings/<retrieval>/``, ``serving.export``);
+- the ranker, DeepFM (Guo et al. 2017), rebuilt unsharded from ``<run_dir>/models/deepfm/{model.pt, meta.json}``;
+- user profiles and item genres from the lake's Parquet export of ``gold.ctr_samples``: a user's side-feature
+  indices from their latest sample, their items in time order (recent = the last ``recent_items``; seen = all);
+- the popularity list (positive labels of the train split per item, most first; ties by item id): the fallback.
+
+Recommendation (``recommend``), per request:
+1. unknown user -> ``popularity`` fallback (the most popular items);
+2. candidates: the union, in order, of the ``per_item`` nearest items (ANN, cosine) of each recent item, minus the
+   items the user has seen;
+3. rank the candidates with DeepFM on (user features, candidate item, its genres); score = sigmoid(logit), the
+   predicted probability of a rating >= 4; best first, ties by ``item_idx``;
+4. fewer than ``k`` candidates -> the rest filled with unseen popular items (``source="popularity"``).
+
+Legend: N items in the index, D embedding dim, C candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from features.config import PlatformConfig
+from features.errors import PlatformError
+from features.tables import CTR_SAMPLES, parquet_export
+from serving.ann import ItemIndex
+from serving.embeddings import INDEX_FILE, META_FILE, PARQUET_FILE, embeddings_dir, model_dir, read_exported
+
+log = logging.getLogger(__name__)
+
+USER_FEATURES = ("user_idx", "age_idx", "gender_idx", "occupation_idx", "zip_idx")
+
+
+class BundleError(PlatformError):
+    """A bundle's inputs are missing or inconsistent; the message names the file and the stage that writes it."""
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Which models a bundle serves and how candidates are generated.
+
+    Args:
+        retrieval_model: model whose item embeddings and ANN index give candidates and similar items.
+        ranker_model: the model that ranks candidates (``deepfm``).
+        recent_items: R, most recent items of a user used as ANN queries.
+        per_item: neighbours fetched per recent item.
+
+    Raises:
+        ValueError: a count is below 1.
+    """
+
+    retrieval_model: str = "item2vec"
+    ranker_model: str = "deepfm"
+    recent_items: int = 5
+    per_item: int = 50
+
+    def __post_init__(self) -> None:
+        if self.recent_items < 1 or self.per_item < 1:
+            raise ValueError(f"recent_items and per_item must be >= 1, got {self.recent_items}, {self.per_item}")
+
+
+@dataclass(frozen=True)
+class UserProfile:
+    """A known user: ``features`` (the ``USER_FEATURES`` indices), ``items`` (item_idx in time order)."""
+
+    features: dict
+    items: tuple[int, ...]
+    seen: frozenset = field(default=frozenset())
+
+
+@dataclass(frozen=True)
+class Scored:
+    item_id: int
+    score: float
+    source: str
+
+
+@dataclass(frozen=True)
+class ServingBundle:
+    """Everything one model version serves with; never mutated after ``load_bundle`` builds it."""
+
+    spec: BundleSpec
+    retrieval_version: str
+    ranker_version: str                 # "" when no ranker is present
+    item_ids: np.ndarray                # (N,) int64
+    item_idx: np.ndarray                # (N,) int64
+    vectors: np.ndarray                 # (N, D) float32 as trained
+    index: ItemIndex
+    row_of_id: dict
+    id_of_idx: dict
+    row_of_idx: dict
+    popular: tuple[tuple[int, float], ...]   # (item_id, positive count), most popular first
+    users: dict                              # user_id -> UserProfile
+    item_genres: dict                        # item_idx -> tuple of genre_idx
+    ranker: object | None                    # DeepFM in eval mode, or None
+    loaded_at: float = 0.0                   # unix seconds
+
+    @property
+    def version(self) -> str:
+        """``<ranker version>+<retrieval version>``: what /health and /metrics report."""
+        return f"{self.ranker_version or 'none'}+{self.retrieval_version}"
+
+    # ------------------------------------------------------------------------------------------ answers
+    def popular_items(self, k: int, exclude: frozenset = frozenset()) -> list[Scored]:
+        """The ``k`` most popular item ids not in ``exclude`` (item ids), score = positive count."""
+        out = []
+        for item_id, count in self.popular:
+            if item_id not in exclude:
+                out.append(Scored(item_id, float(count), "popularity"))
+                if len(out) == k:
+                    break
+        return out
+
+    def similar_items(self, item_id: int, k: int) -> tuple[list[Scored], str | None]:
+        """Top-``k`` items by cosine to ``item_id`` (itself excluded) and the fallback used (``None`` or
+        ``"popularity"`` for an unknown item)."""
+        row = self.row_of_id.get(item_id)
+        if row is None:
+            return self.popular_items(k), "popularity"
+        scores, idx = self.index.search(self.vectors[row:row + 1], min(k + 1, self.index.ntotal))
+        own = int(self.item_idx[row])
+        out = [Scored(self.id_of_idx[int(i)], float(s), "ann") for s, i in zip(scores[0], idx[0])
+               if i >= 0 and int(i) != own]
+        return out[:k], None
+
+    def candidates(self, profile: UserProfile) -> list[int]:
+        """Candidate item_idx for a user: ANN neighbours of the recent items, unseen, in first-found order."""
+        rows = [self.row_of_idx[i] for i in profile.items if i in self.row_of_idx][-self.spec.recent_items:]
+        if not rows:
+            return []
+        _, idx = self.index.search(self.vectors[rows], min(self.spec.per_item, self.index.ntotal))  # (R, P)
+        out, taken = [], set(profile.seen)
+        for i in idx.reshape(-1).tolist():
+            if i >= 0 and i not in taken:
+                taken.add(i)
+                out.append(i)
+        return out
+
+    def score(self, profile: UserProfile, cand: list[int]) -> np.ndarray:
+        """(C,) DeepFM probabilities of a positive rating for ``profile`` and each candidate item_idx."""
+        import torch
+
+        from training.data import kjt_of_rows
+
+        rows = [{**profile.features, "item_idx": c, "genre_idx": list(self.item_genres.get(c, ()))} for c in cand]
+        with torch.no_grad():
+            return torch.sigmoid(self.ranker(kjt_of_rows(rows))).numpy().astype(np.float64)  # (C,)
+
+    def recommend(self, user_id: int, k: int) -> tuple[list[Scored], str | None]:
+        """Top-``k`` items for ``user_id`` (see the module docstring) and the fallback used, if any."""
+        profile = self.users.get(user_id)
+        if profile is None:
+            return self.popular_items(k), "popularity"
+        if self.ranker is None:
+            return self.popular_items(k, self._seen_ids(profile)), "popularity"
+        cand = self.candidates(profile)
+        if not cand:
+            return self.popular_items(k, self._seen_ids(profile)), "popularity"
+        probs = self.score(profile, cand)
+        order = sorted(range(len(cand)), key=lambda j: (-probs[j], cand[j]))[:k]
+        out = [Scored(self.id_of_idx[cand[j]], float(probs[j]), "ann+deepfm") for j in order]
+        if len(out) < k:
+            exclude = self._seen_ids(profile) | {s.item_id for s in out}
+            out += self.popular_items(k - len(out), exclude)
+        return out, None
+
+    def _seen_ids(self, profile: UserProfile) -> frozenset:
+        return frozenset(self.id_of_idx[i] for i in profile.seen if i in self.id_of_idx)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def on_disk_versions(cfg: PlatformConfig, spec: BundleSpec) -> tuple[str, str] | None:
+    """``(ranker_version, retrieval_version)`` of what is on disk now, ``None`` while the retrieval index is
+    missing. The ranker version is ``""`` when the ranker has no outputs."""
+    index_json = embeddings_dir(cfg, spec.retrieval_model) / Path(INDEX_FILE).with_suffix(".json")
+    if not index_json.exists():
+        return None
+    retrieval = str(json.loads(index_json.read_text()).get("model_version", ""))
+    meta = model_dir(cfg, spec.ranker_model) / META_FILE
+    ranker = str(json.loads(meta.read_text()).get("model_version", "")) if meta.exists() else ""
+    return ranker, retrieval
+
+
+def _load_ranker(cfg: PlatformConfig, spec: BundleSpec):
+    """The unsharded DeepFM with the trained weights, or ``(None, "")`` when the ranker has no outputs."""
+    d = model_dir(cfg, spec.ranker_model)
+    if not (d / "model.pt").exists() or not (d / META_FILE).exists():
+        log.warning("no %s/model.pt: /recommend serves the popularity fallback", d)
+        return None, ""
+    import torch
+
+    from training.models.deepfm import DeepFM, DeepFMConfig
+
+    meta = json.loads((d / META_FILE).read_text())
+    names = {f.name for f in fields(DeepFMConfig)}
+    conf = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model_config"].items() if k in names}
+    model = DeepFM(meta["vocab_sizes"], DeepFMConfig(**conf))
+    try:
+        model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    except RuntimeError as e:
+        raise BundleError(f"{d / 'model.pt'} does not fit DeepFM{conf} over {meta['vocab_sizes']}: {e}; "
+                          f"retrain with `python -m training.train --model deepfm`") from e
+    return model.eval(), str(meta["model_version"])
+
+
+def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple]:
+    """User profiles, item genres and popularity counts from the ``gold.ctr_samples`` Parquet export; empty when
+    the export is missing (every user is then unknown)."""
+    import pyarrow.dataset as ds
+
+    path = Path(parquet_export(CTR_SAMPLES, cfg.lake_dir))
+    if not path.exists():
+        log.warning("no %s: every user gets the popularity fallback", path)
+        return {}, {}, ()
+    t = ds.dataset(path, format="parquet", partitioning="hive").to_table(
+        columns=["user_id", "item_id", "item_idx", "label", "event_time", "event_id", "split", "genre_idx",
+                 *USER_FEATURES]).to_pandas()
+    t = t.sort_values(["event_time", "event_id"], kind="stable")
+    users = {}
+    for uid, g in t.groupby("user_id", sort=False):
+        last = g.iloc[-1]
+        items = tuple(int(i) for i in g["item_idx"])
+        users[int(uid)] = UserProfile({f: int(last[f]) for f in USER_FEATURES}, items, frozenset(items))
+    genres = {int(i): tuple(int(x) for x in gs) for i, gs in
+              t.drop_duplicates("item_idx", keep="last")[["item_idx", "genre_idx"]].itertuples(index=False)}
+    pos = t[(t["split"] == "train") & (t["label"] == 1)].groupby("item_id").size()
+    popular = tuple(sorted(((int(i), int(c)) for i, c in pos.items()), key=lambda x: (-x[1], x[0])))
+    return users, genres, popular
+
+
+def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> ServingBundle:
+    """Read everything a bundle needs (seconds: the lake export dominates).
+
+    Raises:
+        IndexFileError: the retrieval model has not been exported.
+        BundleError: the ranker's weights do not fit its configuration.
+    """
+    t0 = time.time()
+    d = embeddings_dir(cfg, spec.retrieval_model)
+    index = ItemIndex.load(d / INDEX_FILE)
+    table, vectors = read_exported(d / PARQUET_FILE)
+    item_ids = table.column("item_id").to_numpy().astype(np.int64)
+    item_idx = table.column("item_idx").to_numpy().astype(np.int64)
+    version = table.column("model_version")[0].as_py() if table.num_rows else ""
+    ranker, ranker_version = _load_ranker(cfg, spec)
+    users, genres, popular = _load_lake(cfg)
+    if not popular:  # no lake: every exported item, in id order, so the fallback is still defined
+        popular = tuple((int(i), 0) for i in sorted(item_ids.tolist()))
+    return ServingBundle(
+        spec=spec, retrieval_version=version, ranker_version=ranker_version, item_ids=item_ids,
+        item_idx=item_idx, vectors=vectors, index=index,
+        row_of_id={int(i): r for r, i in enumerate(item_ids)},
+        id_of_idx=dict(zip(item_idx.tolist(), item_ids.tolist())),
+        row_of_idx={int(i): r for r, i in enumerate(item_idx)},
+        popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0)
+
+
+# ----------------------------------------------------------------------------------------------- policy
+class ReloadDecision(Enum):
+    KEEP = "keep"
+    RELOAD = "reload"
+
+
+@dataclass(frozen=True)
+class VersionChangePolicy:
+    """Reload when the versions on disk differ from the served ones and the retrieval index is complete; never
+    reload to nothing.
+
+    >>> p = VersionChangePolicy()
+    >>> [p.decide(("a", "r1"), d).value for d in (("a", "r1"), ("b", "r1"), None)]
+    ['keep', 'reload', 'keep']
+    >>> p.decide(("a", "r1"), ("a", "r1"), force=True).value
+    'reload'
+    """
+
+    def decide(self, served: tuple[str, str], on_disk: tuple[str, str] | None, force: bool = False
+               ) -> ReloadDecision:
+        if on_disk is None:
+            return ReloadDecision.KEEP
+        return ReloadDecision.RELOAD if force or on_disk != served else ReloadDecision.KEEP
