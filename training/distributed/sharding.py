@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
 from torchrec.distributed.types import ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 STRATEGIES = ("planner", "row_wise")
 
@@ -51,13 +52,25 @@ class ShardingConfig:
             raise ValueError(f"unknown sharding types {sorted(bad)}; choose from {sorted(valid)}")
 
 
-def _ebcs(model: nn.Module) -> dict[str, EmbeddingBagCollection]:
-    return {path: m for path, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+def _collections(model: nn.Module) -> dict[str, EmbeddingBagCollection | EmbeddingCollection]:
+    """Every pooled (EmbeddingBagCollection) and sequence (EmbeddingCollection, DIN) collection, by module path."""
+    return {path: m for path, m in model.named_modules()
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))}
+
+
+def _table_names(collection: EmbeddingBagCollection | EmbeddingCollection) -> list[str]:
+    configs = (collection.embedding_bag_configs() if isinstance(collection, EmbeddingBagCollection)
+               else collection.embedding_configs())
+    return [t.name for t in configs]
+
+
+def _sharders() -> list:
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 def plan_sharding(model: nn.Module, world_size: int, config: ShardingConfig = ShardingConfig(),
                   pg: dist.ProcessGroup | None = None) -> ShardingPlan:
-    """The sharding plan of every EmbeddingBagCollection in ``model``.
+    """The sharding plan of every EmbeddingBagCollection and EmbeddingCollection in ``model``.
 
     Args:
         model: the unsharded model (tables on ``meta`` are fine).
@@ -69,17 +82,17 @@ def plan_sharding(model: nn.Module, world_size: int, config: ShardingConfig = Sh
     if config.strategy == "row_wise":
         return ShardingPlan({
             path: construct_module_sharding_plan(
-                ebc, per_param_sharding={t.name: row_wise() for t in ebc.embedding_bag_configs()},
+                m, per_param_sharding={name: row_wise() for name in _table_names(m)},
                 local_size=world_size, world_size=world_size, device_type="cpu")
-            for path, ebc in _ebcs(model).items()
+            for path, m in _collections(model).items()
         })
     constraints = {
-        t.name: ParameterConstraints(sharding_types=list(config.sharding_types))
-        for ebc in _ebcs(model).values() for t in ebc.embedding_bag_configs()
+        name: ParameterConstraints(sharding_types=list(config.sharding_types))
+        for m in _collections(model).values() for name in _table_names(m)
     }
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"),
                                        constraints=constraints)
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = _sharders()
     if pg is not None or dist.is_initialized():
         return planner.collective_plan(model, sharders, pg or dist.GroupMember.WORLD)
     return planner.plan(model, sharders)
@@ -112,7 +125,7 @@ def shard_model(model: nn.Module, plan: ShardingPlan) -> DistributedModelParalle
     ``apply_optimizer_in_backward``.
     """
     return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan,
-                                    sharders=[EmbeddingBagCollectionSharder()])
+                                    sharders=_sharders())
 
 
 def _is_sharded(t: object) -> bool:

@@ -1,7 +1,10 @@
-"""Unsharded building blocks: embedding collections (SparseArch), the FM interaction and MLPs."""
+"""Unsharded building blocks: embedding collections (SparseArch, sequence embeddings), the FM interaction, DIN's
+target attention and MLPs."""
 
-from training.modules.embedding import FirstOrder, SparseArch, table_configs
+from training.modules.attention import ActivationUnit, TargetAttention
+from training.modules.embedding import FirstOrder, SequenceEmbedding, SparseArch, table_configs
 from training.modules.interaction import FactorizationMachine
 from training.modules.mlp import MLP
 
-__all__ = ["FirstOrder", "SparseArch", "table_configs", "FactorizationMachine", "MLP"]
+__all__ = ["ActivationUnit", "TargetAttention", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
+           "FactorizationMachine", "MLP"]

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig,
+                      KeyedJaggedTensor, PoolingType)
 
 from features.definitions import SparseFeature
 from features.errors import VocabularyError
@@ -111,3 +112,37 @@ class FirstOrder(nn.Module):
             for name, table in self.table_of.items()
         ]
         return torch.cat(terms, dim=1).sum(dim=1) + self.bias  # (B,)
+
+
+class SequenceEmbedding(nn.Module):
+    """Unpooled (sequence) lookups through TorchRec's ``EmbeddingCollection``: one row per id, jagged per sample.
+
+    DIN reads the candidate item and the behaviour history from the same table, so both features are listed on
+    one ``EmbeddingConfig``; DMP shards it like any other table.
+
+    Args:
+        name: the table's name (``t_item``).
+        num_embeddings: rows (index 0 = unknown/padding item).
+        embedding_dim: D, a multiple of 4.
+        feature_names: the KJT keys that read the table (e.g. ``item_idx``, ``hist_item_idx``).
+        init_range: weights start uniform in [-init_range, init_range].
+        device: ``meta`` before sharding.
+
+    Call: ``forward(features: KeyedJaggedTensor) -> dict[str, JaggedTensor]`` with values (total ids, D).
+    """
+
+    def __init__(self, name: str, num_embeddings: int, embedding_dim: int, feature_names: Sequence[str],
+                 init_range: float = 0.02, device: torch.device | None = None) -> None:
+        super().__init__()
+
+        def init(w: torch.Tensor, r: float = init_range) -> torch.Tensor:
+            return nn.init.uniform_(w, -r, r)
+
+        config = EmbeddingConfig(name=name, embedding_dim=embedding_dim, num_embeddings=int(num_embeddings),
+                                 feature_names=list(feature_names), weight_init_min=-init_range,
+                                 weight_init_max=init_range, init_fn=init)
+        self.embedding_collection = EmbeddingCollection(tables=[config], device=device)
+        self.feature_names = list(feature_names)
+
+    def forward(self, features: KeyedJaggedTensor) -> dict:
+        return self.embedding_collection(features)

@@ -1,0 +1,150 @@
+"""DIN (Zhou et al. 2018): shapes, padding masked out of the attention, the activation unit by hand, and the
+sharded model (DMP, 2 gloo processes on CPU) against the unsharded one on the same weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from features.definitions import SPARSE_FEATURES
+from training.data import kjt_of_rows, synthetic_vocab_sizes
+from training.models import DIN, DIN_FEATURES, DINConfig
+from training.modules import ActivationUnit, TargetAttention
+
+CONFIG = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5)
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda hi: int(torch.randint(0, hi, (1,), generator=g))
+    return [{"user_idx": r(30), "item_idx": r(40), "age_idx": r(8), "gender_idx": r(3), "occupation_idx": r(22),
+             "zip_idx": r(12), "genre_idx": [r(20) for _ in range(r(4))],
+             "hist_item_idx": [1 + r(39) for _ in range(r(6))]} for _ in range(n)]
+
+
+def test_din_shapes_and_shared_item_table():
+    torch.manual_seed(0)
+    model = DIN(synthetic_vocab_sizes(), CONFIG)
+    rows = _rows(4, seed=0)
+    rows[0]["hist_item_idx"] = []  # an empty history: interest vector 0
+    rows[1]["hist_item_idx"] = [7, 3]
+    kjt = kjt_of_rows(rows, DIN_FEATURES)
+    side, candidate, history, mask = model.sparse_arch(kjt)
+    assert side.shape == (4, len(SPARSE_FEATURES) - 1, 8) and candidate.shape == (4, 8)
+    assert history.shape == (4, 5, 8) and mask.shape == (4, 5)
+    assert mask[1].tolist() == [True, True, False, False, False] and not mask[0].any()
+    # history and candidate read the same rows of the one item table
+    table = model.sparse_arch.sequence.embedding_collection.embeddings["t_item"].weight
+    torch.testing.assert_close(history[1, :2], table[[7, 3]])
+    torch.testing.assert_close(candidate[2], table[rows[2]["item_idx"]])
+    logits, weights = model.forward_with_weights(kjt)
+    assert logits.shape == (4,) and weights.shape == (4, 5)
+    assert torch.all(weights[0] == 0)
+
+
+def test_padding_changes_nothing():
+    """A padded position (masked) does not change the interest, whatever its embedding; and a shorter history
+    padded to L gives the same logit as the same history in a batch padded differently."""
+    torch.manual_seed(1)
+    att = TargetAttention(4, (5,))
+    history = torch.randn(2, 4, 4)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    candidate = torch.randn(2, 4)
+    interest, w = att(history, mask, candidate)
+    garbage = history.clone()
+    garbage[0, 3], garbage[1, 1:] = 100.0, -50.0
+    interest2, w2 = att(garbage, mask, candidate)
+    torch.testing.assert_close(interest, interest2)
+    assert w[0, 3] == 0 and torch.all(w[1, 1:] == 0)
+    # the whole model: a row's logit does not depend on the other rows' history lengths
+    model = DIN(synthetic_vocab_sizes(), CONFIG).eval()
+    rows = _rows(3, seed=2)
+    rows[0]["hist_item_idx"], rows[1]["hist_item_idx"] = [4], [5, 6, 7, 8, 9]
+    alone = model(kjt_of_rows(rows[:1], DIN_FEATURES))
+    together = model(kjt_of_rows(rows, DIN_FEATURES))
+    torch.testing.assert_close(alone, together[:1])
+
+
+def test_activation_unit_by_hand():
+    """D = 1, one hidden unit: a(h, c) = w2 * prelu(w1 . [h, c, h - c, h * c] + b1) + b2, no softmax."""
+    unit = ActivationUnit(1, (1,))
+    lin1, prelu, lin2 = unit.mlp
+    with torch.no_grad():
+        lin1.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+        lin1.bias.fill_(-1.0)
+        prelu.weight.fill_(0.25)
+        lin2.weight.fill_(2.0)
+        lin2.bias.fill_(0.5)
+    history = torch.tensor([[[2.0], [-1.0]]])  # (1, 2, 1)
+    candidate = torch.tensor([[3.0]])  # (1, 1)
+    # h=2, c=3: 2 + 6 + 3*(-1) + 4*6 - 1 = 28 -> prelu 28 -> 2*28 + 0.5 = 56.5
+    # h=-1, c=3: -1 + 6 + 3*(-4) + 4*(-3) - 1 = -20 -> prelu -5 -> 2*(-5) + 0.5 = -9.5
+    torch.testing.assert_close(unit(history, candidate), torch.tensor([[56.5, -9.5]]))
+    att = TargetAttention(1, (1,))
+    att.activation_unit.load_state_dict(unit.state_dict())
+    interest, w = att(history, torch.tensor([[True, True]]), candidate)
+    torch.testing.assert_close(interest, torch.tensor([[56.5 * 2.0 + (-9.5) * (-1.0)]]))  # weights not normalised
+    interest, w = att(history, torch.tensor([[True, False]]), candidate)
+    torch.testing.assert_close(interest, torch.tensor([[113.0]]))
+
+
+# ------------------------------------------------------------------------------------------ sharded vs unsharded
+WORLD, BATCH, LR = 2, 6, 0.5
+
+
+def _worker(rank: int, port: int, strategy: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from training.distributed import ShardingConfig, gather_full_state_dict, load_full_state_dict, placements
+    from training.distributed import plan_sharding, shard_model
+
+    vocab = synthetic_vocab_sizes()
+    torch.manual_seed(0)
+    reference = DIN(vocab, CONFIG)
+    full_sd = {k: v.clone() for k, v in reference.state_dict().items()}
+    rows = _rows(WORLD * BATCH, seed=3)
+
+    sharded = DIN(vocab, CONFIG, sparse_device=torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.SGD, sharded.sparse_arch.parameters(), {"lr": LR})
+    plan = plan_sharding(sharded, WORLD, ShardingConfig(strategy=strategy))
+    where = placements(plan)
+    assert "t_item" in where and len(where) == len(SPARSE_FEATURES)  # 6 pooled tables + the sequence table
+    if strategy == "row_wise":
+        assert where["t_item"] == "row_wise@rank0,1"
+    dmp = shard_model(sharded, plan)
+    load_full_state_dict(dmp, full_sd)
+
+    local = rows[rank * BATCH:(rank + 1) * BATCH]
+    logits = dmp(kjt_of_rows(local, DIN_FEATURES))
+    torch.testing.assert_close(logits, reference(kjt_of_rows(local, DIN_FEATURES)), rtol=1e-5, atol=1e-6)
+
+    # one SGD step on the tables: the gathered tables equal the unsharded ones after the mean-over-ranks gradient
+    logits.sum().backward()
+    reference(kjt_of_rows(rows, DIN_FEATURES)).sum().backward()
+    ref_params = dict(reference.named_parameters())
+    gathered = gather_full_state_dict(dmp)
+    if rank == 0:
+        for key, value in reference.state_dict().items():
+            if "embedding_bags" in key or "embeddings.t_item" in key:
+                torch.testing.assert_close(gathered[key], value - LR * ref_params[key].grad / WORLD,
+                                           rtol=1e-4, atol=1e-6)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["planner", "row_wise"])
+def test_sharded_din_matches_unsharded(strategy):
+    mp.spawn(_worker, args=(_free_port(), strategy), nprocs=WORLD, join=True)

@@ -1,0 +1,140 @@
+"""DIN (Zhou et al. 2018, "Deep Interest Network for Click-Through Rate Prediction").
+
+    interest = sum_l a(h_l, c) * h_l            (activation unit a, no softmax, padding weighted 0)
+    logit    = OverArch(concat(side features, c, interest))
+
+The user's behaviour sequence ``hist_item_idx`` (items rated strictly before the sample's time, most recent
+last; features.definitions.HISTORY_FEATURE) and the candidate ``item_idx`` are looked up unpooled in ONE item
+table through TorchRec's ``EmbeddingCollection``; the other sparse features (user, age, gender, occupation, zip,
+multi-hot genres) are pooled in an ``EmbeddingBagCollection`` exactly as in DeepFM. Both collections are
+sharded by DMP. The model returns logits (train with ``BCEWithLogitsLoss``).
+
+Parts, named as in TorchRec's rankers:
+    SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L)
+    InteractionArch   TargetAttention: history, mask, candidate -> interest (B, D)
+    OverArch          (B, (F + 2) * D) -> (B,)   MLP + output unit
+
+Legend: B batch size, F pooled side features, D embedding dimension, L longest history (``MAX_HISTORY``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from features.definitions import HISTORY_FEATURE, MAX_HISTORY, SPARSE_FEATURES, SparseFeature
+from features.errors import VocabularyError
+from training.modules import MLP, SequenceEmbedding, SparseArch as PooledArch, TargetAttention, table_configs
+
+CANDIDATE = "item_idx"
+#: the KJT keys DIN reads: the declared sparse features plus the behaviour history.
+DIN_FEATURES: tuple[SparseFeature, ...] = (*SPARSE_FEATURES, HISTORY_FEATURE)
+
+
+@dataclass(frozen=True)
+class DINConfig:
+    """Hyper-parameters of DIN.
+
+    Args:
+        embedding_dim: D for every table; a multiple of 4 (FBGEMM's fused kernels).
+        attention_hidden: hidden widths of the activation unit (the paper: 36).
+        hidden: widths of the OverArch MLP (the paper: 200, 80).
+        dropout: dropout after each OverArch hidden layer.
+        max_history: L; longer histories keep their first L ids (the export keeps the most recent 50).
+        init_range: embedding weights start uniform in [-init_range, init_range].
+    """
+
+    embedding_dim: int = 16
+    attention_hidden: tuple[int, ...] = (36,)
+    hidden: tuple[int, ...] = (200, 80)
+    dropout: float = 0.2
+    max_history: int = MAX_HISTORY
+    init_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim <= 0 or self.embedding_dim % 4:
+            raise ValueError(f"embedding_dim must be a positive multiple of 4, got {self.embedding_dim}")
+        if not self.hidden or not self.attention_hidden:
+            raise ValueError("DIN needs at least one OverArch and one activation-unit hidden layer")
+        if self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+
+
+def _select(features: KeyedJaggedTensor, keys: Sequence[str]) -> KeyedJaggedTensor:
+    """The sub-KJT holding only ``keys`` (each collection is given exactly the keys its tables read)."""
+    jt = features.to_dict()
+    return KeyedJaggedTensor.from_jt_dict({k: jt[k] for k in keys})
+
+
+class SparseArch(nn.Module):
+    """DIN's embeddings: pooled side features + unpooled candidate/history from the shared item table.
+
+    Call: ``forward(features: KJT) -> (side (B, F, D), candidate (B, D), history (B, L, D), mask BoolTensor (B, L))``.
+    """
+
+    def __init__(self, vocab_sizes: Mapping[str, int], side: Sequence[SparseFeature], config: DINConfig,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        if "item" not in vocab_sizes:
+            raise VocabularyError(f"DIN's item table needs vocabulary 'item', absent from {sorted(vocab_sizes)}; "
+                                  "re-export vocab_sizes.json with the features job")
+        self.pooled = PooledArch(table_configs(side, vocab_sizes, config.embedding_dim, config.init_range), device)
+        self.sequence = SequenceEmbedding("t_item", vocab_sizes["item"], config.embedding_dim,
+                                          [CANDIDATE, HISTORY_FEATURE.name], config.init_range, device)
+        self.max_history = config.max_history
+
+    def forward(self, features: KeyedJaggedTensor):
+        side = self.pooled(_select(features, self.pooled.feature_names))  # (B, F, D)
+        seq = self.sequence(_select(features, self.sequence.feature_names))  # {key: JaggedTensor}
+        candidate = seq[CANDIDATE].values()  # one id per row: (B, D)
+        hist = seq[HISTORY_FEATURE.name]
+        history = hist.to_padded_dense(desired_length=self.max_history, padding_value=0.0)  # (B, L, D)
+        lengths = hist.lengths().clamp(max=self.max_history)  # (B,)
+        mask = torch.arange(self.max_history, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+        return side, candidate, history, mask
+
+
+class DIN(nn.Module):
+    """DIN over the declared side features, the candidate item and the behaviour history.
+
+    Args:
+        vocab_sizes: rows per vocabulary (``vocab_sizes.json``), keyed by ``SparseFeature.vocab``.
+        config: hyper-parameters.
+        side_features: pooled features (default: ``SPARSE_FEATURES`` without ``item_idx``).
+        sparse_device: device of the embedding tables; ``torch.device("meta")`` before sharding with DMP.
+
+    Raises:
+        VocabularyError: a feature's vocabulary is missing from ``vocab_sizes``.
+
+    Call: ``forward(features: KJT with keys DIN_FEATURES, B rows each) -> logits Tensor (B,)``;
+    ``forward_with_weights`` also returns the attention weights (B, L).
+
+    >>> from training.data import synthetic_vocab_sizes, kjt_of_rows
+    >>> rows = [{"user_idx": 1, "item_idx": 2, "age_idx": 1, "gender_idx": 1, "occupation_idx": 3, "zip_idx": 4,
+    ...          "genre_idx": [1, 2], "hist_item_idx": [3, 4, 5]}] * 2
+    >>> DIN(synthetic_vocab_sizes())(kjt_of_rows(rows, DIN_FEATURES)).shape
+    torch.Size([2])
+    """
+
+    def __init__(self, vocab_sizes: Mapping[str, int], config: DINConfig = DINConfig(),
+                 side_features: Sequence[SparseFeature] = tuple(f for f in SPARSE_FEATURES if f.name != CANDIDATE),
+                 sparse_device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.sparse_arch = SparseArch(vocab_sizes, side_features, config, sparse_device)
+        self.interaction_arch = TargetAttention(config.embedding_dim, config.attention_hidden)
+        width = (len(side_features) + 2) * config.embedding_dim
+        self.over_arch = nn.Sequential(MLP(width, config.hidden, config.dropout), nn.Linear(config.hidden[-1], 1))
+
+    def forward_with_weights(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        side, candidate, history, mask = self.sparse_arch(features)
+        interest, weights = self.interaction_arch(history, mask, candidate)  # (B, D), (B, L)
+        x = torch.cat([side.flatten(1), candidate, interest], dim=1)  # (B, (F + 2) * D)
+        return self.over_arch(x).squeeze(1), weights  # (B,), (B, L)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.forward_with_weights(features)[0]
