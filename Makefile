@@ -85,3 +85,15 @@ kafka-stop:
 clean-data:
 	infra/scripts/kafka.sh stop || true
 	rm -rf data/lake data/checkpoints var artifacts
+
+# Generator benchmarks and the crash test of the streaming ingest (their own brokers on ports 24192/24292).
+# INGEST_SIZES / BATCH_SIZES pick the event counts; FAULT_INGEST_KILLS=20 for the long fault run.
+INGEST_SIZES ?= 1000000
+BATCH_SIZES ?= 1000000,10000000,30000000
+.PHONY: bench-ingest bench-batch fault-ingest
+bench-ingest: venv jars
+	$(PY) -m bench.ingest --sizes $(INGEST_SIZES)
+bench-batch: venv jars
+	$(PY) -m bench.batch_features --sizes $(BATCH_SIZES)
+fault-ingest: venv jars
+	$(PY) -m pytest -m "slow and integration" -s tests/test_ingest_kill.py $(PYTEST_ARGS)

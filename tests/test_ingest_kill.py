@@ -1,0 +1,155 @@
+"""Exactly-once under crashes: the continuous ingest (spark-submit, its own process group) is SIGKILLed at random
+points while the generator streams events into Kafka, restarted from its checkpoint, and killed again; at the end
+bronze must hold every produced event_id exactly once (and, where the speed layer runs, its tables must equal a
+batch recomputation over bronze).
+
+``make fault-ingest`` runs it; ``FAULT_INGEST_KILLS`` sets the number of kills (5 by default, 20 for the long run),
+``FAULT_INGEST_SEED`` the seed of the kill times and of the events, ``FAULT_INGEST_KAFKA_PORT`` the broker's port
+(24192 by default, its controller on the next port).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from features.config import ROOT, KafkaConfig, PlatformConfig, SparkConfig
+from features.tables import BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS
+from pipelines.generator import GeneratorConfig, generate, kafka_messages
+from pipelines.produce import ensure_topic, publish
+from pipelines.stages import build_command, kafka_command, kafka_env, stage_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+KILLS = int(os.environ.get("FAULT_INGEST_KILLS", "5"))
+SEED = int(os.environ.get("FAULT_INGEST_SEED", "17"))
+PORT = int(os.environ.get("FAULT_INGEST_KAFKA_PORT", "24192"))
+EVENTS_PER_KILL = 4_000
+CHUNK = 500
+#: Seconds between produced chunks, so that producing lasts about as long as the kill cycles.
+PACE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def fault_cfg(tmp_path_factory) -> PlatformConfig:
+    run = tmp_path_factory.mktemp("fault")
+    return PlatformConfig(data_dir=run / "data", artifacts_dir=run / "artifacts", run_name="fault",
+                          kafka=KafkaConfig(bootstrap=f"127.0.0.1:{PORT}", topic="fault-ingest", partitions=3),
+                          spark=SparkConfig(shuffle_partitions=2))
+
+
+@pytest.fixture(scope="module")
+def fault_kafka(fault_cfg):
+    env = {**os.environ, **kafka_env(fault_cfg.kafka.bootstrap)}
+    state = fault_cfg.data_dir.parent / "kafka"
+    subprocess.run(kafka_command("start", state), check=True, env=env)
+    yield fault_cfg.kafka.bootstrap
+    subprocess.run(kafka_command("stop", state), check=False, env=env)
+
+
+def _ingest_env(cfg: PlatformConfig) -> dict[str, str]:
+    return {**os.environ, **stage_env(), "RECSYS_DATA_DIR": str(cfg.data_dir),
+            "RECSYS_ARTIFACTS_DIR": str(cfg.artifacts_dir), "RECSYS_RUN_NAME": cfg.run_name,
+            "RECSYS_KAFKA__BOOTSTRAP": cfg.kafka.bootstrap, "RECSYS_KAFKA__TOPIC": cfg.kafka.topic,
+            "RECSYS_KAFKA__PARTITIONS": str(cfg.kafka.partitions),
+            "RECSYS_SPARK__SHUFFLE_PARTITIONS": str(cfg.spark.shuffle_partitions)}
+
+
+def _commits(table: str) -> int:
+    """Delta commits so far in ``table`` (JSON files of its log)."""
+    log = Path(table) / "_delta_log"
+    return len(list(log.glob("*.json"))) if log.exists() else 0
+
+
+class _Producer(threading.Thread):
+    """Streams the generator's events into the topic, a chunk every PACE_S seconds; every 4th chunk is sent twice
+    (an at-least-once producer's duplicates), which ingest must drop."""
+
+    def __init__(self, cfg: PlatformConfig, gen: GeneratorConfig) -> None:
+        super().__init__(daemon=True)
+        self.cfg, self.gen, self.error, self.sent = cfg, gen, None, 0
+
+    def run(self) -> None:
+        try:
+            for i, chunk in enumerate(generate(self.gen)):
+                messages = list(kafka_messages(chunk))
+                self.sent += publish(self.cfg.kafka.bootstrap, self.cfg.kafka.topic, messages)
+                if i % 4 == 3:
+                    self.sent += publish(self.cfg.kafka.bootstrap, self.cfg.kafka.topic, messages)
+                time.sleep(PACE_S)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+
+def _speed_layer_matches_batch(spark, lake_dir: Path) -> str:
+    """Compare the speed-layer tables with a batch recomputation over bronze; return what was checked."""
+    try:
+        from features.tables import ITEM_WINDOW_STATS, USER_RECENT_ITEMS
+        from pipelines.daily_features import item_window_stats, user_recent_items
+    except ImportError as e:
+        return f"no speed layer to compare ({e})"
+    if not (Path(ITEM_WINDOW_STATS.path(lake_dir)) / "_delta_log").exists():
+        return "speed-layer tables absent: ingest ran without the speed layer"
+    bronze = spark.read.format("delta").load(BRONZE_INTERACTIONS.path(lake_dir))
+    batch_items = item_window_stats(bronze, bronze.select("event_date").distinct())
+    batch_users = user_recent_items(bronze, bronze.select("user_id", "event_date").distinct())
+    for spec, batch in ((ITEM_WINDOW_STATS, batch_items), (USER_RECENT_ITEMS, batch_users)):
+        speed = spark.read.format("delta").load(spec.path(lake_dir)).select(*spec.columns)
+        batch = batch.select(*spec.columns)
+        assert speed.count() == batch.count(), spec.name
+        assert speed.exceptAll(batch).count() == 0 and batch.exceptAll(speed).count() == 0, spec.name
+    return "speed-layer tables equal the batch recomputation"
+
+
+def test_bronze_holds_every_event_once_after_random_kills(fault_cfg, fault_kafka, spark):
+    rnd = random.Random(SEED)
+    gen = GeneratorConfig(n_events=EVENTS_PER_KILL * KILLS, seed=SEED, n_users=2_000, n_items=1_000,
+                          chunk_size=CHUNK, days=3, start=1_700_000_000)
+    ensure_topic(fault_cfg.kafka.bootstrap, fault_cfg.kafka.topic, fault_cfg.kafka.partitions)
+    bronze_path = BRONZE_INTERACTIONS.path(fault_cfg.lake_dir)
+    env = _ingest_env(fault_cfg)
+    logs = fault_cfg.data_dir.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    producer = _Producer(fault_cfg, gen)
+    producer.start()
+
+    kills = []  # (seconds the query ran after its first commit, bronze commits so far)
+    for k in range(KILLS):
+        cmd = build_command("ingest", driver_memory="1g",
+                            extra=("--trigger", "continuous", "--interval-s", "1"))
+        with open(logs / f"ingest-{k}.log", "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        before, deadline = _commits(bronze_path), time.monotonic() + 180
+        while _commits(bronze_path) <= before and time.monotonic() < deadline:  # the query is up and writing
+            assert proc.poll() is None, f"ingest exited with {proc.returncode}; see {logs}/ingest-{k}.log"
+            time.sleep(0.2)
+        delay = rnd.uniform(0.0, 6.0)  # then a random point: inside or between micro-batches
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills.append((round(delay, 2), _commits(bronze_path)))
+    producer.join(timeout=600)
+    assert not producer.is_alive() and producer.error is None, producer.error
+
+    # Restart once more and drain what the topic holds.
+    final = subprocess.run(build_command("ingest", driver_memory="1g", extra=("--trigger", "available-now")),
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+
+    expected = {f"g{SEED}-{pos:012d}" for pos in range(gen.n_events)}
+    bronze = spark.read.format("delta").load(bronze_path)
+    ids = [r["event_id"] for r in bronze.select("event_id").collect()]
+    assert len(ids) == len(expected), f"{len(ids)} rows for {len(expected)} events (kills: {kills})"
+    assert set(ids) == expected
+    assert spark.read.format("delta").load(QUARANTINE_INTERACTIONS.path(fault_cfg.lake_dir)).count() == 0
+    note = _speed_layer_matches_batch(spark, fault_cfg.lake_dir)
+    print(f"{KILLS} kills (seconds after a commit, bronze commits): {kills}; {producer.sent} messages for "
+          f"{gen.n_events} events; {note}")
