@@ -80,10 +80,13 @@ def summarise(cfg: PlatformConfig, walls: dict[str, float]) -> dict:
         "events_bronze": r["ingest"]["events_bronze"],
         "events_quarantined": r["ingest"]["events_quarantined"],
         "samples": r["features"]["samples"],
-        "sharding_plan": {"deepfm": deepfm["sharding_plan"], "item2vec": item2vec["sharding_plan"]},
+        "sharding_plan": {"deepfm": deepfm["sharding_plan"], "din": r["train_din"]["sharding_plan"],
+                          "item2vec": item2vec["sharding_plan"]},
         "models": {
             "deepfm": {k: deepfm[k] for k in ("test_auc", "test_logloss", "train_samples_per_s", "epochs")}
             | {k: deepfm[k] for k in ("test_gauc", "valid_auc", "model_version") if k in deepfm},
+            "din": {k: r["train_din"][k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc",
+                                                    "train_samples_per_s", "epochs", "model_version")},
             "item2vec": {k: item2vec[k] for k in ("pairs_per_s", "epochs")}
             | {k: item2vec[k] for k in ("final_loss", "model_version") if k in item2vec},
         },

@@ -8,7 +8,7 @@ figures with ``features.results.write_stage_result`` under the stage's name.
 >>> build_command("features", python="py", spark_submit="spark-submit")[:2]
 ['spark-submit', '--master']
 >>> [s.name for s in STAGES]
-['produce', 'ingest', 'features', 'train_deepfm', 'train_item2vec', 'export', 'evaluate']
+['produce', 'ingest', 'features', 'train_deepfm', 'train_din', 'train_item2vec', 'export', 'evaluate']
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "pipelines/ingest.py", ("--trigger", "available-now"), spark=True),
     Stage("features", "pipelines/features_batch.py", spark=True),
     Stage("train_deepfm", "training.train", ("--model", "deepfm")),
+    Stage("train_din", "training.train", ("--model", "din")),
     Stage("train_item2vec", "training.train", ("--model", "item2vec")),
     Stage("export", "serving.export"),
     Stage("evaluate", "serving.replay"),

@@ -1,6 +1,7 @@
 """Stage command: train DeepFM or item2vec with Ray Train over sharded TorchRec tables, on CPU.
 
-    python -m training.train --model deepfm|item2vec [--epochs N] [--batch-size B] [--sharding planner|row_wise]
+    python -m training.train --model deepfm|din|item2vec [--epochs N] [--batch-size B] [--sharding planner|row_wise]
+                             [--lr-schedule warmup_cosine|constant]
 
 The driver reads the configuration (``features.config.load_config``), starts a local Ray cluster (or joins
 ``cfg.train.ray_address``) and runs a ``TorchTrainer`` with ``cfg.train.num_workers`` workers of 1 CPU each
@@ -12,7 +13,13 @@ report one ``ray.train.Checkpoint`` (stored under ``cfg.checkpoint_dir``). DeepF
 
 Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
 ``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json``; the driver
-writes the stage result ``train_deepfm`` / ``train_item2vec``.
+writes the stage result ``train_deepfm`` / ``train_din`` / ``train_item2vec``.
+
+DIN (training.models.din) reads the behaviour history as a jagged sequence feature through an
+EmbeddingCollection that shares the item table with the candidate. After a worker failure Ray restarts the
+worker group (``FailureConfig(max_failures=1)``) and every worker resumes from ``ray.train.get_checkpoint()``:
+its table shards and fused Adagrad state (DCP), the dense optimizer, the epoch, the early-stopping state and the
+RNG, and goes on with the next epoch -- the same run as without the failure, given the seed.
 """
 
 from __future__ import annotations
@@ -32,20 +39,26 @@ import numpy as np
 from features.config import ROOT, PlatformConfig, load_config
 from features.results import write_stage_result
 
-MODELS = ("deepfm", "item2vec")
+MODELS = ("deepfm", "din", "item2vec")
+CTR_MODELS = ("deepfm", "din")
 #: Per-model defaults of the options left at 0.
 MODEL_DEFAULTS = {
     "deepfm": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.05},
+    "din": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.05},
     "item2vec": {"epochs": 8, "batch_size": 4096, "embedding_dim": 32, "lr_sparse": 0.2},
 }
 ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_item.weight",
+              "din": "sparse_arch.sequence.embedding_collection.embeddings.t_item.weight",
               "item2vec": "sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight"}
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """What one training run does. Batch size is global (split evenly over the workers); learning rates are per
-    step; ``patience`` counts epochs without a better validation AUC (DeepFM)."""
+    step; ``patience`` counts epochs without a better validation AUC (DeepFM, DIN). ``lr_schedule`` shapes the
+    dense learning rate (``LRSchedule``); the tables' Adagrad keeps its own per-row decay. ``progress_dir``:
+    when set, every worker writes ``rank<r>.pid`` and ``rank<r>.progress`` ("epoch step") there, so that an
+    operator (or the fault test) can find and signal a training process."""
 
     model: str = "deepfm"
     epochs: int = 0  # 0: the model's default (deepfm 12, item2vec 8)
@@ -57,6 +70,10 @@ class TrainOptions:
     weight_decay: float = 1e-4
     patience: int = 2
     seed: int = 0
+    lr_schedule: str = "warmup_cosine"
+    warmup_frac: float = 0.05  # share of all steps spent warming the dense lr up linearly from 0
+    min_lr_factor: float = 0.1  # the cosine decays the dense lr to lr_dense * min_lr_factor at the last epoch
+    progress_dir: str = ""
     window: int = 5  # item2vec: largest distance between center and context in a sequence
     negatives: int = 5  # item2vec: K
     subsample: float = 1e-3  # item2vec: word2vec's subsampling threshold t
@@ -69,6 +86,45 @@ class TrainOptions:
                 object.__setattr__(self, name, value)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1")
+        LRSchedule(self.lr_schedule, 1, self.warmup_frac, self.min_lr_factor)  # validates the schedule
+
+
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Multiplier of the dense learning rate at a global step: ``constant`` (1), or ``warmup_cosine``: linear
+    warm-up from 0 over ``warmup_frac`` of ``total_steps``, then cosine decay to ``min_factor`` (Loshchilov &
+    Hutter 2017, "SGDR", without restarts; the warm-up of Goyal et al. 2017). Stateless in the step, so a resumed
+    run continues the curve exactly.
+
+    >>> s = LRSchedule("warmup_cosine", total_steps=100, warmup_frac=0.1, min_factor=0.0)
+    >>> [round(s.factor(i), 3) for i in (0, 4, 9, 10, 55, 100)]
+    [0.1, 0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+
+    kind: str
+    total_steps: int
+    warmup_frac: float = 0.05
+    min_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.kind!r}")
+        if not 0.0 <= self.warmup_frac < 1.0 or not 0.0 <= self.min_factor <= 1.0 or self.total_steps < 1:
+            raise ValueError(f"bad schedule {self}: warmup_frac in [0, 1), min_factor in [0, 1], total_steps >= 1")
+
+    def factor(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        import math
+
+        warmup = int(self.warmup_frac * self.total_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 # ----------------------------------------------------------------------------------------------- policies
@@ -114,17 +170,55 @@ def _all_gather_arrays(*arrays: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate([g[i] for g in gathered]) for i in range(len(arrays))]
 
 
-def _report(metrics: dict, dmp, rank: int) -> None:
-    """Each rank saves its own shards (torch.distributed.checkpoint) into its folder; Ray gathers all folders of
-    one report into one checkpoint."""
+def _report(metrics: dict, dmp, rank: int, train_state: dict | None = None) -> None:
+    """Each rank saves its own shards (torch.distributed.checkpoint) into its folder -- the tables and the fused
+    sparse optimizer's per-row state -- plus, when given, its ``train_state`` (dense optimizer, epoch,
+    early-stopping state, RNG; ``train_state_rank<r>.pt``); Ray gathers all folders of one report into one
+    checkpoint."""
     import ray.train
+    import torch
     import torch.distributed.checkpoint as dcp
 
     with tempfile.TemporaryDirectory() as tmp:
-        dcp.save(dmp.state_dict(), checkpoint_id=tmp)
+        dcp.save(_sharded_state(dmp), checkpoint_id=tmp)
+        if train_state is not None:
+            torch.save(train_state, Path(tmp, f"train_state_rank{rank}.pt"))
         if rank == 0:
             Path(tmp, "metrics.json").write_text(json.dumps(metrics, default=float))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _sharded_state(dmp) -> dict:
+    """What DCP saves and loads in place: the model's (sharded) state and the fused table optimizer's state."""
+    return {"model": dmp.state_dict(), "sparse_opt": dmp.fused_optimizer.state_dict()}
+
+
+def _resume(dmp, rank: int) -> dict | None:
+    """Load ``ray.train.get_checkpoint()`` when Ray restarted the workers after a failure: every rank reads its
+    shards (DCP) and its ``train_state``; returns that train state, or None on a fresh start."""
+    import ray.train
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        path = Path(d, f"train_state_rank{rank}.pt")
+        if not path.exists():
+            return None
+        state = _sharded_state(dmp)
+        dcp.load(state, checkpoint_id=d)
+        dmp.load_state_dict(state["model"])
+        dmp.fused_optimizer.load_state_dict(state["sparse_opt"])
+        train_state = torch.load(path, weights_only=False)
+    _log(rank, f"resumed from {ckpt.path} after epoch {train_state['epoch'] + 1}")
+    return train_state
+
+
+def _write_progress(opts: TrainOptions, rank: int, epoch: int, step: int) -> None:
+    if opts.progress_dir:
+        Path(opts.progress_dir, f"rank{rank}.progress").write_text(f"{epoch} {step}")
 
 
 def _build(model, opts: TrainOptions, world_size: int, rank: int):
@@ -145,7 +239,7 @@ def _build(model, opts: TrainOptions, world_size: int, rank: int):
     return dmp, placements(plan), dense_opt
 
 
-def _evaluate(dmp, shard, batch_size: int, world_size: int) -> dict[str, float]:
+def _evaluate(dmp, shard, batch_size: int, world_size: int, features) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
@@ -157,7 +251,7 @@ def _evaluate(dmp, shard, batch_size: int, world_size: int) -> dict[str, float]:
     dmp.eval()
     scores, labels, users = [], [], []
     with torch.no_grad():
-        for b in ctr_batches(shard, batch_size, num_batches(int(n), world_size, batch_size)):
+        for b in ctr_batches(shard, batch_size, num_batches(int(n), world_size, batch_size), features=features):
             keep = b.weight > 0
             scores.append(dmp(b.features)[keep].numpy())
             labels.append(b.label[keep].numpy())
@@ -166,58 +260,94 @@ def _evaluate(dmp, shard, batch_size: int, world_size: int) -> dict[str, float]:
     return {"auc": auc(y, s), "logloss": logloss(y, 1.0 / (1.0 + np.exp(-s))), "gauc": gauc(u, y, s)}
 
 
-def _train_deepfm(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
+def _ctr_model(opts: TrainOptions, vocab: dict):
+    """(model on ``meta``, its config, the KJT features it reads)."""
+    import torch
+
+    from features.definitions import SPARSE_FEATURES
+    from training.models import DIN, DIN_FEATURES, DeepFM, DeepFMConfig, DINConfig
+
+    meta = torch.device("meta")
+    if opts.model == "din":
+        config = DINConfig(embedding_dim=opts.embedding_dim)
+        return DIN(vocab, config, sparse_device=meta), config, DIN_FEATURES
+    config = DeepFMConfig(embedding_dim=opts.embedding_dim)
+    return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
+
+
+def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
+    """DeepFM or DIN on the CTR samples: early stopping on valid AUC, dense lr schedule, resume after failure."""
     import torch
     import torch.distributed as dist
 
     from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes
     from training.distributed import gather_full_state_dict
-    from training.models import DeepFM, DeepFMConfig
 
     lake = c["lake_dir"]
     vocab = read_vocab_sizes(lake)
-    train, valid, test = (read_ctr_shard(lake, s, rank, world_size) for s in ("train", "valid", "test"))
+    torch.manual_seed(opts.seed)
+    model, config, features = _ctr_model(opts, vocab)
+    train, valid, test = (read_ctr_shard(lake, s, rank, world_size, features) for s in ("train", "valid", "test"))
     n_train = torch.tensor([len(train)])
     dist.all_reduce(n_train)
     local_bs = max(1, opts.batch_size // world_size)
     steps = num_batches(int(n_train), world_size, local_bs)
+    schedule = LRSchedule(opts.lr_schedule, steps * opts.epochs, opts.warmup_frac, opts.min_lr_factor)
 
-    torch.manual_seed(opts.seed)
-    config = DeepFMConfig(embedding_dim=opts.embedding_dim)
-    dmp, where, dense_opt = _build(DeepFM(vocab, config, sparse_device=torch.device("meta")), opts, world_size, rank)
+    dmp, where, dense_opt = _build(model, opts, world_size, rank)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
-    stopping, best, train_time = EarlyStopping(opts.patience), {}, 0.0
-    best_state = None
-    for epoch in range(opts.epochs):
+    stopping, best, train_time, best_state, first_epoch = EarlyStopping(opts.patience), {}, 0.0, None, 0
+    resumed = _resume(dmp, rank)
+    if resumed is not None:
+        dense_opt.load_state_dict(resumed["dense_opt"])
+        stopping = EarlyStopping(**resumed["stopping"])
+        best, train_time, best_state = resumed["best"], resumed["train_time"], resumed["best_state"]
+        torch.set_rng_state(resumed["torch_rng"])
+        first_epoch = resumed["epoch"] + 1
+    if opts.progress_dir:
+        Path(opts.progress_dir).mkdir(parents=True, exist_ok=True)
+        Path(opts.progress_dir, f"rank{rank}.pid").write_text(str(__import__("os").getpid()))
+    for epoch in range(first_epoch, opts.epochs):
         dmp.train()
         t0, total = time.perf_counter(), 0.0
-        for b in ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank):
+        batches = ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank,
+                              features=features)
+        for i, b in enumerate(batches):
+            for group in dense_opt.param_groups:
+                group["lr"] = opts.lr_dense * schedule.factor(epoch * steps + i)
             dense_opt.zero_grad()
             loss = (loss_fn(dmp(b.features), b.label) * b.weight).sum() / b.weight.sum().clamp_min(1.0)
             loss.backward()  # the tables' fused Adagrad steps inside backward
             dense_opt.step()
             total += float(loss)
+            if i % 5 == 0:
+                _write_progress(opts, rank, epoch, i)
         train_time += time.perf_counter() - t0
-        valid_m = _evaluate(dmp, valid, local_bs, world_size)
+        valid_m = _evaluate(dmp, valid, local_bs, world_size, features)
         decision = stopping.update(valid_m["auc"])
         if stopping.improved:
-            test_m = _evaluate(dmp, test, local_bs, world_size)
+            test_m = _evaluate(dmp, test, local_bs, world_size, features)
             best_state = gather_full_state_dict(dmp)
             best = {"valid_auc": valid_m["auc"], "test_auc": test_m["auc"], "test_logloss": test_m["logloss"],
                     "test_gauc": test_m["gauc"], "best_epoch": epoch + 1}
         metrics = {"epoch": epoch + 1, "train_loss": total / steps, "epoch_valid_auc": valid_m["auc"],
-                   "epoch_valid_logloss": valid_m["logloss"],
-                   "train_samples_per_s": int(n_train) * (epoch + 1) / train_time, **best}
+                   "epoch_valid_logloss": valid_m["logloss"], "resumed_from_epoch": first_epoch,
+                   "train_samples_per_s": int(n_train) * (epoch + 1) / max(train_time, 1e-9), **best}
         _log(rank, f"epoch {epoch + 1}/{opts.epochs} loss {metrics['train_loss']:.4f} valid auc "
-                   f"{valid_m['auc']:.4f} logloss {valid_m['logloss']:.4f} ({int(n_train) / (time.perf_counter() - t0):,.0f} samples/s)")
+                   f"{valid_m['auc']:.4f} logloss {valid_m['logloss']:.4f} dense lr "
+                   f"{dense_opt.param_groups[0]['lr']:.2e} ({int(n_train) / (time.perf_counter() - t0):,.0f} samples/s)")
         last = decision is Decision.STOP or epoch + 1 == opts.epochs
         if last:
             metrics.update(epochs=epoch + 1, sharding_plan=where)
-        _report(metrics, dmp, rank)
+        train_state = {"epoch": epoch, "dense_opt": dense_opt.state_dict(), "stopping": asdict(stopping),
+                       "best": best, "train_time": train_time, "torch_rng": torch.get_rng_state(),
+                       "best_state": best_state if rank == 0 else None}
+        _report(metrics, dmp, rank, train_state)
         if last:
             break
     if rank == 0:
-        _write_artifacts(c, opts, best_state, {**asdict(config), "features": DeepFM.__module__}, vocab, where, best)
+        model_config = {**asdict(config), "features": type(model).__module__}
+        _write_artifacts(c, opts, best_state, model_config, vocab, where, best)
 
 
 def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
@@ -298,7 +428,7 @@ def train_loop(c: dict) -> None:
     torch.set_num_threads(1)  # one CPU per worker
     ctx = ray.train.get_context()
     opts = TrainOptions(**c["options"])
-    run = _train_deepfm if opts.model == "deepfm" else _train_item2vec
+    run = _train_ctr if opts.model in CTR_MODELS else _train_item2vec
     run(c, opts, ctx.get_world_rank(), ctx.get_world_size())
 
 
@@ -344,10 +474,14 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     wall = time.perf_counter() - t0
     common = {"epochs": m["epochs"], "sharding_plan": m["sharding_plan"], "model_version": version,
               "train_wall_s": round(wall, 2), "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    if opts.model == "deepfm":
+    if opts.model in CTR_MODELS:
         out = {k: m[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s")}
-        out.update(common, best_epoch=m["best_epoch"])
-        write_stage_result(cfg, "train_deepfm", out)
+        out.update(common, best_epoch=m["best_epoch"], resumed_from_epoch=m["resumed_from_epoch"],
+                   training={k: getattr(opts, k) for k in ("batch_size", "embedding_dim", "lr_sparse", "lr_dense",
+                                                           "weight_decay", "lr_schedule", "warmup_frac",
+                                                           "min_lr_factor", "patience", "seed")}
+                   | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
+        write_stage_result(cfg, f"train_{opts.model}", out)
     else:
         out = {"pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"], **common}
         write_stage_result(cfg, "train_item2vec", out)
@@ -365,10 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-dense", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="warmup_cosine", help="dense learning-rate schedule")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
     a = p.parse_args(argv)
     opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
-                        seed=a.seed)
+                        seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay)
     result = train(load_config(), opts)
     from rich.console import Console
     from rich.table import Table
