@@ -144,3 +144,16 @@ def parquet_export(table: TableSpec, lake_dir: str | Path) -> str:
     '/lake/export/ctr_samples'
     """
     return str(Path(lake_dir) / "export" / table.name.partition(".")[2])
+
+
+#: Versioned item embeddings, one row per (model, model_version, item); written by ``serving.export`` through
+#: ``serving.registry``. ``training_versions`` is JSON ``{"gold.ctr_samples": 3, ...}``: the Delta version of
+#: each training table at the model's creation time; ``metrics`` is JSON of the model's stage result figures.
+ITEM_EMBEDDINGS = TableSpec(
+    "gold.item_embeddings",
+    "item_id int, item_idx int, embedding array<float>, model string, model_version string, "
+    "training_versions string, metrics string, created_at timestamp",
+    partition_by=("model",),
+    doc="One item's embedding in one model version, with the Delta versions of the tables it was trained on.",
+)
+TABLES[ITEM_EMBEDDINGS.name] = ITEM_EMBEDDINGS

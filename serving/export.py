@@ -5,6 +5,10 @@ against exact search with every item as a query.
 Per model, under ``<run_dir>/embeddings/<model>/``: ``items.parquet`` (see serving.embeddings), ``index.faiss``
 and ``index.json`` (M, efConstruction, efSearch, dim, ntotal, ``recall@10``, ``model_version``).
 
+With a Spark session (the stage command's default; ``--no-registry`` turns it off) each exported version is
+also written to the Delta table ``gold.item_embeddings`` with its training tables' Delta versions and its
+training metrics (``serving.registry``).
+
 Stage result (``<run_dir>/stages/export.json``)::
 
     {"models": {m: {"rows", "dim", "path", "index_path", "recall@10", "model_version", ...}},
@@ -33,11 +37,12 @@ log = logging.getLogger("serving.export")
 RECALL_K = 10
 
 
-def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswParams) -> dict | None:
+def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswParams, spark=None) -> dict | None:
     """Export one model; ``None`` when it has no outputs.
 
     Args:
         vocab: ``(item_idx, item_id)`` from ``read_item_vocab``.
+        spark: a Spark session with Delta: also write the version to ``gold.item_embeddings``.
 
     Raises:
         PlatformError: the model's table maps to no vocabulary item at all (vocabulary mismatch).
@@ -60,6 +65,7 @@ def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswPara
                         "model_version": emb.model_version, "build_s": build_s})
     index_path = out / INDEX_FILE
     index.save(index_path)
+    registry = _register(cfg, model, items, emb.model_version, spark) if spark is not None else None
     log.info("model %s: %d items x %d dims -> %s; HNSW(M=%d, efC=%d, efS=%d) recall@%d = %.4f",
              model, items.item_idx.size, items.vectors.shape[1], out, params.m, params.ef_construction,
              params.ef_search, RECALL_K, recall)
@@ -67,11 +73,31 @@ def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswPara
             "index_path": str(index_path), f"recall@{RECALL_K}": recall, "model_version": emb.model_version,
             "unmapped_rows": items.unmapped_rows, "items_without_row": items.items_without_row,
             "index_build_s": build_s, "hnsw": {"M": params.m, "efConstruction": params.ef_construction,
-                                               "efSearch": params.ef_search}}
+                                               "efSearch": params.ef_search},
+            **({"registry": registry} if registry else {})}
 
 
-def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: tuple[str, ...] = MODELS) -> dict:
-    """Export every model of ``models`` that has outputs and write the stage result.
+def _register(cfg: PlatformConfig, model: str, items, model_version: str, spark) -> dict:
+    """Write the version to ``gold.item_embeddings``; returns what the stage result records of it."""
+    import json
+    from datetime import datetime, timezone
+
+    from features.tables import ITEM_EMBEDDINGS
+    from serving import registry
+    from serving.embeddings import META_FILE, model_dir
+
+    meta = json.loads((model_dir(cfg, model) / META_FILE).read_text())
+    created = registry.model_created(meta) or datetime.now(timezone.utc)
+    versions = registry.training_versions(spark, cfg, model, created)
+    metrics = registry.stage_metrics(cfg, model) or dict(meta.get("metrics", {}))
+    rows = registry.write_version(spark, cfg, model, items, model_version, created, versions, metrics)
+    return {"table": ITEM_EMBEDDINGS.name, "rows": rows, "training_versions": versions}
+
+
+def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: tuple[str, ...] = MODELS,
+               spark=None) -> dict:
+    """Export every model of ``models`` that has outputs and write the stage result; with ``spark``, also write
+    each version to ``gold.item_embeddings``.
 
     Raises:
         TableNotFoundError: the item vocabulary export is missing.
@@ -81,7 +107,7 @@ def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: t
     vocab = read_item_vocab(cfg)
     results = {}
     for m in models:
-        r = export_model(cfg, m, vocab, params)
+        r = export_model(cfg, m, vocab, params, spark)
         if r is not None:
             results[m] = r
     if not results:
@@ -99,11 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
     p.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
     p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
+    p.add_argument("--no-registry", action="store_true", help="skip the Delta table gold.item_embeddings")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faiss.omp_set_num_threads(args.threads)
-    result = run_export(load_config(), HnswParams(args.hnsw_m, args.ef_construction, args.ef_search),
-                        tuple(args.models))
+    cfg = load_config()
+    spark = None
+    if not args.no_registry:
+        from pipelines.spark import get_spark  # the one place a Spark session is built
+
+        spark = get_spark(cfg, app_name="export")
+    result = run_export(cfg, HnswParams(args.hnsw_m, args.ef_construction, args.ef_search), tuple(args.models),
+                        spark)
     log.info("export: %s", {m: r[f"recall@{RECALL_K}"] for m, r in result["models"].items()})
     return 0
 

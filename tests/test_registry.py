@@ -1,0 +1,78 @@
+"""serving.registry against real Spark + Delta: the export writes each model version to gold.item_embeddings with
+its embeddings (equal to the trained table's rows), the Delta versions of its training tables at the model's
+creation time, and its stage metrics; re-exporting a version replaces it, a new version is added beside it."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.config import PlatformConfig
+from features.results import write_stage_result
+from features.tables import CTR_SAMPLES, ITEM_EMBEDDINGS, ITEM_VOCAB, TABLES
+from serving.ann import HnswParams
+from serving.export import run_export
+from serving.registry import read_version
+
+pytestmark = pytest.mark.integration
+
+
+def _write_model(cfg: PlatformConfig, table: np.ndarray, version: str, created: datetime) -> None:
+    d = cfg.run_dir / "models" / "deepfm"
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "item_embeddings.npy", table)
+    (d / "meta.json").write_text(json.dumps({"model_version": version, "created_utc": created.isoformat(),
+                                             "metrics": {"test_auc": 0.5}}))
+
+
+def test_export_writes_versioned_embeddings_with_lineage(spark, tmp_path):
+    cfg = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts")
+    assert TABLES["gold.item_embeddings"] is ITEM_EMBEDDINGS and ITEM_EMBEDDINGS.partition_by == ("model",)
+    # item vocabulary: Delta (version 0) and its Parquet export; ctr_samples: versions 0 and 1 before the model
+    vocab = spark.createDataFrame([(10, 1), (20, 2), (30, 3)], "item_id int, item_idx int")
+    vocab.write.format("delta").save(ITEM_VOCAB.path(cfg.lake_dir))
+    exp = cfg.lake_dir / "export" / "item_vocab"
+    exp.mkdir(parents=True)
+    pq.write_table(pa.table({"item_id": pa.array([10, 20, 30], pa.int32()),
+                             "item_idx": pa.array([1, 2, 3], pa.int32())}), exp / "part-0.parquet")
+    for n in (3, 5):
+        spark.range(n).write.format("delta").mode("overwrite").save(CTR_SAMPLES.path(cfg.lake_dir))
+    time.sleep(1.5)
+    created = datetime.now(timezone.utc)
+    time.sleep(1.5)
+    spark.range(7).write.format("delta").mode("overwrite").save(CTR_SAMPLES.path(cfg.lake_dir))  # version 2: later
+
+    table = np.arange(16, dtype=np.float32).reshape(4, 4) / 7
+    _write_model(cfg, table, "dfm-1", created)
+    write_stage_result(cfg, "train_deepfm", {"test_auc": 0.71, "valid_auc": 0.69, "epochs": 3,
+                                             "sharding_plan": {"t_item": "table_wise@rank0"}})
+    params = HnswParams(m=4, ef_construction=16, ef_search=8)
+    result = run_export(cfg, params, models=("deepfm",), spark=spark)
+    assert result["models"]["deepfm"]["registry"] == {
+        "table": "gold.item_embeddings", "rows": 3,
+        "training_versions": {"gold.ctr_samples": 1, "silver.item_vocab": 0}}
+
+    got = read_version(spark, cfg, "deepfm", "dfm-1")
+    assert got["item_id"].tolist() == [10, 20, 30] and got["item_idx"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), table[1:], rtol=0, atol=0)
+    assert json.loads(got["training_versions"][0]) == {"gold.ctr_samples": 1, "silver.item_vocab": 0}
+    assert json.loads(got["metrics"][0]) == {"test_auc": 0.71, "valid_auc": 0.69, "epochs": 3}
+    assert set(got["model"]) == {"deepfm"} and set(got["model_version"]) == {"dfm-1"}
+
+    # the same version again replaces it; a newer version is added beside it and is the newest
+    run_export(cfg, params, models=("deepfm",), spark=spark)
+    _write_model(cfg, table * 2, "dfm-2", datetime.now(timezone.utc))
+    run_export(cfg, params, models=("deepfm",), spark=spark)
+    all_rows = spark.read.format("delta").load(ITEM_EMBEDDINGS.path(cfg.lake_dir))
+    counts = {r["model_version"]: r["count"] for r in all_rows.groupBy("model_version").count().collect()}
+    assert counts == {"dfm-1": 3, "dfm-2": 3}
+    newest = read_version(spark, cfg, "deepfm")
+    assert set(newest["model_version"]) == {"dfm-2"}
+    assert json.loads(newest["training_versions"][0]) == {"gold.ctr_samples": 2, "silver.item_vocab": 0}
+    np.testing.assert_allclose(np.stack(newest["embedding"].to_numpy()), table[1:] * 2)
