@@ -77,12 +77,14 @@ def deepfm_test_predictions(cfg: PlatformConfig, batch_size: int = 4096) -> tupl
         FileNotFoundError: the run has no ``models/deepfm/model.pt``.
         TableNotFoundError: the test split has not been exported.
     """
+    d = cfg.run_dir / "models" / "deepfm"
+    if not (d / "model.pt").exists():
+        raise FileNotFoundError(f"no DeepFM model at {d / 'model.pt'}; run `python -m training.train --model deepfm`")
     import torch
 
     from training.data import ctr_batches, num_batches, read_ctr_shard
     from training.models.deepfm import DeepFM, DeepFMConfig
 
-    d = cfg.run_dir / "models" / "deepfm"
     meta = json.loads((d / "meta.json").read_text())
     mc = meta["model_config"]
     model = DeepFM(meta["vocab_sizes"], DeepFMConfig(embedding_dim=mc["embedding_dim"], hidden=tuple(mc["hidden"]),

@@ -56,12 +56,14 @@ class BanditLog:
         return int(self.item.shape[0])
 
 
-def bandit_log(df: pd.DataFrame, context_cols: tuple[str, ...] | None = None) -> BanditLog:
+def bandit_log(df: pd.DataFrame, context_cols: tuple[str, ...] | None = None, hashed_dim: int = 0) -> BanditLog:
     """The random rows of a logged-bandit table as a BanditLog, sorted by ``event_time`` (stable).
 
     Args:
         df: columns ``RESERVED`` plus the context features.
         context_cols: context columns; ``None`` takes every numeric column that is not reserved.
+        hashed_dim: when > 0 the context columns are categorical and enter hashed (``hashed_context``) into this
+            many dimensions; 0 takes their values as they are.
 
     Raises:
         BanditLogError: a required column is missing, candidate sets differ in size, or a logged item is not
@@ -83,9 +85,37 @@ def bandit_log(df: pd.DataFrame, context_cols: tuple[str, ...] | None = None) ->
     if bad.any():
         raise BanditLogError(f"{int(bad.sum())} logged items are not among their candidates (first at "
                              f"event_time {df['event_time'].iloc[int(np.argmax(bad))]}); fix the logger")
-    ctx = df[list(context_cols)].to_numpy(dtype=np.float64) if context_cols else np.zeros((len(df), 0))
+    if hashed_dim:
+        ctx = hashed_context(df, tuple(context_cols), hashed_dim)
+    else:
+        ctx = df[list(context_cols)].to_numpy(dtype=np.float64) if context_cols else np.zeros((len(df), 0))
     return BanditLog(user=df["user_id"].to_numpy(dtype=np.int64), context=ctx, candidates=cands, item=item,
                      click=df["click"].to_numpy(dtype=np.float64))
+
+
+def hashed_context(df: pd.DataFrame, cols: tuple[str, ...], dim: int) -> np.ndarray:
+    """Categorical context as a hashed one-hot vector (Weinberger et al. 2009) plus a constant 1 in the last slot,
+    so a linear policy (LinUCB) can use fields with 10^6 values.
+
+    Args:
+        df: E rows; cols: categorical (integer) columns; dim: output width D (>= 2).
+
+    Returns:
+        (E, D) float64, at most ``len(cols) + 1`` ones per row.
+
+    >>> hashed_context(pd.DataFrame({"a": [1, 1], "b": [5, 6]}), ("a", "b"), 4).sum(axis=1).tolist()
+    [3.0, 3.0]
+    """
+    if dim < 2:
+        raise ValueError(f"dim must be >= 2, got {dim}")
+    out = np.zeros((len(df), dim), dtype=np.float64)
+    out[:, -1] = 1.0
+    rows = np.arange(len(df))
+    for j, c in enumerate(cols):
+        v = df[c].to_numpy(dtype=np.int64)
+        slot = ((v * 0x9E3779B1 + (j + 1) * 0x85EBCA77) % 2_147_483_647) % (dim - 1)   # multiplicative hash
+        out[rows, slot] += 1.0
+    return out
 
 
 def wilson_interval(clicks: float, n: int, z: float = 1.96) -> tuple[float, float]:
