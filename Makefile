@@ -71,8 +71,17 @@ lock: | $(UV)
 demo: setup
 	$(PY) -m pipelines.demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for tests/test_report.py (the evaluation report opened in a browser): the Debian package,
+# installed only when /usr/bin/chromium is missing (apt-get needs root; sudo is used when not root).
+.PHONY: browser
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing chromium (Debian package) for the report test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; fi
 
 test-fast: venv
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
