@@ -47,6 +47,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", "serving.replay"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+#: After the main job (not a task of the recsys_main DAG): the HTML evaluation report of the run, serving.report.
+REPORT_STAGE = Stage("report", "serving.report")
+STAGE_BY_NAME[REPORT_STAGE.name] = REPORT_STAGE
 
 
 def spark_jar_list(root: Path = ROOT) -> str:

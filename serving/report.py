@@ -28,6 +28,7 @@ import html
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
 import matplotlib
@@ -37,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from features.config import PlatformConfig, load_config  # noqa: E402
-from features.results import read_stage_result  # noqa: E402
+from features.results import read_stage_result, write_stage_result  # noqa: E402
 
 log = logging.getLogger("serving.report")
 REPORT_FILE = "report.html"
@@ -292,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config()
     if args.run:
         cfg = cfg.model_copy(update={"run_name": args.run})
+    t0 = time.perf_counter()
     path = write_report(cfg, tsne=not args.no_tsne)
+    write_stage_result(cfg, "report", {"report_path": str(path), "report_bytes": path.stat().st_size,
+                                       "report_wall_s": time.perf_counter() - t0})
     log.info("report written to %s", path)
     return 0
 
