@@ -106,3 +106,10 @@ bench-batch: venv jars
 	$(PY) -m bench.batch_features --sizes $(BATCH_SIZES)
 fault-ingest: venv jars
 	$(PY) -m pytest -m "slow and integration" -s tests/test_ingest_kill.py $(PYTEST_ARGS)
+
+# Model benchmark (bench/models.py): DeepFM/DIN/item2vec against DeepCTR-Torch, RecBole and gensim on the lake's
+# exports (run `make demo` first); the peers' environment is built by bench.models from
+# bench/requirements-peers.lock into $(CACHE)/venv-peers-<hash of the lock>. About 20 minutes on 2 cores.
+.PHONY: bench-models
+bench-models: venv | $(UV)
+	CACHE=$(CACHE) $(PY) -m bench.models --uv $(UV)

@@ -1,0 +1,294 @@
+"""The peer side of ``bench.models``: DeepCTR-Torch, RecBole and gensim trained on this project's Parquet exports.
+
+Runs inside the peers' own virtual environment (``bench/requirements-peers.lock``), as a subprocess of
+``bench.models``, so it imports nothing from the project (whose environment pins newer numpy/pyarrow than RecBole
+1.2.1 runs with) -- only numpy, pyarrow and the peer under test::
+
+    python bench/peers.py deepctr --lake <lake_dir> --out result.json [--model deepfm|din --epochs 12 ...]
+    python bench/peers.py recbole --lake <lake_dir> --out result.json --work <scratch dir>
+    python bench/peers.py gensim  --lake <lake_dir> --out result.json --embeddings items.npy
+
+Every model reads the same time split (``export/ctr_samples/split=train|valid|test``, 80/10/10) and the same
+features as ours: user, item, age bucket, gender, occupation, zip prefix (one id each) and genres (multi-hot,
+sum-pooled), ids as exported (0 = unknown). DeepFM: embedding dim 16, MLP (128, 64) with ReLU and dropout 0.2,
+up to 12 epochs, early stopping after 2 epochs without a higher validation AUC, test figures of the best epoch.
+Training time counts only the optimisation passes (no evaluation), as ours does. One torch thread, as each of
+our Ray workers has.
+
+The result JSON has ``train_samples_per_s`` (or ``pairs_per_s``), ``test_auc``, ``test_logloss``, ``valid_auc``,
+``best_epoch``, ``epochs``, ``train_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+
+ONE_HOT = ("user_idx", "item_idx", "age_idx", "gender_idx", "occupation_idx", "zip_idx")
+MULTI_HOT = "genre_idx"
+#: vocab_sizes.json key of each feature (as features.definitions.SPARSE_FEATURES declares them).
+VOCAB = {"user_idx": "user", "item_idx": "item", "age_idx": "age_bucket", "gender_idx": "gender",
+         "occupation_idx": "occupation", "zip_idx": "zip_prefix", "genre_idx": "genre"}
+SPLITS = ("train", "valid", "test")
+#: DIN's behaviour sequence (features.definitions.HISTORY_FEATURE: most recent last, at most 50, table t_item).
+HISTORY, MAX_HISTORY = "hist_item_idx", 50
+
+
+# ---------------------------------------------------------------------------------------- shared reading
+def vocab_sizes(lake: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in json.loads((lake / "export" / "vocab_sizes.json").read_text()).items()}
+
+
+def _padded(lists: list, width: int) -> np.ndarray:
+    out = np.zeros((len(lists), width), np.int64)
+    for i, v in enumerate(lists):
+        out[i, :len(v)] = v[:width]
+    return out
+
+
+def read_split(lake: Path, split: str, history: bool = False) -> dict[str, np.ndarray]:
+    """One split of ``export/ctr_samples`` as arrays, in file order: each one-hot feature (N,) int64, ``genre_idx``
+    (N, G) int64 right-padded with 0 (G = most genres of a row, at least 1), ``label`` (N,) float32; with
+    ``history`` also ``hist_item_idx`` (N, 50) right-padded with 0 and ``hist_len`` (N,)."""
+    path = lake / "export" / "ctr_samples" / f"split={split}"
+    columns = [*ONE_HOT, MULTI_HOT, "label", *([HISTORY] if history else [])]
+    t = ds.dataset(str(path), format="parquet").to_table(columns=columns)
+    out = {c: t.column(c).fill_null(0).to_numpy().astype(np.int64) for c in ONE_HOT}
+    genres = [g or [] for g in t.column(MULTI_HOT).to_pylist()]
+    out[MULTI_HOT] = _padded(genres, max(1, max(map(len, genres), default=1)))  # (N, G)
+    out["label"] = t.column("label").to_numpy().astype(np.float32)
+    if history:
+        hist = [h or [] for h in t.column(HISTORY).to_pylist()]
+        out[HISTORY] = _padded(hist, MAX_HISTORY)  # (N, L), most recent last
+        out["hist_len"] = np.minimum([len(h) for h in hist], MAX_HISTORY).astype(np.int64)
+    return out
+
+
+def auc_logloss(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    return float(roc_auc_score(y, p)), float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)))
+
+
+# ---------------------------------------------------------------------------------------------- DeepCTR
+def deepctr_columns(sizes: dict[str, int], genre_width: int, dim: int, history: bool = False) -> list:
+    """DeepCTR-Torch feature columns for our feature set: one ``SparseFeat`` per one-hot feature, genres as a
+    sum-pooled ``VarLenSparseFeat`` (0 pads, masked); with ``history`` DIN's behaviour sequence, sharing the item
+    table (``embedding_name``) and masked by ``hist_len``."""
+    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+
+    cols = [SparseFeat(c, vocabulary_size=sizes[VOCAB[c]], embedding_dim=dim) for c in ONE_HOT]
+    cols.append(VarLenSparseFeat(SparseFeat(MULTI_HOT, vocabulary_size=sizes[VOCAB[MULTI_HOT]], embedding_dim=dim),
+                                 maxlen=genre_width, combiner="sum"))
+    if history:
+        cols.append(VarLenSparseFeat(SparseFeat(HISTORY, vocabulary_size=sizes["item"], embedding_dim=dim,
+                                                embedding_name="item_idx"), maxlen=MAX_HISTORY,
+                                     length_name="hist_len"))
+    return cols
+
+
+def run_deepctr(a: argparse.Namespace) -> dict:
+    import torch
+    from deepctr_torch.models import DIN, DeepFM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+    sizes = vocab_sizes(a.lake)
+    din = a.model == "din"
+    data = {s: read_split(a.lake, s, history=din) for s in SPLITS}
+    width = max(d[MULTI_HOT].shape[1] for d in data.values())
+    for d in data.values():  # one width for every split (DeepCTR's VarLenSparseFeat has a fixed maxlen)
+        d[MULTI_HOT] = np.pad(d[MULTI_HOT], ((0, 0), (0, width - d[MULTI_HOT].shape[1])))
+    cols = deepctr_columns(sizes, width, a.embedding_dim, history=din)
+    inputs = (*ONE_HOT, MULTI_HOT, *((HISTORY, "hist_len") if din else ()))
+    x = {s: {c: d[c] for c in inputs} for s, d in data.items()}
+    if din:  # activation unit as ours: one hidden layer of 36, PReLU, no softmax
+        model = DIN(cols, ["item_idx"], dnn_hidden_units=tuple(a.hidden), dnn_dropout=a.dropout,
+                    att_hidden_size=(36,), att_activation="prelu", seed=a.seed, device="cpu")
+    else:
+        model = DeepFM(cols, cols, dnn_hidden_units=tuple(a.hidden), dnn_dropout=a.dropout, seed=a.seed,
+                       device="cpu")
+    model.compile(torch.optim.Adam(model.parameters(), lr=a.lr), "binary_crossentropy")
+    best, best_valid, since, train_s, epoch = {}, -1.0, 0, 0.0, 0
+    for epoch in range(1, a.epochs + 1):
+        t0 = time.perf_counter()
+        model.fit(x["train"], data["train"]["label"], batch_size=a.batch_size, epochs=1, verbose=0, shuffle=True)
+        train_s += time.perf_counter() - t0
+        valid_auc, _ = auc_logloss(data["valid"]["label"], model.predict(x["valid"], 4096).ravel())
+        print(f"[deepctr] epoch {epoch} valid auc {valid_auc:.4f}", flush=True)
+        if valid_auc > best_valid:
+            test_auc, test_ll = auc_logloss(data["test"]["label"], model.predict(x["test"], 4096).ravel())
+            best_valid, since = valid_auc, 0
+            best = {"valid_auc": valid_auc, "test_auc": test_auc, "test_logloss": test_ll, "best_epoch": epoch}
+        else:
+            since += 1
+            if since >= a.patience:
+                break
+    n = len(data["train"]["label"])
+    return {**best, "epochs": epoch, "train_s": train_s, "train_samples_per_s": n * epoch / train_s,
+            "optimizer": f"Adam lr {a.lr} (all parameters)"}
+
+
+# ---------------------------------------------------------------------------------------------- RecBole
+def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake") -> dict[str, int]:
+    """RecBole atomic files for our split, under ``out_dir/name/``: ``<name>.<split>.inter`` (one per split, rows
+    in the export's order, read with ``benchmark_filename`` so RecBole keeps the split), ``<name>.user`` (age,
+    gender, occupation, zip prefix) and ``<name>.item`` (genres as a token sequence). Tokens are our indices, so
+    RecBole's features are exactly ours. Returns the rows written per split.
+
+    Raises:
+        ValueError: a user or an item has different side features in different rows (the features are static).
+    """
+    d = out_dir / name
+    d.mkdir(parents=True, exist_ok=True)
+    users: dict[int, tuple] = {}
+    items: dict[int, tuple] = {}
+    counts = {}
+    for split in SPLITS:
+        s = read_split(lake, split)
+        lines = ["user_id:token\titem_id:token\tlabel:float"]
+        lines += [f"{u}\t{i}\t{y:g}" for u, i, y in zip(s["user_idx"], s["item_idx"], s["label"])]
+        (d / f"{name}.{split}.inter").write_text("\n".join(lines) + "\n")
+        counts[split] = len(s["label"])
+        for r in range(len(s["label"])):
+            u = (int(s["age_idx"][r]), int(s["gender_idx"][r]), int(s["occupation_idx"][r]), int(s["zip_idx"][r]))
+            g = tuple(int(x) for x in s[MULTI_HOT][r] if x)
+            for table, key, value in ((users, int(s["user_idx"][r]), u), (items, int(s["item_idx"][r]), g)):
+                if table.setdefault(key, value) != value:
+                    raise ValueError(f"id {key} has side features {table[key]} and {value}; they must be static")
+    (d / f"{name}.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip:token\n" + "".join(
+        f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, (a, g, o, z) in sorted(users.items())))
+    (d / f"{name}.item").write_text("item_id:token\tgenre:token_seq\n" + "".join(
+        f"{i}\t{' '.join(map(str, g))}\n" for i, g in sorted(items.items())))
+    return counts
+
+
+def run_recbole(a: argparse.Namespace) -> dict:
+    import torch
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.context_aware_recommender import DeepFM
+    from recbole.trainer import Trainer
+    from recbole.utils import init_seed
+
+    torch.set_num_threads(1)
+    name = "ml100k_lake"
+    counts = write_recbole_atomic(a.lake, a.work / "atomic", name)
+    config = Config(model="DeepFM", dataset=name, config_dict={
+        "data_path": str(a.work / "atomic"), "checkpoint_dir": str(a.work / "saved"),
+        "benchmark_filename": list(SPLITS), "load_col": {"inter": ["user_id", "item_id", "label"],
+                                                          "user": ["user_id", "age", "gender", "occupation", "zip"],
+                                                          "item": ["item_id", "genre"]},
+        "LABEL_FIELD": "label", "threshold": None, "train_neg_sample_args": None,
+        "eval_args": {"group_by": None, "order": "RO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "labeled"},
+        "metrics": ["AUC", "LogLoss"], "valid_metric": "AUC", "eval_batch_size": 4096,
+        "embedding_size": a.embedding_dim, "mlp_hidden_size": list(a.hidden), "dropout_prob": a.dropout,
+        "epochs": a.epochs, "stopping_step": a.patience, "train_batch_size": a.batch_size,
+        "learner": "adam", "learning_rate": a.lr, "seed": a.seed, "reproducibility": True,
+        "device": "cpu", "use_gpu": False, "show_progress": False, "save_dataset": False,
+        "log_wandb": False, "state": "WARNING", "metric_decimal_place": 6,
+    })
+    init_seed(config["seed"], config["reproducibility"])
+    torch.set_num_threads(1)
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    rows = {"train": len(train.dataset), "valid": len(valid.dataset), "test": len(test.dataset)}
+    if rows != counts:
+        raise RuntimeError(f"RecBole kept {rows} rows of the {counts} written: it changed the split")
+    model = DeepFM(config, train.dataset).to("cpu")
+    trainer = Trainer(config, model)
+    timed = {"s": 0.0, "epochs": 0}
+    inner = trainer._train_epoch
+
+    def train_epoch(*args, **kwargs):  # time the optimisation passes only, as for the other models
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            timed["s"] += time.perf_counter() - t0
+            timed["epochs"] += 1
+
+    trainer._train_epoch = train_epoch
+    valid_epoch, scores = trainer._valid_epoch, []
+
+    def record_valid(*args, **kwargs):
+        score, result = valid_epoch(*args, **kwargs)
+        scores.append(score)
+        return score, result
+
+    trainer._valid_epoch = record_valid
+    valid_score, valid_result = trainer.fit(train, valid, saved=True, show_progress=False)
+    load = torch.load
+    torch.load = lambda *x, **k: load(*x, **{**k, "weights_only": False})  # RecBole's own checkpoint (a dict)
+    try:
+        test_result = trainer.evaluate(test, load_best_model=True, show_progress=False)
+    finally:
+        torch.load = load
+    return {"valid_auc": float(valid_result["auc"]), "test_auc": float(test_result["auc"]),
+            "test_logloss": float(test_result["logloss"]), "best_epoch": int(np.argmax(scores)) + 1, "epochs": timed["epochs"], "train_s": timed["s"],
+            "train_samples_per_s": rows["train"] * timed["epochs"] / timed["s"],
+            "optimizer": f"Adam lr {a.lr} (all parameters)"}
+
+
+# ----------------------------------------------------------------------------------------------- gensim
+def read_sequences(lake: Path) -> list[list[str]]:
+    """``export/item_sequences`` in user order, as gensim sentences (item indices as strings)."""
+    t = ds.dataset(str(lake / "export" / "item_sequences"), format="parquet").to_table(
+        columns=["user_idx", "item_idx"]).sort_by("user_idx")
+    return [[str(i) for i in seq] for seq in t.column("item_idx").to_pylist() if seq]
+
+
+def run_gensim(a: argparse.Namespace) -> dict:
+    from gensim.models import Word2Vec
+
+    sentences = read_sequences(a.lake)
+    n_items = vocab_sizes(a.lake)["item"]
+    model = Word2Vec(vector_size=a.embedding_dim, window=a.window, negative=a.negatives, sample=a.subsample,
+                     sg=1, hs=0, min_count=1, workers=1, seed=a.seed)
+    model.build_vocab(sentences)
+    t0 = time.perf_counter()
+    trained, effective = model.train(sentences, total_examples=len(sentences), epochs=a.epochs,
+                                     compute_loss=False)
+    train_s = time.perf_counter() - t0
+    table = np.zeros((n_items, a.embedding_dim), np.float32)  # (items, D), row = item_idx, like ours
+    for word in model.wv.index_to_key:
+        table[int(word)] = model.wv[word]
+    np.save(a.embeddings, table)
+    return {"train_s": train_s, "epochs": a.epochs, "effective_words": int(effective),
+            "words_per_s": effective / train_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("peer", choices=("deepctr", "recbole", "gensim"))
+    p.add_argument("--lake", type=Path, required=True, help="the lake dir (holds export/)")
+    p.add_argument("--out", type=Path, required=True, help="result JSON")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench-peers"), help="RecBole's files")
+    p.add_argument("--embeddings", type=Path, help="gensim: where to save the (items, D) .npy")
+    p.add_argument("--model", choices=("deepfm", "din"), default="deepfm", help="deepctr: which model")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--hidden", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--negatives", type=int, default=5)
+    p.add_argument("--subsample", type=float, default=1e-3)
+    a = p.parse_args(argv)
+    result = {"deepctr": run_deepctr, "recbole": run_recbole, "gensim": run_gensim}[a.peer](a)
+    a.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The model benchmark's peers read exactly our features and split: ``bench/peers.py`` against ``training.data``
+and the feature contract, on a small synthetic lake (no peer library needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench import peers
+from features.definitions import SPARSE_FEATURES
+from training.data import read_ctr_shard, synthetic_vocab_sizes
+
+ROWS = {"train": 40, "valid": 7, "test": 9}
+
+
+def _lake(root: Path) -> Path:
+    vocab = synthetic_vocab_sizes()
+    rng = np.random.default_rng(1)
+    for split, n in ROWS.items():
+        user, item = rng.integers(1, vocab["user"], n), rng.integers(1, vocab["item"], n)
+        genres = [[int(i % 19) + 1, int(i % 7) + 1][: 1 + int(i % 2)] if i % 5 else [] for i in item]
+        out = root / "export" / "ctr_samples" / f"split={split}"
+        out.mkdir(parents=True)
+        pq.write_table(pa.table({
+            "user_idx": user.astype(np.int32), "item_idx": item.astype(np.int32),
+            "age_idx": (user % 8).astype(np.int32), "gender_idx": (user % 3).astype(np.int32),
+            "occupation_idx": (user % 22).astype(np.int32), "zip_idx": (user % 12).astype(np.int32),
+            "genre_idx": pa.array(genres, pa.list_(pa.int32())),
+            "label": rng.integers(0, 2, n).astype(np.int32)}), out / "part-0.parquet")
+    (root / "export" / "vocab_sizes.json").write_text(json.dumps(vocab))
+    return root
+
+
+def test_peer_features_are_the_declared_ones():
+    assert (*peers.ONE_HOT, peers.MULTI_HOT) == tuple(f.name for f in SPARSE_FEATURES)
+    assert peers.VOCAB == {f.name: f.vocab for f in SPARSE_FEATURES}
+    assert [f.name for f in SPARSE_FEATURES if f.multi_hot] == [peers.MULTI_HOT]
+
+
+def test_read_split_matches_the_trainer(tmp_path):
+    lake = _lake(tmp_path)
+    for split in ROWS:
+        ours, theirs = read_ctr_shard(lake, split), peers.read_split(lake, split)
+        for name in peers.ONE_HOT:
+            np.testing.assert_array_equal(theirs[name], ours.ids[name])
+        np.testing.assert_array_equal(theirs["label"], ours.label)
+        off, val = ours.offsets["genre_idx"], ours.values["genre_idx"]
+        padded = theirs["genre_idx"]  # (N, G), 0 pads
+        for r in range(len(ours)):
+            np.testing.assert_array_equal(padded[r][padded[r] > 0], val[off[r]:off[r + 1]])
+
+
+def test_recbole_atomic_files_keep_split_order_and_features(tmp_path):
+    lake = _lake(tmp_path / "lake")
+    counts = peers.write_recbole_atomic(lake, tmp_path / "atomic", "x")
+    assert counts == ROWS
+    d = tmp_path / "atomic" / "x"
+    users = {ln.split("\t")[0]: ln.split("\t")[1:] for ln in (d / "x.user").read_text().splitlines()[1:]}
+    items = {ln.split("\t")[0]: ln.split("\t")[1] for ln in (d / "x.item").read_text().splitlines()[1:]}
+    for split in ROWS:
+        s = peers.read_split(lake, split)
+        lines = (d / f"x.{split}.inter").read_text().splitlines()
+        assert lines[0] == "user_id:token\titem_id:token\tlabel:float"
+        assert [ln.split("\t") for ln in lines[1:]] == [
+            [str(u), str(i), f"{y:g}"] for u, i, y in zip(s["user_idx"], s["item_idx"], s["label"])]
+        for r in range(len(s["label"])):
+            assert users[str(s["user_idx"][r])] == [str(s[c][r]) for c in
+                                                    ("age_idx", "gender_idx", "occupation_idx", "zip_idx")]
+            assert items[str(s["item_idx"][r])] == " ".join(str(g) for g in s["genre_idx"][r] if g)
