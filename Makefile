@@ -113,3 +113,9 @@ fault-ingest: venv jars
 .PHONY: bench-models
 bench-models: venv | $(UV)
 	CACHE=$(CACHE) $(PY) -m bench.models --uv $(UV)
+
+# Serving benchmark (bench/serving_load.py): the service on loopback over the demo's artifacts (run `make demo`
+# first), a fixed load at concurrency 16 on /similar-items and /recommend, ANN recall@10 (HNSW and LSH vs exact).
+.PHONY: bench-serving
+bench-serving: venv
+	$(PY) -m bench.serving_load
