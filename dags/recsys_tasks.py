@@ -66,6 +66,7 @@ POLICIES: dict[str, TaskPolicy] = {
     "ingest": TaskPolicy(retries=1, timeout_s=1200),
     "features": TaskPolicy(retries=1, timeout_s=1200),
     "train_deepfm": TaskPolicy(retries=1, timeout_s=2400),
+    "train_din": TaskPolicy(retries=1, timeout_s=2400),
     "train_item2vec": TaskPolicy(retries=1, timeout_s=1800),
     "export": TaskPolicy(retries=1, timeout_s=900),
     "evaluate": TaskPolicy(retries=1, timeout_s=900),

@@ -27,7 +27,7 @@ from pipelines.stages import STAGES, build_command, spark_jar_list, stage_env
 AIRFLOW_PY = ROOT / ".venv-airflow" / "bin" / "python"
 AIRFLOW_BIN = ROOT / ".venv-airflow" / "bin" / "airflow"
 DAGS = ROOT / "dags"
-MAIN_ORDER = ["kafka_start", "produce", "ingest", "features", "train_deepfm", "train_item2vec", "export",
+MAIN_ORDER = ["kafka_start", "produce", "ingest", "features", "train_deepfm", "train_din", "train_item2vec", "export",
               "evaluate", "kafka_stop"]
 needs_airflow = pytest.mark.skipif(not AIRFLOW_PY.exists(), reason="no .venv-airflow: run `make airflow-venv`")
 
@@ -70,6 +70,24 @@ if "recsys_main" in bag.dags:
     t = bag.dags["recsys_main"].get_task("features")
     out["rendered_features"] = t.render_template(t.bash_command, {"params": {"data_dir": "/tmp/x y"}},
                                                  jinja_env=t.get_template_env())
+for dag_id in ("features_daily", "train", "evaluate_and_publish", "stream_supervisor"):
+    if dag_id not in bag.dags:
+        continue
+    dag = bag.dags[dag_id]
+    info = out["dags"][dag_id]
+    info.update(catchup=dag.catchup, max_active_runs=dag.max_active_runs)
+    for t in dag.tasks:
+        ti = info["tasks"][t.task_id]
+        ti["outlets"] = sorted(getattr(a, "name", str(a)) for a in t.outlets)
+        ctx = {"ds": "2024-01-02", "run_id": "scheduled__2024-01-02T00:00:00+00:00", "ti": type("TI", (), {"try_number": 1})()}
+        env = t.get_template_env()
+        if type(t).__name__ == "SparkSubmitOperator":
+            for field in ("application_args", "jars", "name"):
+                setattr(t, field, t.render_template(getattr(t, field), ctx, jinja_env=env))
+            ti["spark_submit"] = t._get_hook()._build_spark_submit_command(t.application)
+            ti["spark_env_vars"] = t.env_vars
+        elif type(t).__name__ == "BashOperator":
+            ti["rendered"] = t.render_template(t.bash_command, ctx, jinja_env=env)
 heavy = ("torch", "torchrec", "pyspark", "ray", "pandas", "numpy", "features", "training", "serving")
 out["heavy_modules"] = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
 print("@@" + json.dumps(out))
@@ -92,7 +110,7 @@ def dagbag(tmp_path_factory) -> dict:
 def test_every_dag_file_imports_without_error(dagbag):
     assert dagbag["import_errors"] == {}
     assert {Path(f).name for f in dagbag["files"]} == {p.name for p in DAGS.glob("*.py")}
-    assert "recsys_main" in dagbag["dags"]
+    assert {"recsys_main", "features_daily", "train", "evaluate_and_publish", "stream_supervisor"} <= set(dagbag["dags"])
 
 
 @needs_airflow
@@ -275,3 +293,183 @@ def test_airflow_dags_test_runs_the_main_job_end_to_end(tmp_path, movielens):
     assert "popularity" in retrieval and "item2vec" in retrieval
     for policy, m in retrieval.items():
         assert 0.0 <= m["hr@10"] <= 1.0 and m["cases"] > 0, policy
+
+
+# --- (d) the scheduled DAGs: features_daily -> train -> evaluate_and_publish, stream_supervisor -----------------
+
+
+def _load_dags_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, DAGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+rf = _load_dags_module("recsys_flows")
+sp = _load_dags_module("stream_policy")
+
+
+@needs_airflow
+def test_features_daily_submits_one_day_through_the_spark_provider(dagbag):
+    dag = dagbag["dags"]["features_daily"]
+    assert dag["schedule"] == "'@daily'" and dag["catchup"] is True and dag["max_active_runs"] == 1
+    (task,) = dag["tasks"].values()
+    assert task["operator"] == "SparkSubmitOperator"
+    assert task["outlets"] == [rf.GOLD_FEATURES_ASSET]
+    assert task["retries"] == 2 and task["timeout_s"] == 3600 and task["on_failure"] == ["log_partition_failure"]
+    # the command the provider's hook builds from the operator's fields, against the default connection (local[2])
+    argv = task["spark_submit"]
+    assert argv[:3] == ["spark-submit", "--master", "local[2]"]
+    assert argv[argv.index("--properties-file") + 1] == str(ROOT / "infra" / "spark" / "local.conf")
+    assert argv[argv.index("--jars") + 1] == spark_jar_list()
+    assert argv[argv.index("--name") + 1] == "recsys-daily-features-2024-01-02"
+    assert argv[-3:] == [str(ROOT / "pipelines" / "daily_features.py"), "--date", "2024-01-02"]
+    env = task["spark_env_vars"]
+    assert env["PATH"].split(":")[0] == str(ROOT / ".venv" / "bin")  # spark-submit is the project's
+    assert env["PYSPARK_PYTHON"] == str(ROOT / ".venv" / "bin" / "python")
+
+
+@needs_airflow
+def test_train_runs_after_gold_features_and_produces_embeddings(dagbag):
+    dag = dagbag["dags"]["train"]
+    assert rf.GOLD_FEATURES_ASSET in dag["schedule"]
+    tasks = dag["tasks"]
+    order = ["training_set", "train_deepfm", "train_din", "train_item2vec", "export_embeddings"]
+    assert sorted(tasks) == sorted(order)
+    assert [tasks[t]["upstream"] for t in order] == [[]] + [[t] for t in order[:-1]]
+    assert tasks["training_set"]["spark_submit"][-1] == str(ROOT / "pipelines" / "features_batch.py")
+    for model in ("deepfm", "din", "item2vec"):  # no RECSYS_RAY_JOBS_ADDRESS here: the local Ray cluster
+        assert shlex.split(tasks[f"train_{model}"]["rendered"]) == rf.ray_job_argv(model, None)
+    assert shlex.split(tasks["export_embeddings"]["rendered"]) == [str(ROOT / ".venv/bin/python"), "-m",
+                                                                 "serving.export"]
+    assert tasks["export_embeddings"]["outlets"] == [rf.EMBEDDINGS_ASSET]
+    assert all(t["on_failure"] == ["log_partition_failure"] and t["timeout_s"] for t in tasks.values())
+
+
+@needs_airflow
+def test_evaluate_and_publish_runs_after_embeddings(dagbag):
+    dag = dagbag["dags"]["evaluate_and_publish"]
+    assert rf.EMBEDDINGS_ASSET in dag["schedule"]
+    tasks = dag["tasks"]
+    assert tasks["publish"]["upstream"] == ["replay"]
+    assert shlex.split(tasks["replay"]["rendered"])[1:] == ["-m", "serving.replay"]
+    assert shlex.split(tasks["publish"]["rendered"])[1:] == ["-m", "serving.evaluation.gate"]
+
+
+@needs_airflow
+def test_stream_supervisor_runs_every_five_minutes_alone(dagbag):
+    dag = dagbag["dags"]["stream_supervisor"]
+    assert dag["schedule"] == "datetime.timedelta(seconds=300)" and dag["max_active_runs"] == 1
+    assert dag["catchup"] is False
+    assert dag["tasks"]["supervise_ingest"]["timeout_s"] == 180
+
+
+def test_ray_job_is_submitted_through_the_jobs_api_when_an_address_is_set():
+    env = {"RECSYS_RAY_JOBS_ADDRESS": "http://ray-head:8265", "RECSYS_TRAIN__USE_GPU": "true",
+           "RECSYS_DATA_DIR": "s3://lake", "HOME": "/root"}
+    argv = shlex.split(rf.ray_job_command("deepfm", "scheduled__2024-01-02T00:00:00+00:00", 2, environ=env))
+    assert argv[:5] == [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", "http://ray-head:8265"]
+    assert argv[argv.index("--submission-id") + 1] == "recsys-train-deepfm-scheduled__2024-01-02T00-00-00-00-00-try2"
+    runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert runtime_env == {"env_vars": {"RECSYS_TRAIN__USE_GPU": "true", "RECSYS_DATA_DIR": "s3://lake"}}
+    assert argv[argv.index("--") + 1:] == ["python", "-m", "training.train", "--model", "deepfm"]
+    # the entry point is the one the local default (and make demo) runs
+    assert argv[argv.index("--") + 2:] == build_command("train_deepfm")[1:]
+    with pytest.raises(ValueError):
+        rf.ray_job_argv("wide_and_deep", None)
+
+
+def test_ray_job_argv_is_what_the_ray_cli_parses():
+    """`ray job submit`'s own parser (click, in .venv) accepts the argv: options before ``--``, entry point after."""
+    ray_py = ROOT / ".venv" / "bin" / "python"
+    argv = rf.ray_job_argv("item2vec", "http://127.0.0.1:1", submission_id="s", runtime_env={"env_vars": {"A": "1"}})
+    code = ("import sys; from ray.dashboard.modules.job.cli import submit; "
+            "ctx = submit.make_context('submit', sys.argv[1:]); "
+            "print(ctx.params['address'], ctx.params['submission_id'], ctx.params['runtime_env_json'], "
+            "ctx.params['entrypoint'])")
+    proc = subprocess.run([str(ray_py), "-c", code, *argv[3:]], capture_output=True, text=True, timeout=120)
+    if "No module named" in proc.stderr:
+        pytest.skip("ray's job CLI is not importable here")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split(" ", 3)[:2] == ["http://127.0.0.1:1", "s"]
+    assert "training.train" in proc.stdout and "item2vec" in proc.stdout
+
+
+def test_spark_settings_per_profile():
+    assert rf.spark_profile({}) == "local"
+    assert rf.spark_profile({"RECSYS_SPARK_PROFILE": "kubernetes"}) == "kubernetes"
+    with pytest.raises(ValueError):
+        rf.spark_profile({"RECSYS_SPARK_PROFILE": "yarn"})
+    for profile in rf.SPARK_PROFILES:
+        assert Path(rf.spark_properties_file(profile)).is_file()
+    assert rf.spark_jars("kubernetes") is None and rf.spark_env_vars("kubernetes") == {"TZ": "UTC"}
+    conn = json.loads(rf.DEFAULT_SPARK_CONN)
+    assert conn["host"] == "local[2]" and conn["extra"]["spark-binary"] == "spark-submit"
+
+
+def test_partition_failure_callback_names_table_and_day(caplog):
+    class TI:
+        dag_id, task_id, try_number, max_tries = "features_daily", "daily_features", 3, 2
+
+    with caplog.at_level(logging.ERROR, logger="recsys_flows"):
+        rf.log_partition_failure({"task_instance": TI(), "ds": "2024-01-03", "run_id": "backfill__x",
+                                  "exception": RuntimeError("exit 1")})
+    assert caplog.messages == ["recsys features_daily.daily_features failed writing gold.ctr_samples "
+                               "event_date=2024-01-03 (try 3 of 3, run backfill__x): exit 1"]
+
+
+def test_flows_and_policy_examples_hold():
+    import doctest
+
+    assert doctest.testmod(rf).failed == 0 and doctest.testmod(sp).failed == 0
+
+
+class QueuedProbe:
+    """A fake probe that returns queued observations, one per call."""
+
+    def __init__(self, *observations):
+        self.queue = list(observations)
+
+    def observe(self):
+        return self.queue.pop(0)
+
+
+def test_supervisor_restarts_a_dead_or_stuck_query_and_leaves_a_healthy_one():
+    obs = sp.Observation
+    probe = QueuedProbe(
+        obs(alive=True, last_offset=3, last_commit=3, offset_age_s=10_000.0),  # idle, all committed
+        obs(alive=True, last_offset=4, last_commit=3, offset_age_s=30.0),  # a batch in flight
+        obs(alive=True, last_offset=4, last_commit=3, offset_age_s=601.0),  # stuck
+        obs(alive=False, last_offset=4, last_commit=4, offset_age_s=1.0),  # dead
+        obs(alive=False, last_offset=None, last_commit=None, offset_age_s=None),  # never started
+        obs(alive=False, last_offset=4, last_commit=4, offset_age_s=1.0),  # dead again, too often
+    )
+    restarts = []
+    policy = sp.SupervisorPolicy(stuck_after_s=600, max_restarts=3)
+    actions = [sp.supervise(probe, policy, lambda: restarts.append(1)) for _ in range(5)]
+    assert actions == [sp.Action.HEALTHY, sp.Action.WAIT, sp.Action.RESTART, sp.Action.RESTART, sp.Action.RESTART]
+    assert len(restarts) == 3
+    with pytest.raises(RuntimeError, match="without a new commit"):
+        sp.supervise(probe, policy, lambda: restarts.append(1), restarts_without_progress=3)
+    assert len(restarts) == 3 and probe.queue == []
+    with pytest.raises(ValueError):
+        sp.SupervisorPolicy(stuck_after_s=0)
+
+
+def test_ingest_probe_reads_the_checkpoint_and_pid_file(tmp_path):
+    ckpt, pid = tmp_path / "ckpt", tmp_path / "ingest.pid"
+    (ckpt / "offsets").mkdir(parents=True)
+    (ckpt / "commits").mkdir()
+    probe = sp.IngestProbe(ckpt, pid, clock=lambda: 1_000_000.0)
+    assert probe.observe() == sp.Observation(alive=False, last_offset=None, last_commit=None, offset_age_s=None)
+    for n in (0, 1, 2):
+        (ckpt / "offsets" / str(n)).write_text("v1")
+        os.utime(ckpt / "offsets" / str(n), (999_000.0, 999_000.0 + n))
+    for n in (0, 1):
+        (ckpt / "commits" / str(n)).write_text("v1")
+    (ckpt / "offsets" / ".2.crc").write_text("")  # Spark's checksum files are not batches
+    pid.write_text(str(os.getpid()))
+    assert probe.observe() == sp.Observation(alive=True, last_offset=2, last_commit=1, offset_age_s=998.0)
+    pid.write_text("999999999")
+    assert probe.observe().alive is False
