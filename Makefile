@@ -119,3 +119,10 @@ bench-models: venv | $(UV)
 .PHONY: bench-serving
 bench-serving: venv
 	$(PY) -m bench.serving_load
+
+# Airflow scheduler backfill (tests/test_scheduler_backfill.py): api-server, dag-processor and scheduler
+# (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice. Outside the
+# default suite (several minutes on 2 cores); RECSYS_TEST_SCHEDULER=1 opts in.
+.PHONY: test-scheduler
+test-scheduler: venv airflow-venv jars data
+	RECSYS_TEST_SCHEDULER=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
