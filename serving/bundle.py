@@ -243,7 +243,8 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
 
     Raises:
         IndexFileError: the retrieval model has not been exported.
-        BundleError: the ranker's weights do not fit its configuration.
+        BundleError: the ranker's weights do not fit its configuration, or the index and the Parquet file hold
+            different versions (an export is being written).
     """
     t0 = time.time()
     d = embeddings_dir(cfg, spec.retrieval_model)
@@ -252,6 +253,9 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
     item_ids = table.column("item_id").to_numpy().astype(np.int64)
     item_idx = table.column("item_idx").to_numpy().astype(np.int64)
     version = table.column("model_version")[0].as_py() if table.num_rows else ""
+    if index.extra.get("model_version", version) != version:   # caught mid-export: retry on the next check
+        raise BundleError(f"{d}: {PARQUET_FILE} holds version {version!r} but the index "
+                          f"{index.extra['model_version']!r}; wait for `python -m serving.export` to finish")
     ranker, ranker_version = _load_ranker(cfg, spec)
     users, genres, popular = _load_lake(cfg)
     if not popular:  # no lake: every exported item, in id order, so the fallback is still defined

@@ -256,6 +256,29 @@ def test_reload_under_concurrent_requests_drops_nothing(tmp_path):
     assert all(items == expected[v] for v, items in answers)
 
 
+def test_watcher_loads_a_new_export_by_itself(tmp_path):
+    """With ``watch_s`` the policy is asked periodically: a new export is served without any reload call."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    cfg = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts")
+    _write_lake(cfg)
+    _write_item2vec(cfg, seed=0, version="i2v-1")
+    _write_deepfm(cfg, seed=0, version="dfm-1")
+    params = HnswParams(m=8, ef_construction=64, ef_search=64)
+    run_export(cfg, params, models=("item2vec",))
+    with TestClient(create_app(cfg, spec=SPEC, watch_s=0.1)) as c:
+        assert c.get("/health").json()["model_version"] == "dfm-1+i2v-1"
+        _write_item2vec(cfg, seed=2, version="i2v-3")
+        run_export(cfg, params, models=("item2vec",))
+        deadline = time.time() + 30
+        while c.get("/health").json()["model_version"] != "dfm-1+i2v-3":
+            assert time.time() < deadline, "the watcher did not load the new export"
+            time.sleep(0.1)
+        c.app.state.holder.stop()
+
+
 FUZZ_EXAMPLES = 30  # per operation and generation mode: the fuzz stays well under a minute
 
 
