@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 #: Tables each model is trained on.
 TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
     "deepfm": (CTR_SAMPLES, ITEM_VOCAB),
+    "din": (CTR_SAMPLES, ITEM_VOCAB),
     "item2vec": (ITEM_SEQUENCES, ITEM_VOCAB),
 }
 
@@ -56,7 +57,11 @@ def table_version_at(spark, cfg: PlatformConfig, table: TableSpec, at: datetime 
 
 
 def training_versions(spark, cfg: PlatformConfig, model: str, created: datetime | None) -> dict[str, int]:
-    """``{table name: Delta version}`` for every table ``model`` trains on (see ``table_version_at``)."""
+    """``{table name: Delta version}`` for every table ``model`` trains on (see ``table_version_at``); empty
+    (logged) for a model ``TRAINING_TABLES`` does not list yet."""
+    if model not in TRAINING_TABLES:
+        log.warning("no training tables declared for %r in serving.registry.TRAINING_TABLES; add them", model)
+        return {}
     return {t.name: table_version_at(spark, cfg, t, created) for t in TRAINING_TABLES[model]}
 
 
