@@ -1,7 +1,7 @@
 """Exactly-once under crashes: the continuous ingest (spark-submit, its own process group) is SIGKILLed at random
-points while the generator streams events into Kafka, restarted from its checkpoint, and killed again; at the end
-bronze must hold every produced event_id exactly once (and, where the speed layer runs, its tables must equal a
-batch recomputation over bronze).
+points (0-3 s after a micro-batch is planned, or after one is committed to bronze) while the generator streams
+events into Kafka, restarted from its checkpoint, and killed again; at the end bronze must hold every produced
+event_id exactly once (and, where the speed layer runs, its tables must equal a batch recomputation over bronze).
 
 ``make fault-ingest`` runs it; ``FAULT_INGEST_KILLS`` sets the number of kills (5 by default, 20 for the long run),
 ``FAULT_INGEST_SEED`` the seed of the kill times and of the events, ``FAULT_INGEST_KAFKA_PORT`` the broker's port
@@ -35,6 +35,9 @@ EVENTS_PER_KILL = 4_000
 CHUNK = 500
 #: Seconds between produced chunks, so that producing lasts about as long as the kill cycles.
 PACE_S = 2.0
+#: Seconds a restarted query gets to reach its kill point before it is killed anyway (start-up of spark-submit
+#: takes 15-20 s on an idle 2-core machine).
+MAX_WAIT_S = 150.0
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +72,19 @@ def _commits(table: str) -> int:
 
 
 class _Producer(threading.Thread):
-    """Streams the generator's events into the topic, a chunk every PACE_S seconds; every 4th chunk is sent twice
-    (an at-least-once producer's duplicates), which ingest must drop."""
+    """Streams the generator's events into the topic, a chunk every PACE_S seconds once the test has released it
+    (``allow``), so that every restart of the query finds new events arriving; every 4th chunk is sent twice (an
+    at-least-once producer's duplicates), which ingest must drop."""
 
     def __init__(self, cfg: PlatformConfig, gen: GeneratorConfig) -> None:
         super().__init__(daemon=True)
         self.cfg, self.gen, self.error, self.sent = cfg, gen, None, 0
+        self.allow = threading.Semaphore(0)
 
     def run(self) -> None:
         try:
             for i, chunk in enumerate(generate(self.gen)):
+                self.allow.acquire()
                 messages = list(kafka_messages(chunk))
                 self.sent += publish(self.cfg.kafka.bootstrap, self.cfg.kafka.topic, messages)
                 if i % 4 == 3:
@@ -86,6 +92,12 @@ class _Producer(threading.Thread):
                 time.sleep(PACE_S)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.error = e
+
+
+def _last_batch(checkpoint: Path, kind: str) -> int:
+    """The highest batch id in ``<checkpoint>/offsets`` (planned) or ``commits`` (done); -1 when none."""
+    ids = [int(p.name) for p in (checkpoint / kind).glob("[0-9]*")] if (checkpoint / kind).exists() else []
+    return max(ids, default=-1)
 
 
 def _speed_layer_matches_batch(spark, lake_dir: Path) -> str:
@@ -120,27 +132,38 @@ def test_bronze_holds_every_event_once_after_random_kills(fault_cfg, fault_kafka
     producer = _Producer(fault_cfg, gen)
     producer.start()
 
-    kills = []  # (seconds the query ran after its first commit, bronze commits so far)
+    checkpoint = fault_cfg.checkpoint_dir / "ingest"
+    kills = []  # (kill point, seconds after launch, last planned batch, last committed batch)
     for k in range(KILLS):
+        for _ in range(EVENTS_PER_KILL // CHUNK):
+            producer.allow.release()
         cmd = build_command("ingest", driver_memory="1g",
                             extra=("--trigger", "continuous", "--interval-s", "1"))
         with open(logs / f"ingest-{k}.log", "wb") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        before, deadline = _commits(bronze_path), time.monotonic() + 180
-        while _commits(bronze_path) <= before and time.monotonic() < deadline:  # the query is up and writing
+        start = time.monotonic()
+        # Alternately just after a micro-batch is planned (inside it: reading Kafka, the MERGE, the speed layer)
+        # and just after one is committed to bronze (between batches, or early in the next).
+        how = "batch planned" if k % 2 == 0 else "bronze commit"
+        watch = ((lambda: _last_batch(checkpoint, "offsets")) if how == "batch planned"
+                 else (lambda: _commits(bronze_path)))
+        before = watch()
+        while watch() <= before and time.monotonic() - start < MAX_WAIT_S:
             assert proc.poll() is None, f"ingest exited with {proc.returncode}; see {logs}/ingest-{k}.log"
-            time.sleep(0.2)
-        delay = rnd.uniform(0.0, 6.0)  # then a random point: inside or between micro-batches
-        time.sleep(delay)
+            time.sleep(0.1)
+        time.sleep(rnd.uniform(0.0, 3.0))
+        assert proc.poll() is None, f"ingest exited with {proc.returncode}; see {logs}/ingest-{k}.log"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        kills.append((round(delay, 2), _commits(bronze_path)))
+        kills.append((how, round(time.monotonic() - start, 1), _last_batch(checkpoint, "offsets"),
+                      _last_batch(checkpoint, "commits")))
     producer.join(timeout=600)
     assert not producer.is_alive() and producer.error is None, producer.error
 
-    # Restart once more and drain what the topic holds.
-    final = subprocess.run(build_command("ingest", driver_memory="1g", extra=("--trigger", "available-now")),
+    # Restart once more and drain what the topic holds (with the speed layer, as the continuous runs had it).
+    speed = ("--speed-layer",) if (ROOT / "pipelines" / "speed_layer.py").exists() else ()
+    final = subprocess.run(build_command("ingest", driver_memory="1g", extra=("--trigger", "available-now", *speed)),
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
 
@@ -151,5 +174,7 @@ def test_bronze_holds_every_event_once_after_random_kills(fault_cfg, fault_kafka
     assert set(ids) == expected
     assert spark.read.format("delta").load(QUARANTINE_INTERACTIONS.path(fault_cfg.lake_dir)).count() == 0
     note = _speed_layer_matches_batch(spark, fault_cfg.lake_dir)
-    print(f"{KILLS} kills (seconds after a commit, bronze commits): {kills}; {producer.sent} messages for "
+    mid_batch = sum(planned > done for _, _, planned, done in kills)
+    print(f"{KILLS} kills (kill point, seconds after launch, last planned batch, last committed batch): {kills}; "
+          f"{mid_batch} inside a micro-batch; {producer.sent} messages for "
           f"{gen.n_events} events; {note}")
