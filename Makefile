@@ -71,7 +71,7 @@ lock: | $(UV)
 demo: setup
 	$(PY) -m pipelines.demo
 
-test: setup browser
+test: setup browser obp-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Headless Chromium for tests/test_report.py (the evaluation report opened in a browser): the Debian package,
@@ -120,9 +120,18 @@ bench-models: venv | $(UV)
 bench-serving: venv
 	$(PY) -m bench.serving_load
 
-# Airflow scheduler backfill (tests/test_scheduler_backfill.py): api-server, dag-processor and scheduler
-# (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice. Outside the
-# default suite (several minutes on 2 cores); RECSYS_TEST_SCHEDULER=1 opts in.
-.PHONY: test-scheduler
-test-scheduler: venv airflow-venv jars data
-	RECSYS_TEST_SCHEDULER=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
+# Open Bandit Pipeline for the replay-estimator cross-check in tests/test_estimators.py (skipped without it): its own
+# small environment from requirements/obp.lock (obp 0.5.7 declares Python < 3.11, hence pip --ignore-requires-python
+# and --no-deps), cached as $(CACHE)/venv-obp-<hash of the lock>, linked as .venv-obp; it sees .venv's packages
+# through a .pth file, so it holds only obp and the few packages .venv lacks.
+OBP_ENV := $(CACHE)/venv-obp-$(call hash,requirements/obp.lock requirements/main.lock)
+.PHONY: obp-venv
+obp-venv: venv
+	@if [ ! -f $(OBP_ENV)/.complete ]; then \
+	  echo "building .venv-obp from requirements/obp.lock in $(OBP_ENV)"; rm -rf $(OBP_ENV) && \
+	  $(PY_BASE) -m venv $(OBP_ENV) && \
+	  $(CURDIR)/.venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
+	    > $$($(OBP_ENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/main-venv.pth && \
+	  $(OBP_ENV)/bin/pip install -q --no-deps --ignore-requires-python -r requirements/obp.lock && \
+	  touch $(OBP_ENV)/.complete; fi
+	@rm -rf .venv-obp && ln -sfn $(OBP_ENV) .venv-obp

@@ -4,6 +4,8 @@ known; a hand-made table; the Wilson interval; the checks on the logged-bandit t
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,3 +112,51 @@ def test_bad_tables_raise():
         bandit_log(pd.DataFrame(good | {"item_id": [7]}))
     with pytest.raises(BanditLogError, match="sizes"):
         bandit_log(pd.DataFrame({k: v * 2 for k, v in good.items()} | {"candidates": [[1, 2], [1, 2, 3]]}))
+
+
+OBP_PYTHON = Path(__file__).resolve().parent.parent / ".venv-obp" / "bin" / "python"
+OBP_SCRIPT = """
+import sys, numpy as np
+from obp.ope import ReplayMethod
+for path in sys.argv[1:]:
+    d = np.load(path)
+    print(ReplayMethod().estimate_policy_value(reward=d["reward"], action=d["action"], action_dist=d["action_dist"]))
+"""
+
+
+class Recording:
+    """Wraps a policy and records its choice at every event (what obp's ReplayMethod reads as action_dist)."""
+
+    def __init__(self, policy) -> None:
+        self.policy, self.name, self.choices = policy, policy.name, []
+
+    def choose(self, candidates, context, user):
+        arm = self.policy.choose(candidates, context, user)
+        self.choices.append(arm)
+        return arm
+
+    def update(self, arm, context, user, reward):
+        self.policy.update(arm, context, user, reward)
+
+
+@pytest.mark.slow   # importing obp (torch, statsmodels, seaborn, pingouin) takes minutes on 2 busy cores
+def test_matches_open_bandit_pipeline_replay_method(tmp_path):
+    """obp.ope.ReplayMethod (Saito et al. 2021) on the same log and the same per-event choices, for a static and a
+    learning policy: the two estimates agree to rounding."""
+    if not OBP_PYTHON.exists():
+        pytest.skip("no .venv-obp: run `make obp-venv` (make test does)")
+    ctr = np.array([0.05, 0.30, 0.10, 0.20, 0.15, 0.02])
+    log_ = bandit_log(uniform_log(ctr, 6_000, 3, seed=3))
+    ours, paths = [], []
+    for make_policy in (LowestId, UCB1):
+        rec = Recording(make_policy())
+        ours.append(replay_estimate(log_, rec).ctr)
+        action_dist = np.zeros((len(log_), ctr.size, 1))                   # (E, N arms, 1 position)
+        action_dist[np.arange(len(log_)), np.array(rec.choices), 0] = 1.0
+        paths.append(tmp_path / f"{rec.name}.npz")
+        np.savez(paths[-1], reward=log_.click, action=log_.item, action_dist=action_dist)
+    out = subprocess.run([str(OBP_PYTHON), "-c", OBP_SCRIPT, *map(str, paths)], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    theirs = [float(x) for x in out.strip().splitlines()[-2:]]
+    assert theirs == pytest.approx(ours, abs=1e-12)
+    assert ours[1] > ours[0]                                               # UCB1 learns; lowest id does not
