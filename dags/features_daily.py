@@ -6,7 +6,9 @@ Spark is reached through the connection ``spark_default``: ``AIRFLOW_CONN_SPARK_
 when the worker has none, recsys_flows.DEFAULT_SPARK_CONN). ``RECSYS_SPARK_PROFILE`` (local | standalone |
 kubernetes) picks the properties file infra/spark/<profile>.conf. Backfill a range with::
 
-    airflow backfill create --dag-id features_daily --from-date 2024-01-01 --to-date 2024-01-03
+    airflow backfill create --dag-id features_daily --from-date 2024-01-01 --to-date 2024-01-03 --max-active-runs 1
+
+(a backfill's own run limit defaults to 10, not the DAG's max_active_runs).
 
 A successful run updates the asset ``recsys.gold_features``, which schedules the ``train`` DAG.
 """

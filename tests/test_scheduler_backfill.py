@@ -110,6 +110,8 @@ class Airflow:
         """The runs of ``dag_id`` once ``count`` of them have finished (started after ``started_after``)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            dead = [p.args[1] for p in self.procs if p.poll() is not None]
+            assert not dead, f"airflow {dead} exited; logs under {self.home}"
             runs = self.runs(dag_id)
             fresh = all(r.get("start_date") and datetime.fromisoformat(r["start_date"]) > started_after
                         for r in runs) if started_after else True
@@ -152,7 +154,9 @@ def test_scheduler_backfills_three_days_idempotently(tmp_path, spark):
             time.sleep(5)
         af.cli("dags", "unpause", "features_daily")
 
-        af.cli("backfill", "create", "--dag-id", "features_daily", "--from-date", DAYS[0], "--to-date", DAYS[-1])
+        # one run at a time, as the DAG's own max_active_runs: the days write the same tables
+        af.cli("backfill", "create", "--dag-id", "features_daily", "--from-date", DAYS[0], "--to-date", DAYS[-1],
+               "--max-active-runs", "1")
         runs = af.wait_for_runs("features_daily", 3, timeout_s=1200)
         first_wall = time.perf_counter() - start
         assert sorted(r["logical_date"][:10] for r in runs) == list(DAYS)
@@ -162,7 +166,7 @@ def test_scheduler_backfills_three_days_idempotently(tmp_path, spark):
 
         second_at = datetime.now(timezone.utc)
         af.cli("backfill", "create", "--dag-id", "features_daily", "--from-date", DAYS[0], "--to-date", DAYS[-1],
-               "--reprocess-behavior", "completed")
+               "--max-active-runs", "1", "--reprocess-behavior", "completed")
         runs = af.wait_for_runs("features_daily", 3, timeout_s=1200, started_after=second_at)
         assert [r["state"] for r in runs] == ["success"] * 3, runs
         assert table_digest(spark, cfg.lake_dir) == first
