@@ -161,22 +161,3 @@ def test_hnsw_params_validated():
     with pytest.raises(ValueError):
         HnswParams(ef_search=0)
 
-
-# ---------------------------------------------------------------------------------------------------- HTTP
-def test_similar_items_endpoint(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from serving.app import create_app
-
-    cfg = _cfg(tmp_path)
-    table = np.array([[0, 0], [1, 0], [0.9, 0.1], [0, 1], [-1, 0]], dtype=np.float32)
-    write_vocab(cfg, item_idx=[1, 2, 3, 4], item_id=[11, 22, 33, 44])
-    write_model(cfg, "item2vec", table, "i2v-3")
-    run_export(cfg, HnswParams(m=4, ef_construction=16, ef_search=9))
-    client = TestClient(create_app(cfg, "item2vec"))
-    assert client.get("/health").json() == {"status": "ok", "model": "item2vec", "model_version": "i2v-3",
-                                            "items": 4, "ef_search": 9}
-    body = client.get("/similar-items", params={"item_id": 11, "k": 2}).json()
-    assert [x["item_id"] for x in body["items"]] == [22, 33]          # cosine 0.994, then 0; itself excluded
-    assert body["items"][0]["score"] == pytest.approx(0.9 / math.hypot(0.9, 0.1), abs=1e-6)
-    assert client.get("/similar-items", params={"item_id": 999}).status_code == 404
