@@ -102,8 +102,9 @@ class Airflow:
                 os.killpg(p.pid, 9)
 
     def runs(self, dag_id: str) -> list[dict]:
-        text = self.cli("dags", "list-runs", dag_id, "-o", "json")
-        return json.loads(text[text.index("["):]) if "[" in text else []
+        text = self.cli("dags", "list-runs", dag_id, "-o", "json")  # log lines (``[warning ] ...``) come first
+        lines = [line for line in text.splitlines() if line.startswith("[{") or line.strip() == "[]"]
+        return json.loads(lines[-1]) if lines else []
 
     def wait_for_runs(self, dag_id: str, count: int, timeout_s: float, started_after: datetime | None = None
                       ) -> list[dict]:
