@@ -71,8 +71,8 @@ def peers_python(uv: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (from /proc)."""
+def _tree(root: int) -> dict[int, tuple[int, float]]:
+    """``root`` and all its descendants (from /proc): pid -> (resident bytes, CPU s used so far, user + sys)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -81,21 +81,24 @@ def _tree_rss(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d))
-    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    out, todo, page, tick = {}, [root], os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
     while todo:
         pid = todo.pop()
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            out[pid] = (rss, (int(stat[11]) + int(stat[12])) / tick)  # utime, stime (fields 14, 15)
         except (OSError, IndexError, ValueError):
             pass
         todo += children.get(pid, [])
-    return total
+    return out
 
 
 @dataclass
 class Measured:
-    """One command's cost: wall s, CPU s (user + sys of it and its reaped descendants), peak RSS MiB of the
-    process tree (sampled) and of its largest single process (``ru_maxrss``)."""
+    """One command's cost: wall s, CPU s (user + sys summed over every process of its tree, each at its last
+    sample; ``wait4``'s rusage misses Ray's processes, which their raylet, not the command, reaps), peak RSS MiB of
+    the process tree (sampled) and of its largest single reaped process (``ru_maxrss``)."""
 
     rc: int
     wall_s: float
@@ -112,12 +115,14 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, interval_s: flo
     with log.open("w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        peak, done = 0, threading.Event()
+        peak, cpu, done = 0, {}, threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, _tree_rss(proc.pid))
+                tree = _tree(proc.pid)
+                peak = max(peak, sum(rss for rss, _ in tree.values()))
+                cpu.update({pid: c for pid, (_, c) in tree.items()})
                 done.wait(interval_s)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -127,8 +132,9 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, interval_s: flo
         wall = time.perf_counter() - t0
         done.set()
         sampler.join()
-    return Measured(proc.returncode, wall, usage.ru_utime + usage.ru_stime, peak / 2**20, usage.ru_maxrss / 1024,
-                    str(log))
+    cpu_s = max(sum(cpu.values()), usage.ru_utime + usage.ru_stime)
+    return Measured(proc.returncode, wall, cpu_s, peak / 2**20, usage.ru_maxrss / 1024, str(log),
+                    {"cpu_sampled": True})
 
 
 # ----------------------------------------------------------------------------------------------- our models
@@ -155,6 +161,7 @@ def run_ours(model: str, work: Path, workers: int, opts: dict, attempts: int = 3
         if m.rc == 0 or RAY_START_TIMEOUT not in Path(m.log).read_text():
             break
         print(f"  Ray's node timed out during start-up (attempt {attempt}/{attempts})", flush=True)
+        time.sleep(15 * attempt)  # let the machine's load settle
     m.extra["attempts"] = attempt
     stage = work / f"artifacts-{tag}" / "bench" / "stages" / f"train_{model}.json"
     result = json.loads(stage.read_text()) if m.rc == 0 and stage.exists() else {}
@@ -222,6 +229,19 @@ def _f(v, fmt: str = ",.0f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
 
+def _rss(r: dict) -> str:
+    """Peak RSS of the tree (sampled; at least the largest reaped process's exact peak) / of the largest process."""
+    tree, largest = r.get("peak_rss_mib"), r.get("max_process_rss_mib")
+    return f"{_f(max(tree or 0, largest or 0) or None)} / {_f(largest)}"
+
+
+def _cpu(r: dict) -> str:
+    """CPU s, or n/a for a Ray run measured before the tree sampling counted CPU (rusage missed Ray's workers)."""
+    if r["impl"].startswith("ours") and not r.get("cpu_sampled"):
+        return "n/a"
+    return _f(r.get("cpu_s"), ".1f")
+
+
 def ctr_table(rows: list[dict], refs: dict[str, float]) -> str:
     head = ("| model | implementation | train samples/s | vs ours (1 worker) | test AUC | test logloss | "
             "epochs (best) | peak RSS MiB (tree / largest process) | wall s | CPU s |\n"
@@ -232,8 +252,8 @@ def ctr_table(rows: list[dict], refs: dict[str, float]) -> str:
         ratio = f"{sps / ref:.2f}x" if sps and ref else "n/a"
         lines.append(f"| {r['model']} | {r['impl']} | {_f(sps)} | {ratio} | {_f(r.get('test_auc'), '.4f')} | "
                      f"{_f(r.get('test_logloss'), '.4f')} | {r.get('epochs', 'n/a')} ({r.get('best_epoch', 'n/a')}) | "
-                     f"{_f(r.get('peak_rss_mib'))} / {_f(r.get('max_process_rss_mib'))} | "
-                     f"{_f(r.get('wall_s'), '.1f')} | {_f(r.get('cpu_s'), '.1f')} |")
+                     f"{_rss(r)} | "
+                     f"{_f(r.get('wall_s'), '.1f')} | {_cpu(r)} |")
     return head + "\n".join(lines)
 
 
@@ -245,16 +265,15 @@ def i2v_table(rows: list[dict], ref: float | None) -> str:
         pps = r.get("pairs_per_s")
         ratio = f"{pps / ref:.2f}x" if pps and ref else "n/a"
         lines.append(f"| {r['model']} | {r['impl']} | {_f(pps)} | {ratio} | {_f(r.get('hr@10'), '.4f')} | "
-                     f"{_f(r.get('ndcg@10'), '.4f')} | {_f(r.get('peak_rss_mib'))} / "
-                     f"{_f(r.get('max_process_rss_mib'))} | {_f(r.get('wall_s'), '.1f')} | "
-                     f"{_f(r.get('cpu_s'), '.1f')} |")
+                     f"{_f(r.get('ndcg@10'), '.4f')} | {_rss(r)} | {_f(r.get('wall_s'), '.1f')} | "
+                     f"{_cpu(r)} |")
     return head + "\n".join(lines)
 
 
 def _row(model: str, impl: str, m: Measured | None, result: dict) -> dict:
     cost = {} if m is None else {"peak_rss_mib": m.peak_rss_mib, "max_process_rss_mib": m.max_process_rss_mib,
                                  "wall_s": m.wall_s, "cpu_s": m.cpu_s, "rc": m.rc, "log": m.log,
-                                 "attempts": m.extra.get("attempts", 1)}
+                                 "attempts": m.extra.get("attempts", 1), "cpu_sampled": m.extra.get("cpu_sampled")}
     return {"model": model, "impl": impl, **cost, **result}
 
 
@@ -281,8 +300,59 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
             f"{i2v_table(i2v, ref_pairs)}\n\n"
             "Samples/s and pairs/s count the optimisation passes only; wall s and CPU s are the whole command "
             "(start-up, Ray, data reading, evaluation). RSS is summed over the command's process tree (Ray's GCS, "
-            "raylet and workers for ours). The machine is shared: wall time is noisier than CPU time.\n"
+            "raylet and workers for ours), sampled every 0.2 s. CPU s is user + sys over the tree; n/a for a Ray run "
+            "measured before the sampler counted it (`wait4` misses Ray's workers). The machine is shared with other "
+            "jobs: wall time is noisier than CPU time.\n"
             + "".join(f"\n- {n}" for n in notes))
+
+
+def _publish(a: argparse.Namespace, ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: float,
+             pending: str = "") -> None:
+    """Print and write what has been measured so far (a later phase replaces the section)."""
+    todo = [f"not measured yet when this was written: {pending}"] if pending else []
+    retried = [f"{r['model']} ({r['impl']}): Ray's node timed out during start-up under the machine's load; it "
+               f"took {r['attempts']} attempts (figures of the last)" for r in ctr + i2v if r.get("attempts", 1) > 1]
+    failed = [f"{r['model']} ({r['impl']}): failed (exit {r['rc']}), see {r['log']}" for r in ctr + i2v
+              if r.get("rc") and r["impl"].startswith("ours")]
+    body = render(ctr, i2v, hr, notes + retried + failed + todo, load0)
+    print(body, flush=True)
+    (a.work / "results.json").write_text(json.dumps({"ctr": ctr, "item2vec": i2v, "hr": hr, "notes": notes,
+                                                     "load0": load0}, indent=2, default=float))
+    if not a.no_write:
+        write_section("models", body, command=COMMAND)
+
+
+def retry_failed(a: argparse.Namespace) -> int:
+    """Re-run our runs that failed in ``a.work/results.json`` (item2vec with its HR@10 first, then DeepFM/DIN),
+    keeping every other figure; the section is rewritten after each."""
+    import re
+
+    saved = json.loads((a.work / "results.json").read_text())
+    ctr, i2v, hr, notes = saved["ctr"], saved["item2vec"], saved["hr"], saved["notes"]
+    load0 = saved.get("load0", os.getloadavg()[0])
+    note = ("Ray could not start under the machine's load in the run; re-run alone afterwards with "
+            "`python -m bench.models --retry-failed`, the other figures kept")
+    if i2v and i2v[0].get("rc"):
+        m, result = run_ours("item2vec", a.work, 1, ITEM2VEC, attempts=5)
+        i2v[0] = _row(i2v[0]["model"], i2v[0]["impl"], m, result)
+        tables = {}
+        if m.rc == 0:
+            tables["ours"] = np.load(Path(m.extra["model_dir"]) / "item_embeddings.npy")
+        if (a.work / "gensim_items.npy").exists() and len(i2v) > 1 and not i2v[1].get("rc"):
+            tables["gensim"] = np.load(a.work / "gensim_items.npy")
+        hr = next_item_hr(PlatformConfig(data_dir=a.work / "data"), tables) if tables else {}
+        for row, name in zip(i2v, ("ours", "gensim")):
+            row.update(hr.get(name, {}))
+        notes.append(f"item2vec ({i2v[0]['impl']}): {note}")
+        _publish(a, ctr, i2v, hr, notes, load0)
+    for i, r in enumerate(ctr):
+        if r["impl"].startswith("ours") and r.get("rc"):
+            workers = int(re.search(r"(\d+) worker", r["impl"]).group(1))
+            m, result = run_ours(r["model"].lower(), a.work, workers, DEEPFM, attempts=5)
+            ctr[i] = _row(r["model"], r["impl"], m, result)
+            notes.append(f"{r['model']} ({r['impl']}): {note}")
+            _publish(a, ctr, i2v, hr, notes, load0)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uv", default=str(CACHE / "uv-0.13.8" / "bin" / "uv"))
     p.add_argument("--skip-peers", action="store_true", help="only our models")
     p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="re-run only our runs that failed in the last run in --work (e.g. Ray could not start under "
+                        "load), keep the other figures, rewrite the section")
     a = p.parse_args(argv)
+    if a.retry_failed:
+        return retry_failed(a)
 
     from training.train import MODELS
 
@@ -312,16 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     hr: dict = {}
 
     def publish(pending: str) -> None:
-        """Print and write what has been measured so far (a later phase replaces the section)."""
-        todo = [f"not measured yet when this was written: {pending}"] if pending else []
-        retried = [f"{r['model']} ({r['impl']}): Ray's node timed out during start-up under the machine's load; it "
-                   f"took {r['attempts']} attempts (figures of the last)" for r in ctr + i2v if r.get("attempts", 1) > 1]
-        body = render(ctr, i2v, hr, notes + retried + todo, load0)
-        print(body, flush=True)
-        (a.work / "results.json").write_text(json.dumps({"ctr": ctr, "item2vec": i2v, "hr": hr, "notes": notes},
-                                                        indent=2, default=float))
-        if not a.no_write:
-            write_section("models", body, command=COMMAND)
+        _publish(a, ctr, i2v, hr, notes, load0, pending)
 
     # DeepFM: ours with 1 and 2 workers, the peers
     for workers in (1, 2):
