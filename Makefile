@@ -128,10 +128,10 @@ bench-serving: venv
 
 # Airflow scheduler backfill (tests/test_scheduler_backfill.py): api-server, dag-processor and scheduler
 # (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice. Outside the
-# default suite (several minutes on 2 cores); RECSYS_TEST_SCHEDULER=1 opts in.
+# default suite (several minutes on 2 cores); AIRFLOW_SCHEDULER_TEST=1 opts in.
 .PHONY: test-scheduler
 test-scheduler: venv airflow-venv jars data
-	RECSYS_TEST_SCHEDULER=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
+	AIRFLOW_SCHEDULER_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
 
 # Open Bandit Pipeline for the replay-estimator cross-check in tests/test_estimators.py (skipped without it): its own
 # small environment from requirements/obp.lock (obp 0.5.7 declares Python < 3.11, hence pip --ignore-requires-python

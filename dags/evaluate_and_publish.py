@@ -1,6 +1,6 @@
 """``evaluate_and_publish``: runs when ``recsys.embeddings`` is updated (the train DAG's export). Replay evaluation
 over the held-out log (``python -m serving.replay``), then the publish gate (``python -m serving.evaluation.gate``,
-or ``RECSYS_PUBLISH_COMMAND``), which moves serving's pointer only when the new version beats the published one.
+or ``DAG_PUBLISH_COMMAND``), which moves serving's pointer only when the new version beats the published one.
 """
 
 from __future__ import annotations

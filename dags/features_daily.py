@@ -3,7 +3,7 @@ through the Spark provider's SparkSubmitOperator. The job replaces exactly that 
 backfill) of a day is idempotent for its data_interval_start; runs never overlap (max_active_runs=1, one lake).
 
 Spark is reached through the connection ``spark_default``: ``AIRFLOW_CONN_SPARK_DEFAULT`` (set here to local[2]
-when the worker has none, recsys_flows.DEFAULT_SPARK_CONN). ``RECSYS_SPARK_PROFILE`` (local | standalone |
+when the worker has none, recsys_flows.DEFAULT_SPARK_CONN). ``DAG_SPARK_PROFILE`` (local | standalone |
 kubernetes) picks the properties file infra/spark/<profile>.conf. Backfill a range with::
 
     airflow backfill create --dag-id features_daily --from-date 2024-01-01 --to-date 2024-01-03 --max-active-runs 1
@@ -31,7 +31,7 @@ import recsys_flows as rf  # noqa: E402
 
 os.environ.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", rf.DEFAULT_SPARK_CONN)
 PROFILE = rf.spark_profile()
-START = datetime.fromisoformat(os.environ.get("RECSYS_FEATURES_DAILY_START", "2024-01-01")).replace(tzinfo=timezone.utc)
+START = datetime.fromisoformat(os.environ.get("DAG_FEATURES_DAILY_START", "2024-01-01")).replace(tzinfo=timezone.utc)
 GOLD_FEATURES = Asset(name=rf.GOLD_FEATURES_ASSET, uri="recsys://lake/gold/ctr_samples")
 
 with DAG(
@@ -50,7 +50,7 @@ with DAG(
     SparkSubmitOperator(
         task_id="daily_features",
         conn_id="spark_default",
-        application=str(rf.REPO / os.environ.get("RECSYS_DAILY_FEATURES_APP", rf.DAILY_FEATURES_APP)),
+        application=str(rf.REPO / os.environ.get("DAG_DAILY_FEATURES_APP", rf.DAILY_FEATURES_APP)),
         application_args=rf.spark_application_args("{{ ds }}"),
         properties_file=rf.spark_properties_file(PROFILE),
         jars=f"{{{{ recsys_spark_jars({PROFILE!r}) }}}}" if PROFILE == "local" else None,

@@ -8,6 +8,10 @@ Data flow between the DAGs (Airflow 3 assets, so a DAG runs when its input was w
     features_daily (@daily, one day of gold features) --[recsys.gold_features]--> train
     train (training set -> Ray jobs -> embedding export) --[recsys.embeddings]--> evaluate_and_publish
 
+The orchestration settings read here are ``DAG_*`` variables (DAG_SPARK_PROFILE, DAG_RAY_JOBS_ADDRESS,
+DAG_PUBLISH_COMMAND, DAG_DAILY_FEATURES_APP, DAG_FEATURES_DAILY_START), never ``RECSYS_*``: every stage reads all
+``RECSYS_*`` variables into features.config, which rejects unknown keys.
+
 >>> spark_application_args("2024-01-02")
 ['--date', '2024-01-02']
 >>> ray_job_argv("deepfm", "http://head:8265", submission_id="s1", python="python", ray="ray")[:5]
@@ -42,12 +46,12 @@ VENV_BIN = REPO / ".venv" / "bin"
 #: with ``"extra": {"deploy-mode": "cluster", "namespace": "recsys"}`` (see docs/spark.md).
 DEFAULT_SPARK_CONN = json.dumps({"conn_type": "spark", "host": "local[2]", "extra": {"spark-binary": "spark-submit"}})
 
-#: spark-defaults style file per profile (``RECSYS_SPARK_PROFILE``): local (this machine, jars from .jars/spark),
+#: spark-defaults style file per profile (``DAG_SPARK_PROFILE``): local (this machine, jars from .jars/spark),
 #: standalone or kubernetes (packages resolved from Maven by the cluster; see infra/spark/).
 SPARK_PROFILES = ("local", "standalone", "kubernetes")
 
 #: The batch job of one day: ``spark-submit pipelines/daily_features.py --date YYYY-MM-DD`` replaces exactly that
-#: day in Delta. ``RECSYS_DAILY_FEATURES_APP`` points elsewhere (the tests use pipelines/features_batch.py, which
+#: day in Delta. ``DAG_DAILY_FEATURES_APP`` points elsewhere (the tests use pipelines/features_batch.py, which
 #: ignores ``--date`` and rebuilds everything: idempotent as well).
 DAILY_FEATURES_APP = "pipelines/daily_features.py"
 TRAINING_SET_APP = "pipelines/features_batch.py"
@@ -71,19 +75,19 @@ TASK_TABLES: dict[str, tuple[str, str | None]] = {
 
 #: The entry points of the train and evaluate DAGs (``python -m`` modules with their arguments).
 TRAIN_MODELS = ("deepfm", "din", "item2vec")
-PUBLISH_MODULE = ("serving.evaluation.gate",)  # the serving team's publish gate; RECSYS_PUBLISH_COMMAND overrides
+PUBLISH_MODULE = ("serving.evaluation.gate",)  # the serving team's publish gate; DAG_PUBLISH_COMMAND overrides
 
 
 def spark_profile(environ: Mapping[str, str] | None = None) -> str:
-    """The Spark profile from ``RECSYS_SPARK_PROFILE`` (default ``local``).
+    """The Spark profile from ``DAG_SPARK_PROFILE`` (default ``local``).
 
     Raises:
         ValueError: not one of SPARK_PROFILES.
     """
     environ = os.environ if environ is None else environ
-    profile = environ.get("RECSYS_SPARK_PROFILE") or "local"
+    profile = environ.get("DAG_SPARK_PROFILE") or "local"
     if profile not in SPARK_PROFILES:
-        raise ValueError(f"RECSYS_SPARK_PROFILE={profile!r} is not one of {SPARK_PROFILES}")
+        raise ValueError(f"DAG_SPARK_PROFILE={profile!r} is not one of {SPARK_PROFILES}")
     return profile
 
 
@@ -125,7 +129,7 @@ def ray_job_argv(model: str, address: str | None, submission_id: str | None = No
                  ray: str | None = None, runtime_env: Mapping | None = None) -> list[str]:
     """The argv that trains ``model``.
 
-    With a Ray address (the dashboard's, ``http://head:8265``; ``RECSYS_RAY_JOBS_ADDRESS``): a Ray job submitted
+    With a Ray address (the dashboard's, ``http://head:8265``; ``DAG_RAY_JOBS_ADDRESS``): a Ray job submitted
     through the Jobs API (``ray job submit``), which waits for the job and exits with its status; the entry point is
     the same ``python -m training.train --model <model>`` that runs locally. Without one: the entry point itself,
     which starts a local Ray cluster in-process (features.config ``train.ray_cpus``) and stops it when done.
@@ -156,15 +160,15 @@ def ray_job_argv(model: str, address: str | None, submission_id: str | None = No
 def ray_job_command(model: str, run_id: str, try_number: int | str = 1,
                     environ: Mapping[str, str] | None = None) -> str:
     """:func:`ray_job_argv` for a task, quoted for bash, with the address and the job's environment read from the
-    worker's environment when the task runs: ``RECSYS_RAY_JOBS_ADDRESS`` (none: local cluster) and every
+    worker's environment when the task runs: ``DAG_RAY_JOBS_ADDRESS`` (none: local cluster) and every
     ``RECSYS_*`` variable (passed to the job as its env_vars, so the job reads the same lake and settings).
 
     >>> ray_job_command("item2vec", "manual__1", environ={})  # doctest: +ELLIPSIS
     '.../.venv/bin/python -m training.train --model item2vec'
     """
     environ = os.environ if environ is None else environ
-    address = environ.get("RECSYS_RAY_JOBS_ADDRESS") or None
-    env = {k: v for k, v in environ.items() if k.startswith("RECSYS_") and k != "RECSYS_RAY_JOBS_ADDRESS"}
+    address = environ.get("DAG_RAY_JOBS_ADDRESS") or None
+    env = {k: v for k, v in environ.items() if k.startswith("RECSYS_")}
     safe_run = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
     return shlex.join(ray_job_argv(model, address, submission_id=f"recsys-train-{model}-{safe_run}-try{try_number}",
                                    runtime_env={"env_vars": env} if env else None))
@@ -180,10 +184,10 @@ def python_command(module: tuple[str, ...] | list[str], environ: Mapping[str, st
 
 
 def publish_command(environ: Mapping[str, str] | None = None) -> str:
-    """The publish gate's command: ``RECSYS_PUBLISH_COMMAND`` when set (a full shell command), else
+    """The publish gate's command: ``DAG_PUBLISH_COMMAND`` when set (a full shell command), else
     ``python -m serving.evaluation.gate``."""
     environ = os.environ if environ is None else environ
-    return environ.get("RECSYS_PUBLISH_COMMAND") or python_command(PUBLISH_MODULE)
+    return environ.get("DAG_PUBLISH_COMMAND") or python_command(PUBLISH_MODULE)
 
 
 def failed_partition(task_id: str, context: Mapping) -> str:

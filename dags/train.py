@@ -3,7 +3,7 @@
 sample), trains DeepFM, DIN and item2vec, and exports their item embeddings (asset ``recsys.embeddings``, which
 schedules evaluate_and_publish).
 
-Training is a Ray job: with ``RECSYS_RAY_JOBS_ADDRESS`` set (a Ray cluster's dashboard, e.g.
+Training is a Ray job: with ``DAG_RAY_JOBS_ADDRESS`` set (a Ray cluster's dashboard, e.g.
 ``http://ray-head:8265``; infra/ray/) each model is ``ray job submit --address ... -- python -m training.train
 --model <m>`` through the Ray Jobs API, every ``RECSYS_*`` variable passed as the job's env_vars. Without it the
 same entry point runs here and starts a local Ray cluster in-process (the Jobs API needs ``ray[default]`` with the

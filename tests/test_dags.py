@@ -339,7 +339,7 @@ def test_train_runs_after_gold_features_and_produces_embeddings(dagbag):
     assert sorted(tasks) == sorted(order)
     assert [tasks[t]["upstream"] for t in order] == [[]] + [[t] for t in order[:-1]]
     assert tasks["training_set"]["spark_submit"][-1] == str(ROOT / "pipelines" / "features_batch.py")
-    for model in ("deepfm", "din", "item2vec"):  # no RECSYS_RAY_JOBS_ADDRESS here: the local Ray cluster
+    for model in ("deepfm", "din", "item2vec"):  # no DAG_RAY_JOBS_ADDRESS here: the local Ray cluster
         assert shlex.split(tasks[f"train_{model}"]["rendered"]) == rf.ray_job_argv(model, None)
     assert shlex.split(tasks["export_embeddings"]["rendered"]) == [str(ROOT / ".venv/bin/python"), "-m",
                                                                  "serving.export"]
@@ -366,7 +366,7 @@ def test_stream_supervisor_runs_every_five_minutes_alone(dagbag):
 
 
 def test_ray_job_is_submitted_through_the_jobs_api_when_an_address_is_set():
-    env = {"RECSYS_RAY_JOBS_ADDRESS": "http://ray-head:8265", "RECSYS_TRAIN__USE_GPU": "true",
+    env = {"DAG_RAY_JOBS_ADDRESS": "http://ray-head:8265", "RECSYS_TRAIN__USE_GPU": "true",
            "RECSYS_DATA_DIR": "s3://lake", "HOME": "/root"}
     argv = shlex.split(rf.ray_job_command("deepfm", "scheduled__2024-01-02T00:00:00+00:00", 2, environ=env))
     assert argv[:5] == [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", "http://ray-head:8265"]
@@ -398,9 +398,9 @@ def test_ray_job_argv_is_what_the_ray_cli_parses():
 
 def test_spark_settings_per_profile():
     assert rf.spark_profile({}) == "local"
-    assert rf.spark_profile({"RECSYS_SPARK_PROFILE": "kubernetes"}) == "kubernetes"
+    assert rf.spark_profile({"DAG_SPARK_PROFILE": "kubernetes"}) == "kubernetes"
     with pytest.raises(ValueError):
-        rf.spark_profile({"RECSYS_SPARK_PROFILE": "yarn"})
+        rf.spark_profile({"DAG_SPARK_PROFILE": "yarn"})
     for profile in rf.SPARK_PROFILES:
         assert Path(rf.spark_properties_file(profile)).is_file()
     assert rf.spark_jars("kubernetes") is None and rf.spark_env_vars("kubernetes") == {"TZ": "UTC"}

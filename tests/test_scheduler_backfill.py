@@ -5,10 +5,10 @@ What runs, all from .venv-airflow in a temporary AIRFLOW_HOME with a SQLite meta
 ``airflow api-server`` (the Execution API the task workers report to), ``airflow dag-processor`` (parses dags/),
 ``airflow scheduler`` with the LocalExecutor (runs the tasks: SparkSubmitOperator -> the project's spark-submit).
 ``[scheduler] use_job_schedule`` is off, so only the backfill's runs exist (the DAG's catchup would otherwise
-schedule every day since its start date). Ports: ``RECSYS_TEST_AIRFLOW_PORT`` (default 28780) and the next one.
+schedule every day since its start date). Ports: ``AIRFLOW_TEST_PORT`` (default 28780) and the next one.
 
 The lake is a small bronze table built here with pipelines.spark: 300 events over 2024-01-01..03. The application
-is ``RECSYS_TEST_DAILY_APP`` (default pipelines/features_batch.py, which ignores ``--date`` and rebuilds every
+is ``AIRFLOW_TEST_DAILY_APP`` (default pipelines/features_batch.py, which ignores ``--date`` and rebuilds every
 table: idempotent as well); set it to pipelines/daily_features.py to backfill with the daily job.
 
 Run alone with ``make test-scheduler``.
@@ -30,15 +30,15 @@ from features.config import ROOT, PlatformConfig, SparkConfig
 from features.tables import BRONZE_INTERACTIONS, CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, USER_VOCAB
 
 AIRFLOW_BIN = ROOT / ".venv-airflow" / "bin" / "airflow"
-PORT = int(os.environ.get("RECSYS_TEST_AIRFLOW_PORT", "28780"))
+PORT = int(os.environ.get("AIRFLOW_TEST_PORT", "28780"))
 DAYS = ("2024-01-01", "2024-01-02", "2024-01-03")
-APP = os.environ.get("RECSYS_TEST_DAILY_APP", "pipelines/features_batch.py")
+APP = os.environ.get("AIRFLOW_TEST_DAILY_APP", "pipelines/features_batch.py")
 
 pytestmark = [
     pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800),
     pytest.mark.skipif(not AIRFLOW_BIN.exists(), reason="no .venv-airflow: run `make airflow-venv`"),
-    pytest.mark.skipif(os.environ.get("RECSYS_TEST_SCHEDULER") != "1",
-                       reason="several minutes on 2 cores: `make test-scheduler` (RECSYS_TEST_SCHEDULER=1)"),
+    pytest.mark.skipif(os.environ.get("AIRFLOW_SCHEDULER_TEST") != "1",
+                       reason="several minutes on 2 cores: `make test-scheduler` (AIRFLOW_SCHEDULER_TEST=1)"),
 ]
 
 
@@ -138,7 +138,7 @@ def test_scheduler_backfills_three_days_idempotently(tmp_path, spark):
            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
            "PATH": f"{ROOT / '.venv-airflow' / 'bin'}:{os.environ.get('PATH', '')}",
-           "RECSYS_DAILY_FEATURES_APP": APP, "RECSYS_FEATURES_DAILY_START": DAYS[0],
+           "DAG_DAILY_FEATURES_APP": APP, "DAG_FEATURES_DAILY_START": DAYS[0],
            "RECSYS_DATA_DIR": str(data), "RECSYS_RAW_DIR": str(ROOT / "data" / "raw"),
            "RECSYS_ARTIFACTS_DIR": str(tmp_path / "artifacts"), "RECSYS_SPARK__SHUFFLE_PARTITIONS": "2"}
     env.pop("AIRFLOW_CONN_SPARK_DEFAULT", None)  # the DAG's default: local[2]
