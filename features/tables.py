@@ -73,7 +73,7 @@ def _split_top_level(ddl: str) -> list[str]:
 BRONZE_INTERACTIONS = TableSpec(
     "bronze.interactions",
     "event_id string, user_id int, item_id int, rating float, event_time timestamp, event_date date, "
-    "kafka_partition int, kafka_offset bigint, ingested_at timestamp",
+    "kafka_partition int, kafka_offset bigint, ingested_at timestamp, event_type string",
     partition_by=("event_date",),
     doc="One valid interaction event as it arrived on the Kafka topic, deduplicated on event_id.",
 )
@@ -119,9 +119,32 @@ ITEM_SEQUENCES = TableSpec(
     doc="A user's positively rated items of the train period in time order: item2vec's sentences.",
 )
 
+INGEST_BATCHES = TableSpec(
+    "quarantine.ingest_batches",
+    "query_id string, batch_id bigint, messages bigint, valid bigint, inserted bigint, duplicates bigint, "
+    "quarantined bigint, written_at timestamp",
+    doc="One ingest micro-batch: messages read, valid, inserted into bronze, duplicates of an event_id already "
+        "seen (kept once, not quarantined) and quarantined; appended idempotently (txnAppId/txnVersion).",
+)
+ITEM_WINDOW_STATS = TableSpec(
+    "gold.item_window_stats",
+    "item_id int, event_date date, events_1d bigint, positives_1d bigint, ctr_1d double, "
+    "events_7d bigint, positives_7d bigint, ctr_7d double, feature_ts timestamp",
+    partition_by=("event_date",),
+    doc="An item's event counts and CTR over the 1 and 7 days of event time ending with event_date; known from "
+        "feature_ts = event_date + 1 day (00:00 UTC). One row per item with an event in the 7-day window.",
+)
+USER_RECENT_ITEMS = TableSpec(
+    "gold.user_recent_items",
+    "user_id int, event_date date, recent_items array<int>, recent_len int, feature_ts timestamp",
+    partition_by=("event_date",),
+    doc="A user's last items (item_id, oldest first) of every event up to the end of event_date; one row per "
+        "user and day with an event; known from feature_ts = event_date + 1 day (00:00 UTC).",
+)
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS, USER_VOCAB, ITEM_VOCAB, USER_FEATURES, ITEM_FEATURES,
-    CATEGORY_VOCAB, CTR_SAMPLES, ITEM_SEQUENCES,
+    CATEGORY_VOCAB, CTR_SAMPLES, ITEM_SEQUENCES, INGEST_BATCHES, ITEM_WINDOW_STATS, USER_RECENT_ITEMS,
 )}
 
 
@@ -144,6 +167,18 @@ def parquet_export(table: TableSpec, lake_dir: str | Path) -> str:
     '/lake/export/ctr_samples'
     """
     return str(Path(lake_dir) / "export" / table.name.partition(".")[2])
+
+
+PIT_TRAINING_SET = TableSpec(
+    "gold.pit_training_set",
+    "event_id string, user_id int, item_id int, event_time timestamp, label int, "
+    "events_1d bigint, positives_1d bigint, ctr_1d double, events_7d bigint, positives_7d bigint, ctr_7d double, "
+    "recent_items array<int>, recent_len int",
+    doc="One bronze event as a labelled sample with every declared feature view joined point-in-time (the latest "
+        "row strictly before event_time, within the view's ttl). Each write's Delta commit records, as "
+        "userMetadata, the versions of the tables it was built from (pipelines.pit_join).",
+)
+TABLES[PIT_TRAINING_SET.name] = PIT_TRAINING_SET
 
 
 #: Versioned item embeddings, one row per (model, model_version, item); written by ``serving.export`` through

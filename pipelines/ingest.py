@@ -35,9 +35,26 @@ import time
 from pathlib import Path
 
 from features.config import PlatformConfig, load_config
-from features.events import EVENT_SCHEMA_DDL, FIELDS, MAX_MESSAGE_BYTES, MAX_RATING, MIN_EVENT_TIME, MIN_RATING
+from features.events import (
+    EVENT_SCHEMA_DDL,
+    EVENT_TYPES,
+    FIELDS,
+    MAX_MESSAGE_BYTES,
+    MAX_RATING,
+    MIN_EVENT_TIME,
+    MIN_RATING,
+    OPTIONAL_FIELDS,
+)
+from features.errors import TableNotFoundError
 from features.results import write_stage_result
-from features.tables import BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS, TableSpec
+from features.tables import (
+    BRONZE_INTERACTIONS,
+    INGEST_BATCHES,
+    ITEM_VOCAB,
+    QUARANTINE_INTERACTIONS,
+    USER_VOCAB,
+    TableSpec,
+)
 
 log = logging.getLogger("pipelines.ingest")
 
@@ -51,7 +68,7 @@ _JSON_OPTIONS = {"allowSingleQuotes": "false", "allowUnquotedFieldNames": "false
                  "allowUnquotedControlChars": "false", "allowBackslashEscapingAnyCharacter": "false"}
 #: Every field as VARIANT: parsing never fails on a field's type, so ``_corrupt_record`` is set only when the
 #: message is not JSON (or not an object), and ``schema_of_variant`` gives each field's JSON type.
-_PROBE_DDL = ", ".join(f"{name} variant" for name in FIELDS) + ", _corrupt_record string"
+_PROBE_DDL = ", ".join(f"{name} variant" for name in (*FIELDS, *OPTIONAL_FIELDS)) + ", _corrupt_record string"
 #: json.loads accepts only whitespace around the one top-level value; Spark's parser ignores trailing text.
 _JSON_OBJECT_RE = r"(?s)\A[ \t\n\r]*\{.*\}[ \t\n\r]*\z"
 #: datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ") as a regex: the groups of CPython's _strptime.TimeRE (one-digit
@@ -61,9 +78,10 @@ _EVENT_TIME_RE = (r"(?i)\A([0-9]{4})-(1[0-2]|0[1-9]|[1-9])-(3[01]|[12][0-9]|0[1-
                   r"T(2[0-3]|[01][0-9]|[0-9]):([0-5][0-9]|[0-9]):(6[01]|[0-5][0-9]|[0-9])Z\z")
 
 
-def _validation_rules():
+def _validation_rules(known_users: list[int] | None = None, known_items: list[int] | None = None):
     """``[(condition, reason, detail)]`` in the order :func:`features.events.parse_event` checks them; the first
-    condition that holds names the message's reason.
+    condition that holds names the message's reason. ``known_users``/``known_items``: a closed vocabulary
+    (None: open).
 
     Expects the columns that :func:`validate` prepares: ``_bytes`` (binary), ``_text`` (string, possibly invalid
     UTF-8), ``_probe`` (struct of variants), ``_typed`` (struct of EVENT_SCHEMA_DDL), ``_event_ts`` (timestamp).
@@ -101,7 +119,16 @@ def _validation_rules():
         (F.col("_event_ts").isNull() | (F.col("_event_ts") < F.lit(MIN_EVENT_TIME.strftime("%Y-%m-%d %H:%M:%S"))
                                         .cast("timestamp")) | (F.col("_event_ts") > F.current_timestamp()),
          "bad_timestamp", typed["event_time"]),
+        (~absent("event_type") & (json_type("event_type") != "STRING"), "wrong_type", F.lit("event_type")),
+        (~absent("event_type") & ~typed["event_type"].isin(*EVENT_TYPES), "unknown_event_type",
+         typed["event_type"]),
     ]
+    if known_users is not None:
+        rules.append((~typed["user_id"].isin(*known_users), "unknown_id",
+                      F.concat(F.lit("user_id "), typed["user_id"].cast("string"))))
+    if known_items is not None:
+        rules.append((~typed["item_id"].isin(*known_items), "unknown_id",
+                      F.concat(F.lit("item_id "), typed["item_id"].cast("string"))))
     return rules
 
 
@@ -116,18 +143,19 @@ def _event_time(text_col):
     return F.when(text_col.rlike(_EVENT_TIME_RE), F.try_to_timestamp(normalised, F.lit("yyyy-MM-dd HH:mm:ss")))
 
 
-def validate(messages):
+def validate(messages, known_users: list[int] | None = None, known_items: list[int] | None = None):
     """Validate Kafka messages with the rules of :func:`features.events.parse_event`.
 
     Args:
         messages: DataFrame with the Kafka source's ``value`` (binary, may be null), ``partition``, ``offset``,
             ``timestamp``.
+        known_users, known_items: a closed vocabulary (ids outside it are ``unknown_id``); None: open.
 
     Returns:
         The input's Kafka columns plus ``reason`` and ``detail`` (null for a valid event; else one of
         ``features.events.REASONS`` and what was wrong), ``raw`` (the value decoded as UTF-8 with U+FFFD for bad
         bytes) and the typed fields ``event_id``, ``user_id``, ``item_id``, ``rating`` (double), ``event_time``
-        (timestamp, UTC). A null value (tombstone) is read as empty bytes, hence ``not_json``.
+        (timestamp, UTC), ``event_type`` (``rating`` when absent). A null value (tombstone) is read as empty bytes, hence ``not_json``.
     """
     from pyspark.sql import functions as F
 
@@ -141,7 +169,7 @@ def validate(messages):
         .withColumn("_event_ts", _event_time(F.col("_typed.event_time")))
     )
     verdict = F.lit(None).cast("struct<reason: string, detail: string>")
-    for condition, reason, detail in reversed(_validation_rules()):  # build the CASE from the last rule up
+    for condition, reason, detail in reversed(_validation_rules(known_users, known_items)):  # build the CASE from the last rule up
         verdict = F.when(condition, F.struct(F.lit(reason).alias("reason"), detail.alias("detail"))) \
                    .otherwise(verdict)
     return prepared.withColumn("_verdict", verdict).select(
@@ -151,6 +179,7 @@ def validate(messages):
         F.col("_typed.event_id").alias("event_id"), F.col("_typed.user_id").alias("user_id"),
         F.col("_typed.item_id").alias("item_id"), F.col("_typed.rating").alias("rating"),
         F.col("_event_ts").alias("event_time"),
+        F.coalesce(F.col("_typed.event_type"), F.lit(OPTIONAL_FIELDS["event_type"])).alias("event_type"),
     )
 
 
@@ -169,16 +198,24 @@ def _query_id(checkpoint: Path) -> str:
     return json.loads((checkpoint / "metadata").read_text())["id"]
 
 
-def _batch_writer(bronze_path: str, quarantine_path: str, checkpoint: Path):
-    """The foreachBatch function: validate, MERGE valid events into bronze, append rejects to quarantine."""
+def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
+                  known_users: list[int] | None = None, known_items: list[int] | None = None):
+    """The foreachBatch function: validate, MERGE valid events into bronze, append rejects to quarantine, log the
+    batch's counts (``quarantine.ingest_batches``) and, with ``speed_layer``, MERGE the feature rows the new events
+    change (``pipelines.speed_layer``)."""
     from delta.tables import DeltaTable
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    from pipelines.speed_layer import update_speed_tables
+
+    bronze_path, quarantine_path = BRONZE_INTERACTIONS.path(lake_dir), QUARANTINE_INTERACTIONS.path(lake_dir)
     bronze_cols, quarantine_cols = BRONZE_INTERACTIONS.columns, QUARANTINE_INTERACTIONS.columns
 
     def write(batch, batch_id: int) -> None:
-        checked = (validate(batch).withColumn("ingested_at", F.current_timestamp())
+        spark = batch.sparkSession
+        query_id = _query_id(checkpoint)
+        checked = (validate(batch, known_users, known_items).withColumn("ingested_at", F.current_timestamp())
                    .withColumn("kafka_partition", F.col("partition").cast("int"))
                    .withColumn("kafka_offset", F.col("offset").cast("bigint"))
                    .withColumn("kafka_timestamp", F.col("timestamp"))
@@ -189,18 +226,47 @@ def _batch_writer(bronze_path: str, quarantine_path: str, checkpoint: Path):
                      .withColumn("rating", F.col("rating").cast("float"))
                      .withColumn("event_date", F.to_date("event_time"))
                      .withColumn("_n", F.row_number().over(first)).where("_n = 1")  # dedupe within the batch
-                     .select(*bronze_cols))
-            (DeltaTable.forPath(batch.sparkSession, bronze_path).alias("t")
-             .merge(valid.alias("s"), "t.event_id = s.event_id")
+                     .select(*bronze_cols)).persist()
+            bronze = DeltaTable.forPath(spark, bronze_path)
+            new = valid.join(bronze.toDF().select("event_id"), "event_id", "left_anti").persist()
+            counts = checked.agg(F.count(F.lit(1)).alias("messages"),
+                                 F.count(F.when(F.col("reason").isNull(), 1)).alias("valid"),
+                                 F.count("reason").alias("quarantined")).first()
+            inserted = new.count()
+            (bronze.alias("t").merge(valid.alias("s"), "t.event_id = s.event_id")
              .whenNotMatchedInsertAll().execute())
             (checked.where(F.col("reason").isNotNull()).select(*quarantine_cols)
              .write.format("delta").mode("append")
-             .option("txnAppId", f"ingest-quarantine-{_query_id(checkpoint)}").option("txnVersion", batch_id)
+             .option("txnAppId", f"ingest-quarantine-{query_id}").option("txnVersion", batch_id)
              .save(quarantine_path))
+            if speed_layer:
+                update_speed_tables(spark, lake_dir, spark.read.format("delta").load(bronze_path), new,
+                                    f"ingest-speed-{query_id}", batch_id)
+            log_row = [(query_id, batch_id, counts["messages"], counts["valid"], inserted,
+                        counts["valid"] - inserted, counts["quarantined"])]
+            (spark.createDataFrame(log_row, "query_id string, batch_id bigint, messages bigint, valid bigint, "
+                                   "inserted bigint, duplicates bigint, quarantined bigint")
+             .withColumn("written_at", F.current_timestamp())
+             .write.format("delta").mode("append")
+             .option("txnAppId", f"ingest-batches-{query_id}").option("txnVersion", batch_id)
+             .save(INGEST_BATCHES.path(lake_dir)))
+            new.unpersist()
+            valid.unpersist()
         finally:
             checked.unpersist()
 
     return write
+
+
+def _add_missing_columns(spark, spec: TableSpec, path: str) -> None:
+    """Schema evolution of a table written by an older version of this stage: add the contract's new columns
+    (nullable; e.g. bronze's ``event_type``) so the MERGE's insert-all matches."""
+    from pyspark.sql.types import StructType
+
+    have = set(spark.read.format("delta").load(path).columns)
+    for f in StructType.fromDDL(spec.schema).fields:
+        if f.name not in have:
+            spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({f.name} {f.dataType.simpleString()})")
 
 
 def table_counts(spark, cfg: PlatformConfig) -> dict:
@@ -208,12 +274,33 @@ def table_counts(spark, cfg: PlatformConfig) -> dict:
     bronze = spark.read.format("delta").load(BRONZE_INTERACTIONS.path(cfg.lake_dir))
     quarantine = spark.read.format("delta").load(QUARANTINE_INTERACTIONS.path(cfg.lake_dir))
     reasons = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+    batches = spark.read.format("delta").load(INGEST_BATCHES.path(cfg.lake_dir))
+    duplicates = batches.agg({"duplicates": "sum"}).first()[0] or 0
     return {"events_bronze": bronze.count(), "events_quarantined": sum(reasons.values()),
-            "quarantine_reasons": dict(sorted(reasons.items()))}
+            "quarantine_reasons": dict(sorted(reasons.items())), "duplicates": int(duplicates)}
+
+
+def closed_vocabulary(spark, cfg: PlatformConfig) -> tuple[list[int], list[int]]:
+    """The user and item ids of ``silver.user_vocab`` / ``silver.item_vocab`` (written by the features stage).
+
+    Raises:
+        TableNotFoundError: a vocabulary has not been written yet.
+    """
+    from delta.tables import DeltaTable
+
+    out = []
+    for spec, col in ((USER_VOCAB, "user_id"), (ITEM_VOCAB, "item_id")):
+        path = spec.path(cfg.lake_dir)
+        if not DeltaTable.isDeltaTable(spark, path):
+            raise TableNotFoundError(spec.name, path, "the features stage (pipelines/features_batch.py), or ingest "
+                                     "without --closed-vocab")
+        out.append(sorted(r[0] for r in spark.read.format("delta").load(path).select(col).collect()))
+    return out[0], out[1]
 
 
 def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", interval_s: float = 10.0,
-               max_offsets_per_trigger: int | None = None) -> dict:
+               max_offsets_per_trigger: int | None = None, speed_layer: bool | None = None,
+               closed_vocab: bool = False) -> dict:
     """Stream the topic ``cfg.kafka.topic`` into bronze and quarantine.
 
     Args:
@@ -223,13 +310,18 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
             every ``interval_s`` seconds until the query is stopped (Ctrl-C stops it cleanly).
         interval_s: seconds between micro-batches (continuous only).
         max_offsets_per_trigger: cap on messages per micro-batch (None: all that are available).
+        speed_layer: also MERGE the speed-layer feature tables in each micro-batch (``pipelines.speed_layer``);
+            None: on for ``continuous``, off for ``available-now``.
+        closed_vocab: reject ids outside ``silver.user_vocab``/``silver.item_vocab`` as ``unknown_id``.
 
     Returns:
         ``events_bronze``, ``events_quarantined`` (rows in the tables), ``quarantine_reasons`` ({reason: rows}),
+        ``duplicates`` (valid messages whose event_id was already taken, kept once and not quarantined),
         ``ingest_wall_s`` (seconds the query ran).
 
     Raises:
         ValueError: an unknown trigger.
+        TableNotFoundError: ``closed_vocab`` without vocabularies.
         pyspark.errors.StreamingQueryException: the query failed (broker unreachable, lake not writable); the
             checkpoint lets a re-run resume where it stopped.
     """
@@ -239,7 +331,12 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
     quarantine_path = QUARANTINE_INTERACTIONS.path(cfg.lake_dir)
     checkpoint = cfg.checkpoint_dir / STAGE
     _ensure_table(spark, BRONZE_INTERACTIONS, bronze_path)
+    _add_missing_columns(spark, BRONZE_INTERACTIONS, bronze_path)
     _ensure_table(spark, QUARANTINE_INTERACTIONS, quarantine_path)
+    _ensure_table(spark, INGEST_BATCHES, INGEST_BATCHES.path(cfg.lake_dir))
+    if speed_layer is None:
+        speed_layer = trigger == "continuous"
+    known_users, known_items = closed_vocabulary(spark, cfg) if closed_vocab else (None, None)
 
     reader = (spark.readStream.format("kafka")
               .option("kafka.bootstrap.servers", cfg.kafka.bootstrap)
@@ -248,7 +345,7 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
     if max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
     writer = (reader.load().writeStream.queryName(f"ingest-{cfg.kafka.topic}")
-              .foreachBatch(_batch_writer(bronze_path, quarantine_path, checkpoint))
+              .foreachBatch(_batch_writer(cfg.lake_dir, checkpoint, speed_layer, known_users, known_items))
               .option("checkpointLocation", str(checkpoint)))
     writer = (writer.trigger(availableNow=True) if trigger == "available-now"
               else writer.trigger(processingTime=f"{interval_s} seconds"))
@@ -263,6 +360,23 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
     return {**table_counts(spark, cfg), "ingest_wall_s": round(wall_s, 3)}
 
 
+def reprocess(spark, cfg: PlatformConfig, max_offsets_per_trigger: int | None = None) -> dict:
+    """Rebuild the speed-layer tables by replaying the topic from its earliest offset into a shadow lake (its own
+    bronze, quarantine and checkpoint, under ``<data_dir>/shadow/<unix s>``), then swap them into the live lake.
+    Stop the live continuous query first: the swap renames directories.
+
+    Returns:
+        The shadow run's ingest figures plus ``shadow_dir`` and ``retired`` ({table: where the old copy went}).
+    """
+    from pipelines.speed_layer import swap_in
+
+    shadow = cfg.model_copy(update={"data_dir": cfg.data_dir / "shadow" / str(int(time.time()))})
+    result = run_ingest(spark, shadow, "available-now", max_offsets_per_trigger=max_offsets_per_trigger,
+                        speed_layer=True)
+    retired = swap_in(shadow.lake_dir, cfg.lake_dir)
+    return {**result, "shadow_dir": str(shadow.data_dir), "retired": retired}
+
+
 def main(argv: list[str] | None = None) -> None:
     from pipelines.spark import get_spark
 
@@ -270,11 +384,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trigger", choices=TRIGGERS, default="available-now")
     parser.add_argument("--interval-s", type=float, default=10.0, help="seconds between micro-batches")
     parser.add_argument("--max-offsets-per-trigger", type=int, default=None)
+    parser.add_argument("--speed-layer", action=argparse.BooleanOptionalAction, default=None,
+                        help="maintain the speed-layer feature tables (default: on for continuous only)")
+    parser.add_argument("--closed-vocab", action="store_true", help="quarantine ids outside the vocabularies")
+    parser.add_argument("--reprocess", action="store_true",
+                        help="replay the topic from the earliest offset into shadow tables and swap them in")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config()
     spark = get_spark(cfg, app_name="recsys-ingest")
-    result = run_ingest(spark, cfg, args.trigger, args.interval_s, args.max_offsets_per_trigger)
+    if args.reprocess:
+        result = reprocess(spark, cfg, args.max_offsets_per_trigger)
+        path = write_stage_result(cfg, "ingest_reprocess", result)
+        print(f"reprocess: speed tables rebuilt from {result['events_bronze']:,} events and swapped in; "
+              f"result: {path}")
+        spark.stop()
+        return
+    result = run_ingest(spark, cfg, args.trigger, args.interval_s, args.max_offsets_per_trigger,
+                        args.speed_layer, args.closed_vocab)
     if args.trigger == "available-now":
         path = write_stage_result(cfg, STAGE, result)
         print(f"ingest: {result['events_bronze']:,} events in bronze, {result['events_quarantined']:,} "

@@ -60,6 +60,22 @@ MALFORMED: list[tuple[bytes, str, str | None]] = [
     (event_json(event_time="1997-12-04T15:55:60Z"), "bad_timestamp", "1997-12-04T15:55:60Z"),
     (event_json(event_time="1994-12-31T23:59:59Z"), "bad_timestamp", "1994-12-31T23:59:59Z"),
     (event_json(event_time="2999-01-01T00:00:00Z"), "bad_timestamp", "2999-01-01T00:00:00Z"),
+    (event_json(event_time="-001-01-01T00:00:00Z"), "bad_timestamp", "-001-01-01T00:00:00Z"),  # negative year
+    (event_json(event_type="purchase"), "unknown_event_type", "purchase"),
+    (event_json(event_type="Rating"), "unknown_event_type", "Rating"),
+    (event_json(event_type=""), "unknown_event_type", ""),
+    (event_json(event_type=1), "wrong_type", "event_type"),
+    (event_json(event_type=["view"]), "wrong_type", "event_type"),
+    (event_json(event_type="x", event_time="bad"), "bad_timestamp", "bad"),  # event_time is checked first
+]
+
+#: A closed vocabulary and the messages it rejects (``unknown_id``); ``MALFORMED`` runs with an open one.
+KNOWN_USERS, KNOWN_ITEMS = {196, 1}, {242, 2}
+CLOSED_REJECTED: list[tuple[bytes, str, str]] = [
+    (event_json(user_id=7), "unknown_id", "user_id 7"),
+    (event_json(item_id=9), "unknown_id", "item_id 9"),
+    (event_json(user_id=7, item_id=9), "unknown_id", "user_id 7"),  # users first
+    (event_json(user_id=7, event_type="buy"), "unknown_event_type", "buy"),  # the type is checked before ids
 ]
 
 #: Unusual but valid messages (strptime's leniency, JSON whitespace, an integer rating) and the Event they give.
@@ -71,11 +87,22 @@ VALID: list[tuple[bytes, Event]] = [
     (event_json(event_time="1998-01-02t03:04:05z"), Event("e1", 196, 242, 3.0, "1998-01-02t03:04:05z")),
     (b' \n{"event_id":"e2","user_id":1,"item_id":2,"rating":5,"event_time":"1998-01-01T00:00:00Z","x":[1]}\t',
      Event("e2", 1, 2, 5.0, "1998-01-01T00:00:00Z")),
+    (event_json(event_type="click"), Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", "click")),
+    (event_json(event_type="view"), Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", "view")),
+    (event_json(event_type=None), Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", "rating")),
 ]
 
 
 def test_every_reason_is_covered():
-    assert {reason for _, reason, _ in MALFORMED} == set(REASONS)
+    assert {reason for _, reason, _ in MALFORMED + CLOSED_REJECTED} == set(REASONS)
+
+
+@pytest.mark.parametrize("raw,reason,detail", CLOSED_REJECTED)
+def test_closed_vocabulary_rejects_unknown_ids(raw, reason, detail):
+    with pytest.raises(EventError) as info:
+        parse_event(raw, now=NOW, known_users=KNOWN_USERS, known_items=KNOWN_ITEMS)
+    assert (info.value.reason, info.value.detail) == (reason, detail)
+    assert parse_event(event_json(), now=NOW, known_users=KNOWN_USERS, known_items=KNOWN_ITEMS).user_id == 196
 
 
 @pytest.mark.parametrize("raw,reason,detail", MALFORMED, ids=[f"{r}-{i}" for i, (_, r, _) in enumerate(MALFORMED)])
@@ -97,6 +124,9 @@ def test_wire_format_round_trips():
     assert event.to_json() == (b'{"event_id":"ml100k-000000","user_id":196,"item_id":242,"rating":3.0,'
                                b'"event_time":"1997-12-04T15:55:49Z"}')
     assert parse_event(event.to_json(), now=NOW) == event
+    click = Event("c1", 1, 2, 1.0, "1998-01-01T00:00:00Z", "click")
+    assert click.to_json().endswith(b',"event_type":"click"}')
+    assert parse_event(click.to_json(), now=NOW) == click
 
 
 def test_now_bounds_event_time():
