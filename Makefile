@@ -126,13 +126,6 @@ bench-models: venv | $(UV)
 bench-serving: venv
 	$(PY) -m bench.serving_load
 
-# Airflow scheduler backfill (tests/test_scheduler_backfill.py): api-server, dag-processor and scheduler
-# (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice. Outside the
-# default suite (several minutes on 2 cores); AIRFLOW_SCHEDULER_TEST=1 opts in.
-.PHONY: test-scheduler
-test-scheduler: venv airflow-venv jars data
-	AIRFLOW_SCHEDULER_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
-
 # Open Bandit Pipeline for the replay-estimator cross-check in tests/test_estimators.py (skipped without it): its own
 # small environment from requirements/obp.lock (obp 0.5.7 declares Python < 3.11, hence pip --ignore-requires-python
 # and --no-deps), cached as $(CACHE)/venv-obp-<hash of the lock>, linked as .venv-obp; it sees .venv's packages
@@ -148,3 +141,10 @@ obp-venv: venv
 	  $(OBP_ENV)/bin/pip install -q --no-deps --ignore-requires-python -r requirements/obp.lock && \
 	  touch $(OBP_ENV)/.complete; fi
 	@rm -rf .venv-obp && ln -sfn $(OBP_ENV) .venv-obp
+
+# Airflow scheduler backfill (tests/test_scheduler_backfill.py): api-server, dag-processor and scheduler
+# (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice. Outside the
+# default suite (several minutes on 2 cores); AIRFLOW_SCHEDULER_TEST=1 opts in.
+.PHONY: test-scheduler
+test-scheduler: venv airflow-venv jars data
+	AIRFLOW_SCHEDULER_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
