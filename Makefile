@@ -105,13 +105,13 @@ bench-ingest: venv jars
 bench-batch: venv jars
 	$(PY) -m bench.batch_features --sizes $(BATCH_SIZES)
 fault-ingest: venv jars
-	$(PY) -m pytest -m "slow and integration" -s tests/test_ingest_kill.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m fault -s tests/test_ingest_kill.py $(PYTEST_ARGS)
 
 # Resume-after-failure test of training: SIGKILLs one Ray Train worker mid-epoch, checks the resumed run matches
 # an uninterrupted one (about 3 minutes on 2 cores).
 .PHONY: fault-train
 fault-train: venv
-	$(PY) -m pytest -m "slow and integration" -s -p no:cacheprovider tests/test_train_fault.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m fault -s -p no:cacheprovider tests/test_train_fault.py $(PYTEST_ARGS)
 
 # Model benchmark (bench/models.py): DeepFM/DIN/item2vec against DeepCTR-Torch, RecBole and gensim on the lake's
 # exports (run `make demo` first); the peers' environment is built by bench.models from

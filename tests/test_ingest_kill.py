@@ -26,7 +26,7 @@ from pipelines.generator import GeneratorConfig, generate, kafka_messages
 from pipelines.produce import ensure_topic, publish
 from pipelines.stages import build_command, kafka_command, kafka_env, stage_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.integration]
 
 KILLS = int(os.environ.get("FAULT_INGEST_KILLS", "5"))
 SEED = int(os.environ.get("FAULT_INGEST_SEED", "17"))

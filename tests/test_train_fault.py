@@ -17,7 +17,7 @@ import pytest
 
 from features.config import PlatformConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.integration]
 
 ROWS = {"train": 20000, "valid": 3000, "test": 3000}
 EPOCHS = 3
