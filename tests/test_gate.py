@@ -36,3 +36,19 @@ def test_pointer_moves_only_on_publish(tmp_path):
     path.write_text("{not json")
     with pytest.raises(PointerError, match="not valid JSON"):
         read_pointer(path)
+
+
+def test_cli_reports_the_evaluate_stage_decision(tmp_path, monkeypatch, capsys):
+    from features.config import PlatformConfig
+    from features.results import read_stage_result, write_stage_result
+    from serving.evaluation import gate as gate_mod
+
+    monkeypatch.setenv("RECSYS_ARTIFACTS_DIR", str(tmp_path))
+    cfg = PlatformConfig(artifacts_dir=tmp_path)
+    with pytest.raises(gate_mod.PlatformError):
+        gate_mod.main([])                                   # no evaluate result yet
+    decision = {"decision": "reject", "candidate": "item2vec-2", "serving": "item2vec-1", "pointer": "p"}
+    write_stage_result(cfg, "evaluate", {"retrieval": {}, "gate": decision})
+    assert gate_mod.main([]) == 0
+    assert read_stage_result(cfg, "publish") == decision
+    assert "reject item2vec-2 (serving now: item2vec-1)" in capsys.readouterr().out

@@ -120,3 +120,33 @@ def gate_and_publish(gate: PublishGate, path: str | Path, model: str, model_vers
     if decision is Decision.PUBLISH:
         return decision, publish(path, model, model_version, metrics)
     return decision, current
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.evaluation.gate``: the publish step of the ``evaluate_and_publish`` DAG.
+
+    The evaluate stage (``serving.replay``) applies the gate right after it measures the candidate, so the decision
+    and the pointer are taken in one place; this command reports that decision as the stage result ``publish``
+    and prints it. A REJECT is an outcome, not a failure: the exit status is 0 either way.
+
+    Raises:
+        PlatformError: the evaluate stage has no gate decision (it has not run, or had no item2vec results).
+    """
+    import argparse
+
+    from features.config import load_config
+    from features.results import read_stage_result, write_stage_result
+
+    argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0]).parse_args(argv)
+    cfg = load_config()
+    gate = read_stage_result(cfg, "evaluate").get("gate")
+    if gate is None:
+        raise PlatformError("the evaluate stage recorded no gate decision; run `python -m serving.replay` with the "
+                            "item2vec embeddings exported")
+    write_stage_result(cfg, "publish", gate)
+    print(f"publish gate: {gate['decision']} {gate['candidate']} (serving now: {gate['serving']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
