@@ -106,6 +106,10 @@ def print_summary(summary: dict) -> None:
     d = summary["models"]["deepfm"]
     t.add_row("DeepFM test AUC / logloss", f"{d['test_auc']:.4f} / {d['test_logloss']:.4f}")
     t.add_row("DeepFM train samples/s, epochs", f"{d['train_samples_per_s']:,.0f}, {d['epochs']}")
+    if "din" in summary["models"]:
+        n = summary["models"]["din"]
+        t.add_row("DIN test AUC / logloss, samples/s", f"{n['test_auc']:.4f} / {n['test_logloss']:.4f}, "
+                  f"{n['train_samples_per_s']:,.0f}")
     i = summary["models"]["item2vec"]
     t.add_row("item2vec pairs/s, epochs", f"{i['pairs_per_s']:,.0f}, {i['epochs']}")
     for model, plan in summary["sharding_plan"].items():
