@@ -18,7 +18,7 @@ if DAGS_DIR not in sys.path:
 
 import recsys_flows as rf  # noqa: E402
 
-EMBEDDINGS = Asset(name=rf.EMBEDDINGS_ASSET, uri="recsys://artifacts/embeddings")
+EMBEDDINGS = Asset(name=rf.EMBEDDINGS_ASSET, uri=rf.EMBEDDINGS_URI)
 
 with DAG(
     dag_id="evaluate_and_publish",

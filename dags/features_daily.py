@@ -32,7 +32,7 @@ import recsys_flows as rf  # noqa: E402
 os.environ.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", rf.DEFAULT_SPARK_CONN)
 PROFILE = rf.spark_profile()
 START = datetime.fromisoformat(os.environ.get("DAG_FEATURES_DAILY_START", "2024-01-01")).replace(tzinfo=timezone.utc)
-GOLD_FEATURES = Asset(name=rf.GOLD_FEATURES_ASSET, uri="recsys://lake/gold/ctr_samples")
+GOLD_FEATURES = Asset(name=rf.GOLD_FEATURES_ASSET, uri=rf.GOLD_FEATURES_URI)
 
 with DAG(
     dag_id="features_daily",

@@ -59,6 +59,9 @@ TRAINING_SET_APP = "pipelines/features_batch.py"
 #: Asset names: what features_daily writes (and train waits for), what train writes (evaluate_and_publish waits).
 GOLD_FEATURES_ASSET = "recsys.gold_features"
 EMBEDDINGS_ASSET = "recsys.embeddings"
+#: The asset URIs, declared once: the producing and the consuming DAG must name the same asset.
+GOLD_FEATURES_URI = "recsys://lake/gold/ctr_samples"
+EMBEDDINGS_URI = "recsys://artifacts/embeddings"
 
 #: Task id -> (table written, partition column): what the failure callback names.
 TASK_TABLES: dict[str, tuple[str, str | None]] = {

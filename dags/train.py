@@ -29,8 +29,8 @@ import recsys_flows as rf  # noqa: E402
 
 os.environ.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", rf.DEFAULT_SPARK_CONN)
 PROFILE = rf.spark_profile()
-GOLD_FEATURES = Asset(name=rf.GOLD_FEATURES_ASSET, uri="recsys://lake/gold/ctr_samples")
-EMBEDDINGS = Asset(name=rf.EMBEDDINGS_ASSET, uri="recsys://artifacts/embeddings")
+GOLD_FEATURES = Asset(name=rf.GOLD_FEATURES_ASSET, uri=rf.GOLD_FEATURES_URI)
+EMBEDDINGS = Asset(name=rf.EMBEDDINGS_ASSET, uri=rf.EMBEDDINGS_URI)
 
 with DAG(
     dag_id="train",

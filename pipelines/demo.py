@@ -27,19 +27,15 @@ from rich.table import Table
 from features.config import ROOT, PlatformConfig, load_config
 from features.results import read_stage_result
 from pipelines import movielens
-from pipelines.stages import STAGES, build_command, stage_env
+from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, stage_env
 
 console = Console()
-KAFKA_SCRIPT = ROOT / "infra" / "scripts" / "kafka.sh"
-
-
-def kafka_env(cfg: PlatformConfig) -> dict[str, str]:
-    port = int(cfg.kafka.bootstrap.rsplit(":", 1)[1])
-    return {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(port + 1)}
 
 
 def kafka(cfg: PlatformConfig, action: str, state_dir: Path) -> None:
-    subprocess.run([str(KAFKA_SCRIPT), action, str(state_dir)], check=action == "start", env=kafka_env(cfg))
+    """Start or stop the broker that ``cfg.kafka.bootstrap`` names (the same command the DAG runs)."""
+    subprocess.run(kafka_command(action, state_dir), check=action == "start",
+                   env={**os.environ, **kafka_env(cfg.kafka.bootstrap)})
 
 
 def reset(cfg: PlatformConfig, kafka_state: Path) -> None:
