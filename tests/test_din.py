@@ -9,8 +9,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _spawn import mark_done, spawn_checked
 from features.definitions import SPARSE_FEATURES
 from training.data import kjt_of_rows, synthetic_vocab_sizes
 from training.models import DIN, DIN_FEATURES, DINConfig
@@ -97,7 +97,7 @@ def test_activation_unit_by_hand():
 WORLD, BATCH, LR = 2, 6, 0.5
 
 
-def _worker(rank: int, port: int, strategy: str) -> None:
+def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -136,6 +136,7 @@ def _worker(rank: int, port: int, strategy: str) -> None:
                 torch.testing.assert_close(gathered[key], value - LR * ref_params[key].grad / WORLD,
                                            rtol=1e-4, atol=1e-6)
     dist.destroy_process_group()
+    mark_done(done_dir, rank)
 
 
 def _free_port() -> int:
@@ -146,5 +147,5 @@ def _free_port() -> int:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["planner", "row_wise"])
-def test_sharded_din_matches_unsharded(strategy):
-    mp.spawn(_worker, args=(_free_port(), strategy), nprocs=WORLD, join=True)
+def test_sharded_din_matches_unsharded(strategy, tmp_path):
+    spawn_checked(_worker, (_free_port(), strategy), WORLD, tmp_path)

@@ -9,7 +9,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from _spawn import mark_done, spawn_checked
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def _rows(n: int, seed: int) -> list[dict]:
              "zip_idx": r(12), "genre_idx": [r(20) for _ in range(r(4))]} for _ in range(n)]
 
 
-def _worker(rank: int, port: int, strategy: str) -> None:
+def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -88,6 +89,7 @@ def _worker(rank: int, port: int, strategy: str) -> None:
                 updated = value - LR * dense_ref[key].grad / WORLD  # TorchRec divides table grads by world size too
                 torch.testing.assert_close(gathered[key], updated, rtol=1e-4, atol=1e-6)
     dist.destroy_process_group()
+    mark_done(done_dir, rank)
 
 
 def _free_port() -> int:
@@ -97,5 +99,5 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("strategy", ["planner", "row_wise"])
-def test_sharded_deepfm_matches_unsharded(strategy):
-    mp.spawn(_worker, args=(_free_port(), strategy), nprocs=WORLD, join=True)
+def test_sharded_deepfm_matches_unsharded(strategy, tmp_path):
+    spawn_checked(_worker, (_free_port(), strategy), WORLD, tmp_path)
