@@ -21,7 +21,9 @@ seconds per engine and size (generation excluded, the Parquet is generated once 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -129,13 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     for n in sizes:
         data = dataset(n, args.seed, args.work_dir)
         size_mb = sum(f.stat().st_size for f in data.glob("*.parquet")) / 2**20
+        load_before = os.getloadavg()[0]
         spark_s, spark_sum = run_spark(spark, data, args.work_dir / f"out-spark-{n}")
         duck_s, duck_sum = run_duckdb(data, args.work_dir / f"out-duckdb-{n}", threads=2, memory="6GB")
+        load = (load_before, os.getloadavg()[0])
         if spark_sum != duck_sum:
             raise SystemExit(f"engines disagree at {n:,} events: spark {spark_sum} duckdb {duck_sum}")
-        rows.append((n, size_mb, spark_s, duck_s, spark_sum))
+        rows.append((n, size_mb, spark_s, duck_s, spark_sum, load))
         print(f"{n:>12,} events ({size_mb:,.0f} MiB): spark {spark_s:7.1f} s  duckdb {duck_s:7.1f} s  "
-              f"ratio {spark_s / duck_s:5.1f}  rows {spark_sum}", flush=True)
+              f"ratio {spark_s / duck_s:5.1f}  rows {spark_sum}  load {load[0]:.1f} -> {load[1]:.1f}", flush=True)
         body = report(rows, args)  # after every size, so a long run that is stopped keeps what it measured
         if not args.no_report:
             write_section("batch_features", body, command=f"python -m bench.batch_features --sizes {args.sizes}")
@@ -143,21 +147,35 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
 
 
+def _commit() -> str:
+    """The checkout's short commit hash (``+dirty`` when it has uncommitted changes), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "pipelines", "features"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def report(rows: list[tuple], args) -> str:
     """The Markdown table and note for the sizes measured so far."""
     base = rows[0]
     table = ["| events | Parquet MiB | Spark s | DuckDB s | Spark / DuckDB | Spark s per 1M | DuckDB s per 1M | "
-             "item-day rows | user-day rows | vocab rows |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, mb, s, d, summ in rows:
+             "item-day rows | user-day rows | vocab rows | load avg 1 min (before -> after) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n, mb, s, d, summ, load in rows:
         table.append(f"| {n:,} | {mb:,.0f} | {s:.1f} | {d:.1f} | {s / d:.1f} | {s / n * 1e6:.2f} | "
                      f"{d / n * 1e6:.2f} | {summ['item_day'][0]:,} | {summ['user_day'][0]:,} | "
-                     f"{summ['field_vocab'][0]:,} |")
+                     f"{summ['field_vocab'][0]:,} | {load[0]:.1f} -> {load[1]:.1f} |")
     note = (f"\nSame SQL (item-day with a 7-day window, user-day, 26-field vocabularies) on the same generated "
             f"Parquet (`pipelines.generator`, seed {args.seed}, users = n/20, items = n/50); Spark local[2] with "
             f"{args.driver_memory} driver memory, DuckDB 2 threads, 6 GB; results written to Parquet by both and "
             f"checked equal (row counts, click sums). Cost growth from {base[0]:,} events: Spark x"
             f"{rows[-1][2] / base[2]:.1f}, DuckDB x{rows[-1][3] / base[3]:.1f} for x{rows[-1][0] / base[0]:.0f} "
-            f"the events. Measured while other jobs loaded the same 2 cores, so absolute seconds are upper bounds.")
+            f"the events. Commit {_commit()}. The machine (2 logical CPUs) is shared with other jobs: the load "
+            f"average column says how busy it was, so absolute seconds are upper bounds.")
     return "\n".join(table) + "\n" + note
 
 if __name__ == "__main__":
