@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from features.events import IMPRESSION_DDL
+
 LAYERS = ("bronze", "silver", "gold", "quarantine", "export")
 
 
@@ -73,9 +75,10 @@ def _split_top_level(ddl: str) -> list[str]:
 BRONZE_INTERACTIONS = TableSpec(
     "bronze.interactions",
     "event_id string, user_id int, item_id int, rating float, event_time timestamp, event_date date, "
-    "kafka_partition int, kafka_offset bigint, ingested_at timestamp, event_type string",
+    "kafka_partition int, kafka_offset bigint, ingested_at timestamp, event_type string, " + IMPRESSION_DDL,
     partition_by=("event_date",),
-    doc="One valid interaction event as it arrived on the Kafka topic, deduplicated on event_id.",
+    doc="One valid interaction event as it arrived on the Kafka topic, deduplicated on event_id; an impression's "
+        "optional fields (click, is_random, session_id, candidates, c01..c26) are null for other events.",
 )
 
 QUARANTINE_INTERACTIONS = TableSpec(

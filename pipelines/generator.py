@@ -25,9 +25,11 @@ The model (all parameters in :class:`GeneratorConfig`):
   ``item_id`` is one of them chosen uniformly, and ``click`` follows the same latent model. This is the slice a
   replay estimator (Li et al. 2011) can evaluate a policy on without bias.
 
-On Kafka an event is the contract's JSON (features/events.py) with ``rating = 5.0`` for a click and ``1.0`` for
-none (the contract has no click field yet); bronze gets the BRONZE_INTERACTIONS columns (Kafka coordinates null);
-Parquet gets every column (``PARQUET_COLUMNS``), one file per chunk.
+On Kafka an event is the contract's JSON (features/events.py) with every impression field (``click``,
+``is_random``, ``session_id``, ``candidates``, ``c01``..``c26``, optional fields of the contract) and ``rating =
+5.0`` for a click, ``1.0`` for none (the contract's required field, for consumers that read ratings only); bronze
+gets the BRONZE_INTERACTIONS columns (Kafka coordinates null); Parquet gets every column (``PARQUET_COLUMNS``), one
+file per chunk.
 
 CLI::
 
@@ -67,7 +69,7 @@ CAT_COLUMNS = tuple(f"c{i:02d}" for i in range(1, N_CAT + 1))
 PARQUET_COLUMNS = ("event_id", "user_id", "item_id", "click", "rating", "event_time", "event_date", "session_id",
                    "is_random", "candidates", *CAT_COLUMNS)
 LATENT_DIM = 8
-#: Rating written for a click / no click on the wire, until the event contract carries ``click`` itself.
+#: Rating written for a click / no click (the contract's required ``rating``; ``click`` itself is sent too).
 CLICK_RATING, NO_CLICK_RATING = 5.0, 1.0
 
 
@@ -261,16 +263,24 @@ def to_arrow(chunk: dict[str, np.ndarray]):
 
 
 def kafka_messages(chunk: dict[str, np.ndarray]) -> Iterator[tuple[bytes, bytes]]:
-    """The chunk as ``(key, value)`` Kafka messages in the wire format of features/events.py, keyed by user."""
+    """The chunk as ``(key, value)`` Kafka messages in the wire format of features/events.py, keyed by user:
+    the required fields, then every impression field (``click``, ``is_random``, ``session_id``, ``c01``..``c26``,
+    and ``candidates`` on random impressions only), so that bronze receives them without loss. The same bytes as
+    ``Event.to_json`` of the parsed event (a test checks it)."""
     from features.events import format_time
 
     times = {}
-    for eid, uid, iid, rating, ts in zip(chunk["event_id"].tolist(), chunk["user_id"].tolist(),
-                                         chunk["item_id"].tolist(), chunk["rating"].tolist(),
-                                         chunk["event_time"].tolist()):
+    cats = zip(*(chunk[c].tolist() for c in CAT_COLUMNS))
+    for eid, uid, iid, rating, ts, click, rand, sess, cands, cat in zip(
+            chunk["event_id"].tolist(), chunk["user_id"].tolist(), chunk["item_id"].tolist(),
+            chunk["rating"].tolist(), chunk["event_time"].tolist(), chunk["click"].tolist(),
+            chunk["is_random"].tolist(), chunk["session_id"].tolist(), chunk["candidates"], cats):
         t = times.get(ts) or times.setdefault(ts, format_time(ts))
+        offered = "" if cands is None else f',"candidates":[{",".join(map(str, cands.tolist()))}]'
+        side = "".join(f',"{c}":{v}' for c, v in zip(CAT_COLUMNS, cat))
         yield (str(uid).encode(), f'{{"event_id":"{eid}","user_id":{uid},"item_id":{iid},"rating":{rating},'
-                                  f'"event_time":"{t}"}}'.encode())
+                                  f'"event_time":"{t}","click":{click},"is_random":{"true" if rand else "false"},'
+                                  f'"session_id":{sess}{offered}{side}}}'.encode())
 
 
 def write_parquet(cfg: GeneratorConfig, out: Path) -> int:
@@ -298,18 +308,21 @@ def write_kafka(cfg: GeneratorConfig, bootstrap: str, topic: str, partitions: in
 
 
 def write_bronze(cfg: GeneratorConfig, spark, lake_dir: Path, staging: Path) -> int:
-    """Append the events to the Delta table bronze.interactions (its exact columns; Kafka coordinates null) by
-    way of Parquet in ``staging``; return the count written."""
+    """Append the events to the Delta table bronze.interactions (its exact columns; Kafka coordinates null,
+    ``event_type`` the contract's default, as ingest would write them) by way of Parquet in ``staging``; return
+    the count written."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
 
+    from features.events import OPTIONAL_FIELDS
     from features.tables import BRONZE_INTERACTIONS
 
     n = write_parquet(cfg, staging)
     schema = StructType.fromDDL(BRONZE_INTERACTIONS.schema)
     df = (spark.read.parquet(str(staging))
           .withColumn("kafka_partition", F.lit(None)).withColumn("kafka_offset", F.lit(None))
-          .withColumn("ingested_at", F.current_timestamp()))
+          .withColumn("ingested_at", F.current_timestamp())
+          .withColumn("event_type", F.lit(OPTIONAL_FIELDS["event_type"])))
     df = df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
     (df.write.format("delta").mode("append").partitionBy(*BRONZE_INTERACTIONS.partition_by)
      .save(BRONZE_INTERACTIONS.path(lake_dir)))

@@ -39,6 +39,7 @@ from features.events import (
     EVENT_SCHEMA_DDL,
     EVENT_TYPES,
     FIELDS,
+    IMPRESSION_FIELDS,
     MAX_MESSAGE_BYTES,
     MAX_RATING,
     MIN_EVENT_TIME,
@@ -122,6 +123,8 @@ def _validation_rules(known_users: list[int] | None = None, known_items: list[in
         (~absent("event_type") & (json_type("event_type") != "STRING"), "wrong_type", F.lit("event_type")),
         (~absent("event_type") & ~typed["event_type"].isin(*EVENT_TYPES), "unknown_event_type",
          typed["event_type"]),
+        *[(~absent(name) & _not_kind(json_type(name), typed[name], kind), "wrong_type", F.lit(name))
+          for name, kind in IMPRESSION_FIELDS.items()],
     ]
     if known_users is not None:
         rules.append((~typed["user_id"].isin(*known_users), "unknown_id",
@@ -130,6 +133,21 @@ def _validation_rules(known_users: list[int] | None = None, known_items: list[in
         rules.append((~typed["item_id"].isin(*known_items), "unknown_id",
                       F.concat(F.lit("item_id "), typed["item_id"].cast("string"))))
     return rules
+
+
+def _not_kind(json_type, typed, kind: str):
+    """A present optional field whose value is not of its ``IMPRESSION_FIELDS`` kind (``features.events``):
+    ``json_type`` is its ``schema_of_variant``, ``typed`` its value parsed with ``EVENT_SCHEMA_DDL`` (null, or a
+    null element, where the JSON value does not fit the column)."""
+    from pyspark.sql import functions as F
+
+    if kind == "bool":
+        return json_type != "BOOLEAN"
+    if kind == "int32_array":  # [] is ARRAY<VOID>; [null] too, caught by its null element
+        return (~json_type.isin("ARRAY<BIGINT>", "ARRAY<VOID>") | typed.isNull()
+                | F.exists(typed, lambda v: v.isNull()))
+    wrong = (json_type != "BIGINT") | typed.isNull()  # flag, int32, int64
+    return wrong | ~typed.isin(0, 1) if kind == "flag" else wrong
 
 
 def _event_time(text_col):
@@ -155,7 +173,9 @@ def validate(messages, known_users: list[int] | None = None, known_items: list[i
         The input's Kafka columns plus ``reason`` and ``detail`` (null for a valid event; else one of
         ``features.events.REASONS`` and what was wrong), ``raw`` (the value decoded as UTF-8 with U+FFFD for bad
         bytes) and the typed fields ``event_id``, ``user_id``, ``item_id``, ``rating`` (double), ``event_time``
-        (timestamp, UTC), ``event_type`` (``rating`` when absent). A null value (tombstone) is read as empty bytes, hence ``not_json``.
+        (timestamp, UTC), ``event_type`` (``rating`` when absent) and an impression's optional fields
+        (``IMPRESSION_FIELDS``, null when absent). A null value (tombstone) is read as empty bytes, hence
+        ``not_json``.
     """
     from pyspark.sql import functions as F
 
@@ -180,6 +200,7 @@ def validate(messages, known_users: list[int] | None = None, known_items: list[i
         F.col("_typed.item_id").alias("item_id"), F.col("_typed.rating").alias("rating"),
         F.col("_event_ts").alias("event_time"),
         F.coalesce(F.col("_typed.event_type"), F.lit(OPTIONAL_FIELDS["event_type"])).alias("event_type"),
+        *[F.col(f"_typed.{name}").alias(name) for name in IMPRESSION_FIELDS],
     )
 
 

@@ -67,6 +67,29 @@ MALFORMED: list[tuple[bytes, str, str | None]] = [
     (event_json(event_type=1), "wrong_type", "event_type"),
     (event_json(event_type=["view"]), "wrong_type", "event_type"),
     (event_json(event_type="x", event_time="bad"), "bad_timestamp", "bad"),  # event_time is checked first
+    # an impression's optional fields (features.events.IMPRESSION_FIELDS)
+    (event_json(click=2), "wrong_type", "click"),
+    (event_json(click=-1), "wrong_type", "click"),
+    (event_json(click=True), "wrong_type", "click"),
+    (event_json(click=1.0), "wrong_type", "click"),
+    (event_json(click="1"), "wrong_type", "click"),
+    (event_json(is_random=1), "wrong_type", "is_random"),
+    (event_json(is_random="true"), "wrong_type", "is_random"),
+    (event_json(session_id=2**63), "wrong_type", "session_id"),
+    (event_json(session_id=1.5), "wrong_type", "session_id"),
+    (event_json(candidates=5), "wrong_type", "candidates"),
+    (event_json(candidates=[1, None]), "wrong_type", "candidates"),
+    (event_json(candidates=[None]), "wrong_type", "candidates"),
+    (event_json(candidates=[1, 2.5]), "wrong_type", "candidates"),
+    (event_json(candidates=[1, 2**31]), "wrong_type", "candidates"),
+    (event_json(candidates=[True]), "wrong_type", "candidates"),
+    (event_json(candidates=[[1]]), "wrong_type", "candidates"),
+    (event_json(candidates=["1"]), "wrong_type", "candidates"),
+    (event_json(c01="abc"), "wrong_type", "c01"),
+    (event_json(c26=2**31), "wrong_type", "c26"),
+    (event_json(c17=False), "wrong_type", "c17"),
+    (event_json(click=7, c03="x"), "wrong_type", "click"),  # fields are checked in IMPRESSION_FIELDS order
+    (event_json(click=7, event_type="buy"), "unknown_event_type", "buy"),  # after event_type
 ]
 
 #: A closed vocabulary and the messages it rejects (``unknown_id``); ``MALFORMED`` runs with an open one.
@@ -90,6 +113,12 @@ VALID: list[tuple[bytes, Event]] = [
     (event_json(event_type="click"), Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", "click")),
     (event_json(event_type="view"), Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", "view")),
     (event_json(event_type=None), Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", "rating")),
+    (event_json(click=1, is_random=False, session_id=2**40, candidates=[], c01=0, c26=-5, c02=None),
+     Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", click=1, is_random=False, session_id=2**40, candidates=(),
+           cats={"c01": 0, "c26": -5})),
+    (event_json(click=None, is_random=True, candidates=[3, 1, 2], c17=2**31 - 1),
+     Event("e1", 196, 242, 3.0, "1997-12-04T15:55:49Z", is_random=True, candidates=(3, 1, 2),
+           cats={"c17": 2**31 - 1})),
 ]
 
 
@@ -127,6 +156,22 @@ def test_wire_format_round_trips():
     click = Event("c1", 1, 2, 1.0, "1998-01-01T00:00:00Z", "click")
     assert click.to_json().endswith(b',"event_type":"click"}')
     assert parse_event(click.to_json(), now=NOW) == click
+    impression = Event("g1", 1, 2, 5.0, "1998-01-01T00:00:00Z", click=1, is_random=True, session_id=9,
+                       candidates=(2, 7), cats={"c26": 1, "c01": 3})
+    assert impression.to_json() == (b'{"event_id":"g1","user_id":1,"item_id":2,"rating":5.0,'
+                                    b'"event_time":"1998-01-01T00:00:00Z","click":1,"is_random":true,'
+                                    b'"session_id":9,"candidates":[2,7],"c01":3,"c26":1}')
+    assert parse_event(impression.to_json(), now=NOW) == impression
+
+
+def test_bronze_has_a_column_of_each_impression_field_with_the_parsed_type():
+    from features.events import EVENT_SCHEMA_DDL, IMPRESSION_FIELDS
+    from features.tables import BRONZE_INTERACTIONS, _split_top_level
+
+    bronze = dict(part.split(maxsplit=1) for part in map(str.strip, _split_top_level(BRONZE_INTERACTIONS.schema)))
+    payload = dict(part.split(maxsplit=1) for part in map(str.strip, _split_top_level(EVENT_SCHEMA_DDL)))
+    assert all(bronze[name] == payload[name] for name in IMPRESSION_FIELDS)
+    assert len(IMPRESSION_FIELDS) == 4 + 26
 
 
 def test_now_bounds_event_time():

@@ -72,7 +72,7 @@ def bronze_rows(df: pd.DataFrame) -> list[tuple]:
     for r in df.itertuples(index=False):
         t = datetime.fromtimestamp(int(r.timestamp), tz=timezone.utc)
         out.append((f"ml100k-{int(r.row):06d}", int(r.user_id), int(r.item_id), float(r.rating), t, t.date(),
-                    int(r.user_id) % 3, int(r.row), now, "rating"))
+                    int(r.user_id) % 3, int(r.row), now, "rating") + (None,) * (len(BRONZE_INTERACTIONS.columns) - 10))
     return out
 
 

@@ -114,7 +114,8 @@ def write_bronze(spark, lake, events: list[dict]) -> None:
 
     now = datetime.now(timezone.utc)
     rows = [(e["event_id"], e["user_id"], e["item_id"], e["rating"], e["event_time"], e["event_time"].date(),
-             0, i, now, e["event_type"]) for i, e in enumerate(events)]
+             0, i, now, e["event_type"]) + (None,) * (len(BRONZE_INTERACTIONS.columns) - 10)
+            for i, e in enumerate(events)]
     (spark.createDataFrame(rows, StructType.fromDDL(BRONZE_INTERACTIONS.schema)).write.format("delta")
      .mode("overwrite").partitionBy(*BRONZE_INTERACTIONS.partition_by).save(BRONZE_INTERACTIONS.path(lake)))
 
