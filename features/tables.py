@@ -161,6 +161,17 @@ def vocab_sizes_path(lake_dir: str | Path) -> Path:
     return Path(lake_dir) / "export" / "vocab_sizes.json"
 
 
+def export_versions_path(lake_dir: str | Path) -> Path:
+    """Where the features job records the Delta version each Parquet export was copied from, as JSON
+    ``{"gold.ctr_samples": 7, "silver.item_vocab": 3, ...}``; the trainer records the versions of the tables it
+    read from it (the provenance of a model and of its ``gold.item_embeddings`` rows).
+
+    >>> str(export_versions_path("/lake"))
+    '/lake/export/delta_versions.json'
+    """
+    return Path(lake_dir) / "export" / "delta_versions.json"
+
+
 def parquet_export(table: TableSpec, lake_dir: str | Path) -> str:
     """Where the Parquet copy of a Delta table lives, for readers that need plain Parquet. A table partitioned
     in Delta is partitioned the same way here (hive layout, ``split=train/``): its partition columns live in the

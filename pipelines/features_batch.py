@@ -68,6 +68,7 @@ from features.tables import (
     USER_FEATURES,
     USER_VOCAB,
     TableSpec,
+    export_versions_path,
     parquet_export,
     vocab_sizes_path,
 )
@@ -162,14 +163,30 @@ def write_delta(df, spec: TableSpec, lake_dir: Path, mode: str = "overwrite") ->
     return path
 
 
-def export_parquet(spark, spec: TableSpec, lake_dir: Path) -> str:
-    """Copy the Delta table to plain Parquet at ``parquet_export(spec, lake_dir)`` (overwrite), same partitioning."""
+def export_parquet(spark, spec: TableSpec, lake_dir: Path) -> tuple[str, int]:
+    """Copy the Delta table, pinned at its newest version, to plain Parquet at ``parquet_export(spec, lake_dir)``
+    (overwrite), same partitioning; returns the path and the Delta version copied."""
+    from pipelines.pit_join import read_at
+
     path = parquet_export(spec, lake_dir)
-    writer = read_delta(spark, spec, lake_dir).write.mode("overwrite")
+    rows, version = read_at(spark, spec, lake_dir, None)
+    writer = rows.write.mode("overwrite")
     if spec.partition_by:
         writer = writer.partitionBy(*spec.partition_by)
     writer.parquet(path)
-    return path
+    return path, int(version)
+
+
+def write_exports(spark, lake_dir: Path) -> dict[str, int]:
+    """Export every table of ``PARQUET_EXPORTS`` and record the Delta version each copy was taken from in
+    ``export_versions_path(lake_dir)`` (the trainer records these as its model's provenance); returns them."""
+    exported = {spec.name: export_parquet(spark, spec, lake_dir)[1] for spec in PARQUET_EXPORTS}
+    path = export_versions_path(lake_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(exported, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return exported
 
 
 # ------------------------------------------------------------------------------------------------- vocabularies
@@ -409,8 +426,7 @@ def run_features(spark, cfg: PlatformConfig) -> dict:
     write_delta(build_item_sequences(samples), ITEM_SEQUENCES, lake)
 
     # exports
-    for spec in PARQUET_EXPORTS:
-        export_parquet(spark, spec, lake)
+    write_exports(spark, lake)
     sizes = vocab_sizes(user_vocab, item_vocab, category_vocab)
     path = vocab_sizes_path(lake)
     path.parent.mkdir(parents=True, exist_ok=True)

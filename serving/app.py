@@ -1,6 +1,7 @@
 """The recommendation HTTP service (FastAPI; OpenAPI schema at ``/openapi.json``, docs at ``/docs``).
 
     python -m serving.app [--host 127.0.0.1] [--port 8000] [--retrieval item2vec] [--watch-s 0]
+                          [--embedding-version VERSION|published]
 
 Endpoints:
 - ``GET /similar-items?item_id=&k=``: the ``k`` items most similar (cosine, HNSW) to an item, itself excluded.
@@ -10,6 +11,14 @@ Endpoints:
   endpoint and status, ``recsys_request_latency_seconds`` histogram by endpoint, ``recsys_model_info`` with the
   served versions as labels, ``recsys_reloads_total``).
 - ``POST /admin/reload?force=``: load the versions now on disk if ``VersionChangePolicy`` says so.
+  ``POST /admin/reload?version=V``: serve registry version ``V`` of the retrieval model from now on (hot swap);
+  404 when the registry has no such version.
+
+Embedding versions: by default the retrieval embeddings are the run dir's newest export. ``--embedding-version V``
+serves version ``V`` of the Delta registry ``gold.item_embeddings``; ``--embedding-version published`` serves the
+version the publish gate points at and follows the pointer (on ``/admin/reload`` or with ``--watch-s``). A registry
+version's HNSW index is built once, its recall@10 measured, and both saved with all their parameters
+(``serving.registry.materialize``; reading the registry needs Spark the first time).
 
 Fallback (documented contract): an unknown ``item_id`` or ``user_id`` is not an error; the answer is the most
 popular items (positive ratings in the train split) with ``"fallback": "popularity"``; a known user whose
@@ -30,16 +39,20 @@ import argparse
 import logging
 import threading
 import time
+from dataclasses import replace
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.config import PlatformConfig, load_config
+from features.errors import PlatformError
+from serving.ann import HnswParams
 from serving.bundle import (BundleSpec, ReloadDecision, Scored, ServingBundle, VersionChangePolicy, load_bundle,
                             on_disk_versions)
+from serving.registry import VERSION_PATTERN, VersionNotFoundError
 
 log = logging.getLogger("serving.app")
 
@@ -77,9 +90,12 @@ class HealthResponse(BaseModel):
     ranker_version: str
     retrieval_model: str
     retrieval_version: str
+    retrieval_source: str = Field(description="export | registry | published")
     items: int
     users: int
     ef_search: int
+    recall_at_10: float | None = Field(description="the index's recall@10 against exact search, measured when it "
+                                                   "was built")
 
 
 class ReloadResponse(BaseModel):
@@ -97,13 +113,32 @@ class BundleHolder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
+    def select(self, version: str) -> None:
+        """Serve registry version ``version`` of the retrieval model from now on: build its bundle off the request
+        path, then swap it in (the spec follows, so later reloads keep this version).
+
+        Raises:
+            VersionNotFoundError: the registry lacks the version.
+            ValueError: not a valid version name.
+            PlatformError: the version cannot be served (e.g. its index files disagree).
+        """
+        with self._lock:
+            spec = replace(self.spec, source="registry", version=version)
+            new = load_bundle(self.cfg, spec)
+            old, self.spec, self.current = self.current, spec, new      # the atomic swap
+            log.info("selected: %s -> %s", old.version, new.version)
+
     def maybe_reload(self, force: bool = False) -> ReloadDecision:
         """Ask the policy; on RELOAD build the new bundle and swap it in. Load errors keep the served bundle
         (logged) and return KEEP."""
         with self._lock:
             b = self.current
-            decision = self.policy.decide((b.ranker_version, b.retrieval_version),
-                                          on_disk_versions(self.cfg, self.spec), force)
+            try:
+                on_disk = on_disk_versions(self.cfg, self.spec)
+            except PlatformError:  # an unreadable publish pointer must not take the service down either
+                log.exception("cannot read the versions to serve; still serving %s", b.version)
+                return ReloadDecision.KEEP
+            decision = self.policy.decide((b.ranker_version, b.retrieval_version), on_disk, force)
             if decision is ReloadDecision.RELOAD:
                 try:
                     new = load_bundle(self.cfg, self.spec)
@@ -173,7 +208,8 @@ def create_app(cfg: PlatformConfig, model: str = "item2vec", spec: BundleSpec | 
         b = holder.current
         return HealthResponse(status="ok", model_version=b.version, ranker_version=b.ranker_version,
                               retrieval_model=b.spec.retrieval_model, retrieval_version=b.retrieval_version,
-                              items=b.index.ntotal, users=len(b.users), ef_search=b.index.ef_search)
+                              retrieval_source=b.spec.source, items=b.index.ntotal, users=len(b.users),
+                              ef_search=b.index.ef_search, recall_at_10=b.index.extra.get("recall@10"))
 
     @app.get("/similar-items", response_model=SimilarItemsResponse)
     def similar_items(item_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens item id"),
@@ -192,10 +228,24 @@ def create_app(cfg: PlatformConfig, model: str = "item2vec", spec: BundleSpec | 
         scored, fallback = b.recommend(user_id, k)
         return RecommendResponse(user_id=user_id, model_version=b.version, fallback=fallback, items=_items(scored))
 
-    @app.post("/admin/reload", response_model=ReloadResponse)
-    def reload(force: bool = Query(False, description="reload even when the versions are unchanged")
+    @app.post("/admin/reload", response_model=ReloadResponse,
+              responses={404: {"description": "the registry has no such version"},
+                         409: {"description": "the version exists but cannot be served"}})
+    def reload(force: bool = Query(False, description="reload even when the versions are unchanged"),
+               version: str | None = Query(None, pattern=VERSION_PATTERN, max_length=128,
+                                           description="serve this registry version of the retrieval model")
                ) -> ReloadResponse:
-        """Load the versions now on disk when the policy says so (or ``force``)."""
+        """Load the versions now on disk when the policy says so (or ``force``); with ``version``, switch to that
+        registry version (hot swap: requests keep being answered by the old bundle until the new one is built)."""
+        if version is not None:
+            try:
+                holder.select(version)
+            except VersionNotFoundError as e:
+                raise HTTPException(404, str(e)) from e
+            except PlatformError as e:
+                raise HTTPException(409, str(e)) from e
+            reloads.inc()
+            return ReloadResponse(decision=ReloadDecision.RELOAD.value, model_version=holder.current.version)
         decision = holder.maybe_reload(force)
         if decision is ReloadDecision.RELOAD:
             reloads.inc()
@@ -224,13 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recent-items", type=int, default=BundleSpec.recent_items)
     p.add_argument("--per-item", type=int, default=BundleSpec.per_item)
     p.add_argument("--watch-s", type=float, default=0.0, help="seconds between reload checks; 0: only on POST")
+    p.add_argument("--embedding-version", default=None, metavar="VERSION|published",
+                   help="serve this version of the registry gold.item_embeddings, or 'published': the version the "
+                        "publish gate points at (default: the run dir's newest export)")
+    p.add_argument("--hnsw-m", type=int, default=HnswParams.m, help="HNSW M of an index built for a registry version")
+    p.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
+    p.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads per request")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    app = create_app(load_config(), spec=BundleSpec(args.retrieval, "deepfm", args.recent_items, args.per_item),
-                     watch_s=args.watch_s)
+    source = {None: "export", "published": "published"}.get(args.embedding_version, "registry")
+    spec = BundleSpec(args.retrieval, "deepfm", args.recent_items, args.per_item, source=source,
+                      version=args.embedding_version if source == "registry" else None,
+                      hnsw=HnswParams(args.hnsw_m, args.ef_construction, args.ef_search))
+    app = create_app(load_config(), spec=spec, watch_s=args.watch_s)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

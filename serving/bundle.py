@@ -2,7 +2,12 @@
 dir and swapped atomically (``serving.app``), plus the policy that decides when a newer version on disk is loaded.
 
 A bundle holds
-- the retrieval model's exported items and HNSW index (``<run_dir>/embeddings/<retrieval>/``, ``serving.export``);
+- the retrieval model's items and HNSW index, from one of three sources (``BundleSpec.source``):
+  ``export``, the run dir's newest export (``<run_dir>/embeddings/<retrieval>/``, ``serving.export``);
+  ``registry``, a chosen version of the Delta registry ``gold.item_embeddings`` (``BundleSpec.version``); or
+  ``published``, the registry version the publish gate points at (``serving.evaluation.gate``). A registry
+  version's index is built once with ``BundleSpec.hnsw``, its recall@10 measured and both saved
+  (``serving.registry.materialize``);
 - the ranker, DeepFM (Guo et al. 2017), rebuilt unsharded from ``<run_dir>/models/deepfm/{model.pt, meta.json}``;
 - user profiles and item genres from the lake's Parquet export of ``gold.ctr_samples``: a user's side-feature
   indices from their latest sample, their items in time order (recent = the last ``recent_items``; seen = all);
@@ -33,12 +38,13 @@ import numpy as np
 from features.config import PlatformConfig
 from features.errors import PlatformError
 from features.tables import CTR_SAMPLES, parquet_export
-from serving.ann import ItemIndex
+from serving.ann import HnswParams, ItemIndex
 from serving.embeddings import INDEX_FILE, META_FILE, PARQUET_FILE, embeddings_dir, model_dir, read_exported
 
 log = logging.getLogger(__name__)
 
 USER_FEATURES = ("user_idx", "age_idx", "gender_idx", "occupation_idx", "zip_idx")
+SOURCES = ("export", "registry", "published")
 
 
 class BundleError(PlatformError):
@@ -54,19 +60,36 @@ class BundleSpec:
         ranker_model: the model that ranks candidates (``deepfm``).
         recent_items: R, most recent items of a user used as ANN queries.
         per_item: neighbours fetched per recent item.
+        source: where the retrieval embeddings come from: ``export``, ``registry`` or ``published`` (see the
+            module docstring).
+        version: the registry model version; required with ``source="registry"``, else ``None``.
+        hnsw: parameters of the index built for a registry version (an export's index keeps its own).
 
     Raises:
-        ValueError: a count is below 1.
+        ValueError: a count is below 1, an unknown source, or ``version`` given without the registry source
+            (or missing with it, or not a valid version name).
     """
 
     retrieval_model: str = "item2vec"
     ranker_model: str = "deepfm"
     recent_items: int = 5
     per_item: int = 50
+    source: str = "export"
+    version: str | None = None
+    hnsw: HnswParams = HnswParams()
 
     def __post_init__(self) -> None:
         if self.recent_items < 1 or self.per_item < 1:
             raise ValueError(f"recent_items and per_item must be >= 1, got {self.recent_items}, {self.per_item}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if (self.version is not None) != (self.source == "registry"):
+            raise ValueError(f"a version is given with source='registry' and only then; got source="
+                             f"{self.source!r}, version={self.version!r}")
+        if self.version is not None:
+            from serving.registry import check_version
+
+            check_version(self.version)
 
 
 @dataclass(frozen=True)
@@ -179,13 +202,57 @@ class ServingBundle:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def on_disk_versions(cfg: PlatformConfig, spec: BundleSpec) -> tuple[str, str] | None:
-    """``(ranker_version, retrieval_version)`` of what is on disk now, ``None`` while the retrieval index is
-    missing. The ranker version is ``""`` when the ranker has no outputs."""
+def retrieval_version(cfg: PlatformConfig, spec: BundleSpec) -> str | None:
+    """The retrieval version ``spec`` asks for now (cheap: no Spark): the export's (``None`` while its index is
+    missing), the pinned registry version, or the published one (``None`` while nothing is published).
+
+    Raises:
+        BundleError: the published version is of another model than ``spec.retrieval_model``.
+        PointerError: the publish pointer is unreadable.
+    """
+    if spec.source == "registry":
+        return spec.version
+    if spec.source == "published":
+        from serving.evaluation.gate import pointer_path, read_pointer
+
+        pointer = read_pointer(pointer_path(cfg.artifacts_dir))
+        if pointer is None:
+            return None
+        if pointer.get("model") != spec.retrieval_model:
+            raise BundleError(f"{pointer_path(cfg.artifacts_dir)} publishes {pointer.get('model')!r}, but the "
+                              f"service retrieves with {spec.retrieval_model!r}; start it with that model")
+        return str(pointer["model_version"])
     index_json = embeddings_dir(cfg, spec.retrieval_model) / Path(INDEX_FILE).with_suffix(".json")
     if not index_json.exists():
         return None
-    retrieval = str(json.loads(index_json.read_text()).get("model_version", ""))
+    return str(json.loads(index_json.read_text()).get("model_version", ""))
+
+
+def retrieval_dir(cfg: PlatformConfig, spec: BundleSpec) -> Path:
+    """The directory with the retrieval items and index ``spec`` asks for; a registry version is materialized
+    first (Spark, seconds) unless it already was.
+
+    Raises:
+        BundleError: nothing is published yet (``source="published"``).
+        VersionNotFoundError: the registry lacks the version.
+    """
+    if spec.source == "export":
+        return embeddings_dir(cfg, spec.retrieval_model)
+    from serving.registry import materialize
+
+    version = retrieval_version(cfg, spec)
+    if version is None:
+        raise BundleError("no embedding version has been published yet (serving.evaluation.gate writes "
+                          "<artifacts_dir>/serving/current.json); run the evaluate stage or serve a registry version")
+    return materialize(cfg, spec.retrieval_model, version, spec.hnsw)
+
+
+def on_disk_versions(cfg: PlatformConfig, spec: BundleSpec) -> tuple[str, str] | None:
+    """``(ranker_version, retrieval_version)`` of what ``spec`` asks for now, ``None`` while the retrieval index is
+    missing (nothing exported or published). The ranker version is ``""`` when the ranker has no outputs."""
+    retrieval = retrieval_version(cfg, spec)
+    if retrieval is None:
+        return None
     meta = model_dir(cfg, spec.ranker_model) / META_FILE
     ranker = str(json.loads(meta.read_text()).get("model_version", "")) if meta.exists() else ""
     return ranker, retrieval
@@ -243,11 +310,12 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
 
     Raises:
         IndexFileError: the retrieval model has not been exported.
-        BundleError: the ranker's weights do not fit its configuration, or the index and the Parquet file hold
-            different versions (an export is being written).
+        VersionNotFoundError: the registry lacks the requested version.
+        BundleError: the ranker's weights do not fit its configuration, the index and the Parquet file hold
+            different versions (an export is being written), or nothing is published yet.
     """
     t0 = time.time()
-    d = embeddings_dir(cfg, spec.retrieval_model)
+    d = retrieval_dir(cfg, spec)
     index = ItemIndex.load(d / INDEX_FILE)
     table, vectors = read_exported(d / PARQUET_FILE)
     item_ids = table.column("item_id").to_numpy().astype(np.int64)

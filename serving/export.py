@@ -6,8 +6,9 @@ Per model, under ``<run_dir>/embeddings/<model>/``: ``items.parquet`` (see servi
 and ``index.json`` (M, efConstruction, efSearch, dim, ntotal, ``recall@10``, ``model_version``).
 
 With a Spark session (the stage command's default; ``--no-registry`` turns it off) each exported version is
-also written to the Delta table ``gold.item_embeddings`` with its training tables' Delta versions and its
-training metrics (``serving.registry``).
+also written to the Delta table ``gold.item_embeddings`` with its training tables' Delta versions (as the trainer
+recorded them in ``meta.json``) and its training metrics (``serving.registry``). ``write_index`` is also what builds
+the index of a registry version the service is asked to serve (``serving.registry.materialize``).
 
 Stage result (``<run_dir>/stages/export.json``)::
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import faiss
 
@@ -55,26 +57,41 @@ def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswPara
         raise PlatformError(f"model {model!r}: none of its {emb.table.shape[0] - 1} embedding rows has an "
                             f"item_vocab entry; it was trained on another vocabulary, retrain it")
     out = embeddings_dir(cfg, model)
-    parquet_path = write_parquet(to_arrow(items, emb.model_version), out)
+    written = write_index(items, emb.model_version, params, out)
+    registry = _register(cfg, model, items, emb.model_version, spark) if spark is not None else None
+    log.info("model %s: %d items x %d dims -> %s; HNSW(M=%d, efC=%d, efS=%d) recall@%d = %.4f",
+             model, items.item_idx.size, items.vectors.shape[1], out, params.m, params.ef_construction,
+             params.ef_search, RECALL_K, written[f"recall@{RECALL_K}"])
+    return {"rows": int(items.item_idx.size), "dim": int(items.vectors.shape[1]), **written,
+            "model_version": emb.model_version,
+            "unmapped_rows": items.unmapped_rows, "items_without_row": items.items_without_row,
+            "hnsw": {"M": params.m, "efConstruction": params.ef_construction, "efSearch": params.ef_search},
+            **({"registry": registry} if registry else {})}
 
+
+def write_index(items, model_version: str, params: HnswParams, out: Path, extra: dict | None = None) -> dict:
+    """Write ``items.parquet``, build the HNSW index, measure its recall@10 against exact search (every item a
+    query) and save the index with its parameters, the recall and ``extra`` in ``index.json`` (``ItemIndex.save``).
+    The Parquet file is written first and the index last, so a reader that finds the index finds its items.
+
+    Args:
+        items: ``ExportedItems`` ((N,) ids and idx, (N, D) vectors).
+        out: the directory (created).
+
+    Returns:
+        ``path``, ``index_path``, ``recall@10`` and ``index_build_s`` (seconds).
+    """
+    parquet_path = write_parquet(to_arrow(items, model_version), out)
     t0 = time.perf_counter()
     index = ItemIndex.build(items.vectors, items.item_idx, params)
     build_s = time.perf_counter() - t0
     recall = measure_recall(index, items.vectors, items.item_idx, k=RECALL_K)
     index.extra.update({f"recall@{RECALL_K}": recall, "recall_queries": int(items.item_idx.size),
-                        "model_version": emb.model_version, "build_s": build_s})
+                        "model_version": model_version, "build_s": build_s, **(extra or {})})
     index_path = out / INDEX_FILE
     index.save(index_path)
-    registry = _register(cfg, model, items, emb.model_version, spark) if spark is not None else None
-    log.info("model %s: %d items x %d dims -> %s; HNSW(M=%d, efC=%d, efS=%d) recall@%d = %.4f",
-             model, items.item_idx.size, items.vectors.shape[1], out, params.m, params.ef_construction,
-             params.ef_search, RECALL_K, recall)
-    return {"rows": int(items.item_idx.size), "dim": int(items.vectors.shape[1]), "path": str(parquet_path),
-            "index_path": str(index_path), f"recall@{RECALL_K}": recall, "model_version": emb.model_version,
-            "unmapped_rows": items.unmapped_rows, "items_without_row": items.items_without_row,
-            "index_build_s": build_s, "hnsw": {"M": params.m, "efConstruction": params.ef_construction,
-                                               "efSearch": params.ef_search},
-            **({"registry": registry} if registry else {})}
+    return {"path": str(parquet_path), "index_path": str(index_path), f"recall@{RECALL_K}": recall,
+            "index_build_s": build_s}
 
 
 def _register(cfg: PlatformConfig, model: str, items, model_version: str, spark) -> dict:
@@ -88,10 +105,11 @@ def _register(cfg: PlatformConfig, model: str, items, model_version: str, spark)
 
     meta = json.loads((model_dir(cfg, model) / META_FILE).read_text())
     created = registry.model_created(meta) or datetime.now(timezone.utc)
-    versions = registry.training_versions(spark, cfg, model, created)
+    versions, source = registry.provenance(spark, cfg, model, meta, created)
     metrics = registry.stage_metrics(cfg, model) or dict(meta.get("metrics", {}))
     rows = registry.write_version(spark, cfg, model, items, model_version, created, versions, metrics)
-    return {"table": ITEM_EMBEDDINGS.name, "rows": rows, "training_versions": versions}
+    return {"table": ITEM_EMBEDDINGS.name, "rows": rows, "training_versions": versions,
+            "training_versions_source": source}
 
 
 def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: tuple[str, ...] = MODELS,

@@ -2,37 +2,50 @@
 by model, one row per (model, model_version, item).
 
 Each version records where it came from: ``training_versions``, the Delta version of every table the model was
-trained on (``gold.ctr_samples`` for DeepFM, ``gold.item_sequences`` for item2vec, ``silver.item_vocab`` for both),
-taken from the tables' Delta history as the newest version committed at or before the model's ``created_utc``
-(``meta.json``); and ``metrics``, the figures of the model's training stage result. Writing a version replaces
-that version only (``replaceWhere`` on model and model_version), so re-running the export is idempotent.
+trained on (``training.data.TRAINING_TABLES``: ``gold.ctr_samples`` for DeepFM and DIN, ``gold.item_sequences``
+for item2vec, ``silver.item_vocab`` for all). The trainer records them in the model's ``meta.json``, as the features
+stage wrote them beside the Parquet exports it read (``training.data.read_training_versions``); only for a model
+trained before that record existed are they inferred from the tables' Delta history (the newest version committed
+at or before the model's ``created_utc``; logged, and reported as ``"inferred"``). ``metrics`` are the figures of
+the model's training stage result. Writing a version replaces that version only (``replaceWhere`` on model and
+model_version), so re-running the export is idempotent.
 
 ``serving.export --registry`` (the stage default) calls ``write_version`` for every exported model; the
-Parquet files and the HNSW index are still written (the service reads those).
+Parquet files and the HNSW index of the newest export are still written under the run dir.
+
+Serving a chosen version (``python -m serving.app --embedding-version V``, ``POST /admin/reload?version=V``, or the
+version the publish gate points at): ``materialize`` reads that version from the table (pinned at the table's
+Delta version of the moment), builds its HNSW index, measures its recall@10 against exact search, and saves both
+with every parameter (efSearch included) under ``<artifacts_dir>/serving/versions/<model>/<model_version>/``
+(``items.parquet``, ``index.faiss``, ``index.json``); a later load with the same parameters reads these files and
+needs no Spark.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
 from features.config import PlatformConfig
 from features.errors import PlatformError, TableNotFoundError
 from features.results import read_stage_result
-from features.tables import CTR_SAMPLES, ITEM_EMBEDDINGS, ITEM_SEQUENCES, ITEM_VOCAB, TableSpec
+from features.tables import ITEM_EMBEDDINGS, TableSpec
 from serving.embeddings import ExportedItems
 
 log = logging.getLogger(__name__)
 
-#: Tables each model is trained on.
-TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
-    "deepfm": (CTR_SAMPLES, ITEM_VOCAB),
-    "din": (CTR_SAMPLES, ITEM_VOCAB),
-    "item2vec": (ITEM_SEQUENCES, ITEM_VOCAB),
-}
+#: What a model version may look like (it becomes a directory name): letters, digits, ``._+-``.
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+
+
+class VersionNotFoundError(PlatformError):
+    """The registry (``gold.item_embeddings``) does not exist or holds no such model version."""
 
 
 def table_version_at(spark, cfg: PlatformConfig, table: TableSpec, at: datetime | None) -> int:
@@ -59,10 +72,24 @@ def table_version_at(spark, cfg: PlatformConfig, table: TableSpec, at: datetime 
 def training_versions(spark, cfg: PlatformConfig, model: str, created: datetime | None) -> dict[str, int]:
     """``{table name: Delta version}`` for every table ``model`` trains on (see ``table_version_at``); empty
     (logged) for a model ``TRAINING_TABLES`` does not list yet."""
+    from training.data import TRAINING_TABLES
+
     if model not in TRAINING_TABLES:
-        log.warning("no training tables declared for %r in serving.registry.TRAINING_TABLES; add them", model)
+        log.warning("no training tables declared for %r in training.data.TRAINING_TABLES; add them", model)
         return {}
     return {t.name: table_version_at(spark, cfg, t, created) for t in TRAINING_TABLES[model]}
+
+
+def provenance(spark, cfg: PlatformConfig, model: str, meta: dict, created: datetime | None
+               ) -> tuple[dict[str, int], str]:
+    """The training tables' Delta versions of a model and where they come from: ``(meta["training_versions"],
+    "recorded")`` when the trainer recorded them, else ``(training_versions(...), "inferred")`` (logged)."""
+    recorded = meta.get("training_versions")
+    if recorded:
+        return {str(k): int(v) for k, v in recorded.items()}, "recorded"
+    log.warning("%s %s: meta.json records no training_versions (trained before the trainer recorded them); "
+                "inferring them from the Delta history at %s", model, meta.get("model_version"), created)
+    return training_versions(spark, cfg, model, created), "inferred"
 
 
 def stage_metrics(cfg: PlatformConfig, model: str) -> dict:
@@ -106,12 +133,16 @@ def write_version(spark, cfg: PlatformConfig, model: str, items: ExportedItems, 
     return len(pdf)
 
 
-def read_version(spark, cfg: PlatformConfig, model: str, model_version: str | None = None):
+def read_version(spark, cfg: PlatformConfig, model: str, model_version: str | None = None,
+                 as_of: int | None = None):
     """A pandas frame of one version of ``model`` (``None``: the newest by ``created_at``), ordered by item_idx.
+
+    Args:
+        as_of: the table's Delta version to read (time travel); ``None``: the newest.
 
     Raises:
         TableNotFoundError: nothing has been written yet.
-        PlatformError: the model or version is not in the table.
+        VersionNotFoundError: the model or version is not in the table.
     """
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
@@ -119,15 +150,113 @@ def read_version(spark, cfg: PlatformConfig, model: str, model_version: str | No
     path = ITEM_EMBEDDINGS.path(cfg.lake_dir)
     if not DeltaTable.isDeltaTable(spark, path):
         raise TableNotFoundError(ITEM_EMBEDDINGS.name, path, "`python -m serving.export` (registry on)")
-    df = spark.read.format("delta").load(path).where(F.col("model") == model)
+    reader = spark.read.format("delta")
+    if as_of is not None:
+        reader = reader.option("versionAsOf", as_of)
+    df = reader.load(path).where(F.col("model") == model)
     if model_version is None:
         newest = df.orderBy(F.col("created_at").desc()).select("model_version").limit(1).collect()
         if not newest:
-            raise PlatformError(f"{ITEM_EMBEDDINGS.name} has no version of {model!r}; export it first")
+            raise VersionNotFoundError(f"{ITEM_EMBEDDINGS.name} has no version of {model!r}; export it first")
         model_version = newest[0]["model_version"]
     out = df.where(F.col("model_version") == model_version).orderBy("item_idx").toPandas()
     if out.empty:
-        raise PlatformError(f"{ITEM_EMBEDDINGS.name} has no {model!r} version {model_version!r}")
+        raise VersionNotFoundError(f"{ITEM_EMBEDDINGS.name} has no {model!r} version {model_version!r}; list them "
+                                   f"with `SELECT DISTINCT model_version FROM delta.`{path}``")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- serving a version
+def check_version(model_version: str) -> str:
+    """``model_version`` if it is a valid version name (it becomes a directory name).
+
+    >>> check_version("item2vec-20261121T185130Z")
+    'item2vec-20261121T185130Z'
+
+    Raises:
+        ValueError: it does not match ``VERSION_PATTERN`` (``..``, slashes, empty).
+    """
+    if not re.fullmatch(VERSION_PATTERN, model_version):
+        raise ValueError(f"model version {model_version!r} does not match {VERSION_PATTERN}")
+    return model_version
+
+
+def version_dir(cfg: PlatformConfig, model: str, model_version: str) -> Path:
+    """Where ``materialize`` keeps a registry version's items and index.
+
+    Raises:
+        ValueError: ``model_version`` is not a valid version name (``check_version``).
+    """
+    return Path(cfg.artifacts_dir) / "serving" / "versions" / model / check_version(model_version)
+
+
+def registry_exists(cfg: PlatformConfig) -> bool:
+    """Whether ``gold.item_embeddings`` has been written (a file check; no Spark)."""
+    return (Path(ITEM_EMBEDDINGS.path(cfg.lake_dir)) / "_delta_log").is_dir()
+
+
+@contextmanager
+def spark_session(cfg: PlatformConfig):
+    """A Spark session for reading the registry: the process's running one if there is one (left running), else a
+    new local one, stopped on exit."""
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    from pipelines.spark import get_spark  # the one place a Spark session is built
+
+    if SparkContext._active_spark_context is not None:   # from any thread: the process's session, as it is
+        yield SparkSession.builder.getOrCreate()
+        return
+    spark = get_spark(cfg, app_name="serving-registry")
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def materialize(cfg: PlatformConfig, model: str, model_version: str, params, spark=None) -> Path:
+    """Items and HNSW index of one registry version, built once and kept under ``version_dir`` (see the module
+    docstring); returns that directory.
+
+    The files are reused when their ``index.json`` holds this version and the same HNSW parameters; otherwise the
+    version is read from ``gold.item_embeddings`` (pinned at the table's current Delta version, recorded as
+    ``registry_table_version``) and the index is built and its recall@10 measured (``serving.export.write_index``).
+
+    Args:
+        params: ``serving.ann.HnswParams`` to build and search with.
+        spark: a Spark session; ``None``: ``spark_session`` provides one when the files must be built.
+
+    Raises:
+        VersionNotFoundError: the registry does not exist or lacks the version.
+        ValueError: ``model_version`` is not a valid version name.
+    """
+    from dataclasses import asdict
+
+    from serving.embeddings import INDEX_FILE
+    from serving.export import write_index
+
+    out = version_dir(cfg, model, model_version)
+    index_json = out / Path(INDEX_FILE).with_suffix(".json")
+    if index_json.exists():
+        saved = json.loads(index_json.read_text())
+        if saved.get("model_version") == model_version and all(saved.get(k) == v for k, v in asdict(params).items()):
+            return out
+    if not registry_exists(cfg):
+        raise VersionNotFoundError(f"no registry at {ITEM_EMBEDDINGS.path(cfg.lake_dir)}: run `python -m "
+                                   f"serving.export` with the registry on before serving {model} {model_version!r}")
+    if spark is None:
+        with spark_session(cfg) as session:
+            return materialize(cfg, model, model_version, params, session)
+    table_version = table_version_at(spark, cfg, ITEM_EMBEDDINGS, None)
+    rows = read_version(spark, cfg, model, model_version, as_of=table_version)
+    items = ExportedItems(item_idx=rows["item_idx"].to_numpy(np.int64), item_id=rows["item_id"].to_numpy(np.int64),
+                         vectors=np.stack(rows["embedding"].to_numpy()).astype(np.float32),
+                         unmapped_rows=0, items_without_row=0)
+    write_index(items, model_version, params, out, {
+        "registry_table": ITEM_EMBEDDINGS.name, "registry_table_version": int(table_version),
+        "training_versions": json.loads(rows["training_versions"].iloc[0]),
+        "model_metrics": json.loads(rows["metrics"].iloc[0])})
+    log.info("materialized %s %s from %s@%d into %s", model, model_version, ITEM_EMBEDDINGS.name, table_version, out)
     return out
 
 

@@ -54,8 +54,8 @@ def test_export_writes_versioned_embeddings_with_lineage(spark, tmp_path):
                                              "sharding_plan": {"t_item": "table_wise@rank0"}})
     params = HnswParams(m=4, ef_construction=16, ef_search=8)
     result = run_export(cfg, params, models=("deepfm",), spark=spark)
-    assert result["models"]["deepfm"]["registry"] == {
-        "table": "gold.item_embeddings", "rows": 3,
+    assert result["models"]["deepfm"]["registry"] == {      # meta.json records none: inferred from the history
+        "table": "gold.item_embeddings", "rows": 3, "training_versions_source": "inferred",
         "training_versions": {"gold.ctr_samples": 1, "silver.item_vocab": 0}}
 
     got = read_version(spark, cfg, "deepfm", "dfm-1")
@@ -76,3 +76,49 @@ def test_export_writes_versioned_embeddings_with_lineage(spark, tmp_path):
     assert set(newest["model_version"]) == {"dfm-2"}
     assert json.loads(newest["training_versions"][0]) == {"gold.ctr_samples": 2, "silver.item_vocab": 0}
     np.testing.assert_allclose(np.stack(newest["embedding"].to_numpy()), table[1:] * 2)
+
+
+def test_registry_row_carries_the_delta_versions_the_training_set_was_read_at(spark, tmp_path):
+    """Provenance end to end: the features stage's export records the Delta version it copied of each table; the
+    trainer's data side reads those and the trainer writes them into meta.json; the export writes them to the
+    registry row (``recorded``). A commit after the export (version 2) must not leak in, though inferring from the
+    Delta history at the model's creation time would have picked it."""
+    from dataclasses import asdict
+
+    import torch
+
+    from features.tables import ITEM_SEQUENCES, USER_VOCAB
+    from pipelines.features_batch import write_exports
+    from training.data import read_training_versions
+    from training.train import ITEM_TABLE, TrainOptions, _write_artifacts
+
+    cfg = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts")
+    lake = cfg.lake_dir
+    spark.createDataFrame([(10, 1), (20, 2), (30, 3)], "item_id int, item_idx int") \
+        .write.format("delta").save(ITEM_VOCAB.path(lake))                                     # version 0
+    spark.createDataFrame([(7, 1)], "user_id int, user_idx int").write.format("delta").save(USER_VOCAB.path(lake))
+    spark.createDataFrame([("e1", "train")], "event_id string, split string").write.format("delta") \
+        .partitionBy("split").save(CTR_SAMPLES.path(lake))
+    for seqs in ([[1, 2]], [[1, 2, 3]]):                                                       # versions 0, 1
+        spark.createDataFrame([(1, s) for s in seqs], "user_idx int, item_idx array<int>") \
+            .write.format("delta").mode("overwrite").save(ITEM_SEQUENCES.path(lake))
+    exported = write_exports(spark, lake)
+    assert exported == {"gold.ctr_samples": 0, "gold.item_sequences": 1, "silver.item_vocab": 0,
+                        "silver.user_vocab": 0}
+    spark.createDataFrame([(1, [3, 2, 1])], "user_idx int, item_idx array<int>") \
+        .write.format("delta").mode("overwrite").save(ITEM_SEQUENCES.path(lake))               # version 2, later
+
+    read = read_training_versions(lake, "item2vec")
+    assert read == {"gold.item_sequences": 1, "silver.item_vocab": 0}
+    table = torch.arange(16, dtype=torch.float32).reshape(4, 4) / 5
+    opts = TrainOptions(model="item2vec")
+    _write_artifacts({"model_dir": str(cfg.run_dir / "models" / "item2vec"), "model_version": "i2v-7",
+                      "training_versions": read}, opts, {ITEM_TABLE["item2vec"]: table}, {}, {}, {}, {})
+    meta = json.loads((cfg.run_dir / "models" / "item2vec" / "meta.json").read_text())
+    assert meta["training_versions"] == read and meta["options"] == asdict(opts)
+
+    result = run_export(cfg, HnswParams(m=4, ef_construction=16, ef_search=8), models=("item2vec",), spark=spark)
+    assert result["models"]["item2vec"]["registry"]["training_versions_source"] == "recorded"
+    row = read_version(spark, cfg, "item2vec", "i2v-7")
+    assert json.loads(row["training_versions"][0]) == {"gold.item_sequences": 1, "silver.item_vocab": 0}
+    np.testing.assert_allclose(np.stack(row["embedding"].to_numpy()), table.numpy()[1:])

@@ -15,6 +15,7 @@ Legend: N rows, B batch size, K negatives per pair.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,19 @@ from torchrec import KeyedJaggedTensor
 
 from features.definitions import SPARSE_FEATURES, SparseFeature
 from features.errors import TableNotFoundError
-from features.tables import CTR_SAMPLES, ITEM_SEQUENCES, parquet_export, vocab_sizes_path
+from features.tables import (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, TableSpec, export_versions_path,
+                             parquet_export, vocab_sizes_path)
+
+log = logging.getLogger(__name__)
 
 PRODUCER = "the features stage (spark-submit pipelines/features_batch.py)"
+
+#: The tables (their Parquet exports) each model is trained on; the item vocabulary numbers the embedding rows.
+TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
+    "deepfm": (CTR_SAMPLES, ITEM_VOCAB),
+    "din": (CTR_SAMPLES, ITEM_VOCAB),
+    "item2vec": (ITEM_SEQUENCES, ITEM_VOCAB),
+}
 
 
 def synthetic_vocab_sizes() -> dict[str, int]:
@@ -46,6 +57,27 @@ def read_vocab_sizes(lake_dir: str | Path) -> dict[str, int]:
     if not path.exists():
         raise TableNotFoundError("vocab_sizes", str(path), PRODUCER)
     return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def read_training_versions(lake_dir: str | Path, model: str) -> dict[str, int]:
+    """``{table name: Delta version}`` of the tables ``model`` trains on (``TRAINING_TABLES``), as the features stage
+    recorded them when it wrote the Parquet exports (``export/delta_versions.json``). Empty when the exports
+    predate that record (logged): the caller then has no provenance to record.
+
+    Raises:
+        KeyError: ``model`` is not in ``TRAINING_TABLES``.
+    """
+    tables = TRAINING_TABLES[model]
+    path = export_versions_path(lake_dir)
+    if not path.exists():
+        log.warning("%s not found (exports written before the features stage recorded versions); %s is trained "
+                    "without recorded table versions: re-run the features stage", path, model)
+        return {}
+    recorded = json.loads(path.read_text())
+    missing = [t.name for t in tables if t.name not in recorded]
+    if missing:
+        log.warning("%s lacks %s; recording only the others", path, missing)
+    return {t.name: int(recorded[t.name]) for t in tables if t.name in recorded}
 
 
 # ----------------------------------------------------------------------------------------------- CTR samples

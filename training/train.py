@@ -12,7 +12,8 @@ dense layers with AdamW. Every epoch each rank writes its shards with ``torch.di
 report one ``ray.train.Checkpoint`` (stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC.
 
 Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
-``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json``; the driver
+``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json`` (with
+``training_versions``: the Delta versions of the tables read, ``training.data.read_training_versions``); the driver
 writes the stage result ``train_deepfm`` / ``train_din`` / ``train_item2vec``.
 
 DIN (training.models.din) reads the behaviour history as a jagged sequence feature through an
@@ -417,6 +418,7 @@ def _write_artifacts(c: dict, opts: TrainOptions, state: dict, model_config: dic
     meta = {"model": opts.model, "model_version": c["model_version"], "model_config": model_config,
             "options": asdict(opts), "vocab_sizes": vocab,
             "sharding_plan": where, "item_embedding_shape": list(table.shape), "metrics": metrics,
+            "training_versions": c.get("training_versions", {}),  # {table: Delta version} of what it read
             "created_utc": datetime.now(timezone.utc).isoformat()}
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
     print(f"[train rank0] wrote {out}/item_embeddings.npy {table.shape}, model.pt, meta.json", flush=True)
@@ -446,10 +448,11 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from training.data import read_vocab_sizes
+    from training.data import read_training_versions, read_vocab_sizes
 
     t0 = time.perf_counter()
     read_vocab_sizes(cfg.lake_dir)  # fail fast, before starting anything
+    read_versions = read_training_versions(cfg.lake_dir, opts.model)  # provenance: Delta versions of the exports
     version = f"{opts.model}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
     started = not ray.is_initialized()
     if started:
@@ -460,6 +463,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
             train_loop,
             train_loop_config={"options": asdict(opts),
                                "lake_dir": str(cfg.lake_dir), "model_version": version,
+                               "training_versions": read_versions,
                                "model_dir": str(cfg.run_dir / "models" / opts.model)},
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
@@ -475,6 +479,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     m = dict(result.metrics)
     wall = time.perf_counter() - t0
     common = {"epochs": m["epochs"], "sharding_plan": m["sharding_plan"], "model_version": version,
+              "training_versions": read_versions,
               "train_wall_s": round(wall, 2), "checkpoint": result.checkpoint.path if result.checkpoint else None}
     if opts.model in CTR_MODELS:
         out = {k: m[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s")}
