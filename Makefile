@@ -143,8 +143,9 @@ obp-venv: venv
 	@rm -rf .venv-obp && ln -sfn $(OBP_ENV) .venv-obp
 
 # Airflow scheduler backfill (tests/test_scheduler_backfill.py): api-server, dag-processor and scheduler
-# (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice. Outside the
-# default suite (several minutes on 2 cores); AIRFLOW_SCHEDULER_TEST=1 opts in.
+# (LocalExecutor, SQLite) in a temporary AIRFLOW_HOME backfill three days of features_daily twice (six spark-submit
+# runs of pipelines/daily_features.py). Outside the default suite (13 minutes on the shared 2-core machine);
+# AIRFLOW_SCHEDULER_TEST=1 opts in. Ports: AIRFLOW_TEST_PORT (default 28780) and the next one.
 .PHONY: test-scheduler
 test-scheduler: venv airflow-venv jars data
 	AIRFLOW_SCHEDULER_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
