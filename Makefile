@@ -113,12 +113,23 @@ fault-ingest: venv jars
 fault-train: venv
 	$(PY) -m pytest -m fault -s -p no:cacheprovider tests/test_train_fault.py $(PYTEST_ARGS)
 
+# Scale run (training/scale.py): DIN with a 10M-row item table (640 MB of float32 weights) under a 512 MiB
+# per-worker budget that one worker cannot meet; 2 Ray Train workers each hold their row-wise shard and print
+# per-rank rows, bytes and RSS. SCALE_ARGS passes options (--items, --budget-mib, --steps ...).
+SCALE_ARGS ?=
+.PHONY: scale-train
+scale-train: venv
+	$(PY) -m training.scale $(SCALE_ARGS)
+
 # Model benchmark (bench/models.py): DeepFM/DIN/item2vec against DeepCTR-Torch, RecBole and gensim on the lake's
 # exports (run `make demo` first); the peers' environment is built by bench.models from
-# bench/requirements-peers.lock into $(CACHE)/venv-peers-<hash of the lock>. About 20 minutes on 2 cores.
+# bench/requirements-peers.lock into $(CACHE)/venv-peers-<hash of the lock>. Parts: deepfm, item2vec, din,
+# generated (DeepFM on the first 1M events of the generated 10M-event stream), scale (training.scale);
+# BENCH_MODELS_ARGS="--parts din,scale" re-runs only some and keeps the others' figures.
 .PHONY: bench-models
+BENCH_MODELS_ARGS ?=
 bench-models: venv | $(UV)
-	CACHE=$(CACHE) $(PY) -m bench.models --uv $(UV)
+	CACHE=$(CACHE) $(PY) -m bench.models --uv $(UV) $(BENCH_MODELS_ARGS)
 
 # Serving benchmark (bench/serving_load.py): the service on loopback over the demo's artifacts (run `make demo`
 # first), a fixed load at concurrency 16 on /similar-items and /recommend, ANN recall@10 (HNSW and LSH vs exact).

@@ -4,10 +4,13 @@ from training.distributed.sharding import (
     ShardingConfig,
     gather_full_state_dict,
     load_full_state_dict,
+    local_bytes,
+    local_table_rows,
     placements,
     plan_sharding,
     shard_model,
 )
 
-__all__ = ["ShardingConfig", "gather_full_state_dict", "load_full_state_dict", "placements", "plan_sharding",
+__all__ = ["ShardingConfig", "gather_full_state_dict", "load_full_state_dict", "local_bytes",
+           "local_table_rows", "placements", "plan_sharding",
            "shard_model"]

@@ -3,7 +3,10 @@
 Two ways to plan:
 - ``planner``: TorchRec's ``EmbeddingShardingPlanner`` over a CPU ``Topology(world_size)``, restricted by
   ``ParameterConstraints`` to the configured sharding types (default ``table_wise``: whole tables spread over
-  the ranks). The plan is computed collectively, so every rank gets the same one.
+  the ranks). The plan is computed collectively, so every rank gets the same one. With a per-rank
+  ``memory_budget_bytes`` the topology's ``ddr_cap`` is that budget: the planner must place every table, with its
+  optimizer state, within it -- a table larger than one rank's budget is split (row-wise for an
+  ``EmbeddingCollection``, column-wise), and a model that fits nowhere raises ``PlannerError``.
 - ``row_wise``: a hand-built plan that splits every table's rows evenly over all ranks. TorchRec's planner does
   not offer row-wise sharding for an EmbeddingBagCollection on CPU, but the sharded module runs it.
 
@@ -38,10 +41,13 @@ class ShardingConfig:
     Args:
         strategy: ``planner`` (TorchRec's planner) or ``row_wise`` (hand-built plan).
         sharding_types: sharding types the planner may choose from (``ShardingType`` values).
+        memory_budget_bytes: per-rank memory (bytes) the planner may fill with tables and their optimizer state
+            (``Topology.ddr_cap`` on CPU, ``hbm_cap`` on GPU); 0 keeps TorchRec's default topology.
     """
 
     strategy: str = "planner"
     sharding_types: tuple[str, ...] = (ShardingType.TABLE_WISE.value,)
+    memory_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -50,6 +56,8 @@ class ShardingConfig:
         bad = set(self.sharding_types) - valid
         if bad:
             raise ValueError(f"unknown sharding types {sorted(bad)}; choose from {sorted(valid)}")
+        if self.memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}")
 
 
 def _collections(model: nn.Module) -> dict[str, EmbeddingBagCollection | EmbeddingCollection]:
@@ -78,6 +86,10 @@ def plan_sharding(model: nn.Module, world_size: int, config: ShardingConfig = Sh
         config: strategy and allowed sharding types.
         pg: process group for the collective planner; when None (or no process group is initialised) the plan
             is computed locally, which gives the same plan on every rank for the same inputs.
+
+    Raises:
+        torchrec.distributed.planner.types.PlannerError: no plan places the tables within
+            ``config.memory_budget_bytes`` per rank (or within the constraints).
     """
     if config.strategy == "row_wise":
         return ShardingPlan({
@@ -90,7 +102,8 @@ def plan_sharding(model: nn.Module, world_size: int, config: ShardingConfig = Sh
         name: ParameterConstraints(sharding_types=list(config.sharding_types))
         for m in _collections(model).values() for name in _table_names(m)
     }
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"),
+    budget = {"ddr_cap": config.memory_budget_bytes} if config.memory_budget_bytes else {}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu", **budget),
                                        constraints=constraints)
     sharders = _sharders()
     if pg is not None or dist.is_initialized():
@@ -163,3 +176,28 @@ def gather_full_state_dict(dmp: DistributedModelParallel, dst: int = 0) -> dict[
         else:
             out[key] = value.detach().clone()
     return out if rank == dst else None
+
+
+def local_table_rows(dmp: DistributedModelParallel) -> dict[str, int]:
+    """Rows of each sharded table that this rank holds (0 for a table placed elsewhere), by state-dict key."""
+    return {key: sum(s.tensor.shape[0] for s in value.local_shards()) if value.local_shards() else 0
+            for key, value in dmp.state_dict().items() if _is_sharded(value)}
+
+
+def local_bytes(dmp: DistributedModelParallel) -> dict[str, int]:
+    """What this rank holds, in bytes: ``tables`` (its shards of the sharded tables), ``table_optimizer`` (the
+    fused sparse optimizer's state of those shards, e.g. row-wise Adagrad's one float per row) and ``dense``
+    (the data-parallel parameters and buffers, a full copy on every rank)."""
+
+    def nbytes(t) -> int:
+        if _is_sharded(t):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    state = dmp.state_dict()
+    tables = sum(nbytes(v) for v in state.values() if _is_sharded(v))
+    dense = sum(nbytes(v) for v in state.values() if not _is_sharded(v))
+    opt = 0
+    for per_param in dmp.fused_optimizer.state_dict()["state"].values():
+        opt += sum(nbytes(v) for v in per_param.values())
+    return {"tables": tables, "table_optimizer": opt, "dense": dense}
