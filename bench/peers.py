@@ -5,7 +5,7 @@ Runs inside the peers' own virtual environment (``bench/requirements-peers.lock`
 1.2.1 runs with) -- only numpy, pyarrow and the peer under test::
 
     python bench/peers.py deepctr --lake <lake_dir> --out result.json [--model deepfm|din --epochs 12 ...]
-    python bench/peers.py recbole --lake <lake_dir> --out result.json --work <scratch dir>
+    python bench/peers.py recbole --lake <lake_dir> --out result.json --work <scratch dir> [--model deepfm|din]
     python bench/peers.py gensim  --lake <lake_dir> --out result.json --embeddings items.npy
 
 Every model reads the same time split (``export/ctr_samples/split=train|valid|test``, 80/10/10) and the same
@@ -136,11 +136,13 @@ def run_deepctr(a: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- RecBole
-def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake") -> dict[str, int]:
+def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", history: bool = False) -> dict[str, int]:
     """RecBole atomic files for our split, under ``out_dir/name/``: ``<name>.<split>.inter`` (one per split, rows
     in the export's order, read with ``benchmark_filename`` so RecBole keeps the split), ``<name>.user`` (age,
     gender, occupation, zip prefix) and ``<name>.item`` (genres as a token sequence). Tokens are our indices, so
-    RecBole's features are exactly ours. Returns the rows written per split.
+    RecBole's features are exactly ours. With ``history`` the interactions also carry ``item_id_list`` (our
+    point-in-time ``hist_item_idx``, oldest first, at most 50), which RecBole's sequential datasets take as the
+    behaviour sequence instead of rebuilding it. Returns the rows written per split.
 
     Raises:
         ValueError: a user or an item has different side features in different rows (the features are static).
@@ -151,9 +153,14 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake") -
     items: dict[int, tuple] = {}
     counts = {}
     for split in SPLITS:
-        s = read_split(lake, split)
-        lines = ["user_id:token\titem_id:token\tlabel:float"]
-        lines += [f"{u}\t{i}\t{y:g}" for u, i, y in zip(s["user_idx"], s["item_idx"], s["label"])]
+        s = read_split(lake, split, history=history)
+        if history:
+            lines = ["user_id:token\titem_id:token\tlabel:float\titem_id_list:token_seq"]
+            lines += [f"{u}\t{i}\t{y:g}\t{' '.join(map(str, h[:n]))}" for u, i, y, h, n in
+                      zip(s["user_idx"], s["item_idx"], s["label"], s[HISTORY], s["hist_len"])]
+        else:
+            lines = ["user_id:token\titem_id:token\tlabel:float"]
+            lines += [f"{u}\t{i}\t{y:g}" for u, i, y in zip(s["user_idx"], s["item_idx"], s["label"])]
         (d / f"{name}.{split}.inter").write_text("\n".join(lines) + "\n")
         counts[split] = len(s["label"])
         for r in range(len(s["label"])):
@@ -170,23 +177,32 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake") -
 
 
 def run_recbole(a: argparse.Namespace) -> dict:
+    """RecBole's DeepFM (context-aware) or DIN (a sequential recommender in RecBole: its dataset takes our
+    ``item_id_list`` as the history, ``alias_of_item_id`` maps those ids through the item vocabulary). RecBole's
+    DIN reads the item features (id, genres) of the history and the candidate; as its docstring says, the user
+    features are embedded but not fed to its DNN, and its DNN is Dice + batch norm over (200, 80)."""
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.model.context_aware_recommender import DeepFM
+    from recbole.model.sequential_recommender import DIN
     from recbole.trainer import Trainer
     from recbole.utils import init_seed
 
     torch.set_num_threads(1)
     name = "ml100k_lake"
-    counts = write_recbole_atomic(a.lake, a.work / "atomic", name)
-    config = Config(model="DeepFM", dataset=name, config_dict={
+    din = a.model == "din"
+    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din)
+    inter_cols = ["user_id", "item_id", "label", *(["item_id_list"] if din else [])]
+    config = Config(model="DIN" if din else "DeepFM", dataset=name, config_dict={
         "data_path": str(a.work / "atomic"), "checkpoint_dir": str(a.work / "saved"),
-        "benchmark_filename": list(SPLITS), "load_col": {"inter": ["user_id", "item_id", "label"],
+        **({"alias_of_item_id": ["item_id_list"], "MAX_ITEM_LIST_LENGTH": MAX_HISTORY} if din else {}),
+        "benchmark_filename": list(SPLITS), "load_col": {"inter": inter_cols,
                                                           "user": ["user_id", "age", "gender", "occupation", "zip"],
                                                           "item": ["item_id", "genre"]},
         "LABEL_FIELD": "label", "threshold": None, "train_neg_sample_args": None,
-        "eval_args": {"group_by": None, "order": "RO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "labeled"},
+        "eval_args": {"group_by": None, "order": "TO" if din else "RO",  # (ignored with benchmark files)
+                       "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "labeled"},
         "metrics": ["AUC", "LogLoss"], "valid_metric": "AUC", "eval_batch_size": 4096,
         "embedding_size": a.embedding_dim, "mlp_hidden_size": list(a.hidden), "dropout_prob": a.dropout,
         "epochs": a.epochs, "stopping_step": a.patience, "train_batch_size": a.batch_size,
@@ -201,7 +217,7 @@ def run_recbole(a: argparse.Namespace) -> dict:
     rows = {"train": len(train.dataset), "valid": len(valid.dataset), "test": len(test.dataset)}
     if rows != counts:
         raise RuntimeError(f"RecBole kept {rows} rows of the {counts} written: it changed the split")
-    model = DeepFM(config, train.dataset).to("cpu")
+    model = (DIN if din else DeepFM)(config, train.dataset).to("cpu")
     trainer = Trainer(config, model)
     timed = {"s": 0.0, "epochs": 0}
     inner = trainer._train_epoch
@@ -271,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="result JSON")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-peers"), help="RecBole's files")
     p.add_argument("--embeddings", type=Path, help="gensim: where to save the (items, D) .npy")
-    p.add_argument("--model", choices=("deepfm", "din"), default="deepfm", help="deepctr: which model")
+    p.add_argument("--model", choices=("deepfm", "din"), default="deepfm", help="deepctr, recbole: which model")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--embedding-dim", type=int, default=16)
