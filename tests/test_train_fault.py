@@ -1,7 +1,8 @@
 """Resume after a worker failure: SIGKILL one Ray Train worker in the middle of an epoch; Ray restarts the worker
 group (FailureConfig(max_failures=1)), every worker loads ray.train.get_checkpoint() (its DCP table shards and
 fused Adagrad state, the dense optimizer, epoch, early-stopping state and RNG) and continues with the next epoch.
-The result must match an uninterrupted run with the same seed (test AUC within 0.002).
+The result must match an uninterrupted run with the same seed (DeepFM: test AUC within 0.002; item2vec: the same
+item embeddings and final loss).
 
 Run with ``make fault-train`` (marked slow: not part of the default suite)."""
 
@@ -95,3 +96,64 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, cfg, tmp_path):
     assert abs(out["test_auc"] - clean["test_auc"]) <= 0.002
     assert abs(out["test_logloss"] - clean["test_logloss"]) <= 0.002
     assert out["best_epoch"] == clean["best_epoch"]
+
+
+def _write_long_sequences(lake: Path, users: int, seed: int) -> None:
+    """Replace the synthetic lake's item sequences with ``users`` longer ones (10-30 items of the 40), so that an
+    item2vec epoch has enough steps to be killed in the middle of."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from features.tables import ITEM_SEQUENCES, parquet_export
+
+    rng = np.random.default_rng(seed)
+    # items of one user come from one of 4 "tastes", so that the embeddings have structure to learn
+    seqs = [(rng.integers(0, 10, rng.integers(10, 31)) + 10 * (u % 4)).clip(1).tolist() for u in range(users)]
+    out = Path(parquet_export(ITEM_SEQUENCES, lake))
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    pq.write_table(pa.table({"user_id": np.arange(1, users + 1, dtype=np.int32),
+                             "user_idx": np.arange(1, users + 1, dtype=np.int32),
+                             "item_idx": pa.array(seqs, pa.list_(pa.int32())),
+                             "seq_len": np.array([len(s) for s in seqs], np.int32)}), out / "part-0.parquet")
+
+
+def test_killed_item2vec_worker_resumes_from_checkpoint(ray_cluster, cfg, tmp_path):
+    """item2vec: same kill mid-epoch; the resumed run's item embeddings and final SGNS loss equal the uninterrupted
+    run's (its pairs and negatives are seeded per epoch, its tables and Adagrad state come back from DCP)."""
+    import numpy as np
+    from test_train_ray import write_synthetic_lake
+
+    from training.train import TrainOptions, train
+
+    def run(name: str, progress: str = "") -> tuple[dict, np.ndarray]:
+        local = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / name, train=cfg.train)
+        opts = TrainOptions(model="item2vec", epochs=EPOCHS, batch_size=256, embedding_dim=8, seed=7,
+                            subsample=0.05, progress_dir=progress)
+        out = train(local, opts)
+        return out, np.load(local.run_dir / "models" / "item2vec" / "item_embeddings.npy")
+
+    lake = PlatformConfig(data_dir=tmp_path / "data").lake_dir
+    write_synthetic_lake(lake, {"train": 50, "valid": 20, "test": 20}, seed=3)
+    _write_long_sequences(lake, users=1500, seed=5)
+    clean, clean_emb = run("clean")
+    assert clean["resumed_from_epoch"] == 0 and clean["epochs"] == EPOCHS
+    assert clean["final_loss"] < 0.9 * 6 * np.log(2)  # below the loss of the zero-initialised output table
+
+    progress, runs = tmp_path / "progress", tmp_path / "data" / "checkpoints"
+    before = {p.name for p in runs.iterdir()}
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(zip(("result", "emb"), run("killed", str(progress)))))
+    runner.start()
+    killed = _kill_mid_epoch(progress, runs, before, epoch=1, min_step=10)
+    runner.join(timeout=600)
+    assert not runner.is_alive(), "training did not finish after the kill"
+    resumed = out["result"]
+    print(f"item2vec: killed rank 1 (pid {killed['pid']}) at epoch {killed['epoch'] + 1} step {killed['step']}; "
+          f"clean final loss {clean['final_loss']:.6f}, resumed {resumed['final_loss']:.6f} "
+          f"(resumed from epoch {resumed['resumed_from_epoch']})")
+    assert resumed["resumed_from_epoch"] >= 1, "the restarted workers did not load the checkpoint"
+    assert resumed["epochs"] == EPOCHS
+    assert abs(resumed["final_loss"] - clean["final_loss"]) <= 1e-5
+    np.testing.assert_allclose(out["emb"], clean_emb, rtol=1e-5, atol=1e-6)

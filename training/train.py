@@ -20,13 +20,16 @@ DIN (training.models.din) reads the behaviour history as a jagged sequence featu
 EmbeddingCollection that shares the item table with the candidate. After a worker failure Ray restarts the
 worker group (``FailureConfig(max_failures=1)``) and every worker resumes from ``ray.train.get_checkpoint()``:
 its table shards and fused Adagrad state (DCP), the dense optimizer, the epoch, the early-stopping state and the
-RNG, and goes on with the next epoch -- the same run as without the failure, given the seed.
+RNG, and goes on with the next epoch -- the same run as without the failure, given the seed. item2vec resumes the
+same way (its two tables' shards and Adagrad state, the epoch, the pair counters; its pairs and negatives are
+seeded per epoch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -219,6 +222,12 @@ def _resume(dmp, rank: int) -> dict | None:
     return train_state
 
 
+def _write_pid(opts: TrainOptions, rank: int) -> None:
+    if opts.progress_dir:
+        Path(opts.progress_dir).mkdir(parents=True, exist_ok=True)
+        Path(opts.progress_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+
+
 def _write_progress(opts: TrainOptions, rank: int, epoch: int, step: int) -> None:
     if opts.progress_dir:
         Path(opts.progress_dir, f"rank{rank}.progress").write_text(f"{epoch} {step}")
@@ -307,9 +316,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
         best, train_time, best_state = resumed["best"], resumed["train_time"], resumed["best_state"]
         torch.set_rng_state(resumed["torch_rng"])
         first_epoch = resumed["epoch"] + 1
-    if opts.progress_dir:
-        Path(opts.progress_dir).mkdir(parents=True, exist_ok=True)
-        Path(opts.progress_dir, f"rank{rank}.pid").write_text(str(__import__("os").getpid()))
+    _write_pid(opts, rank)
     for epoch in range(first_epoch, opts.epochs):
         dmp.train()
         t0, total = time.perf_counter(), 0.0
@@ -372,8 +379,13 @@ def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> 
     config = Item2VecConfig(embedding_dim=opts.embedding_dim, num_negatives=opts.negatives)
     dmp, where, _ = _build(Item2Vec(num_items, config, sparse_device=torch.device("meta")), opts, world_size, rank)
     local_bs = max(1, opts.batch_size // world_size)
-    train_time, pairs_seen, loss_avg = 0.0, 0, float("nan")
-    for epoch in range(opts.epochs):
+    train_time, pairs_seen, loss_avg, first_epoch = 0.0, 0, float("nan"), 0
+    resumed = _resume(dmp, rank)  # both tables' shards and their Adagrad state; the pairs are seeded per epoch
+    if resumed is not None:
+        train_time, pairs_seen, loss_avg = resumed["train_time"], resumed["pairs_seen"], resumed["loss"]
+        first_epoch = resumed["epoch"] + 1
+    _write_pid(opts, rank)
+    for epoch in range(first_epoch, opts.epochs):
         t0 = time.perf_counter()
         rng = np.random.default_rng(opts.seed * 1000 + epoch)  # same pairs on every rank ...
         center, context = skipgram_pairs(sequences, opts.window, rng, keep)
@@ -391,16 +403,20 @@ def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> 
             loss = sgns_loss(dmp(kjt), weight[rows])
             loss.backward()  # fused Adagrad updates both tables
             total += torch.tensor([float(loss) * float(weight[rows].sum()), float(weight[rows].sum())])
+            if s % 5 == 0:
+                _write_progress(opts, rank, epoch, s)
         dist.all_reduce(total)
         loss_avg = float(total[0] / total[1])
         train_time += time.perf_counter() - t0
         pairs_seen += len(center)
-        metrics = {"epoch": epoch + 1, "loss": loss_avg, "pairs": len(center), "pairs_per_s": pairs_seen / train_time}
+        metrics = {"epoch": epoch + 1, "loss": loss_avg, "pairs": len(center), "pairs_per_s": pairs_seen / train_time,
+                   "resumed_from_epoch": first_epoch}
         _log(rank, f"epoch {epoch + 1}/{opts.epochs} sgns loss {loss_avg:.4f} pairs {len(center):,} "
                    f"({len(center) / (time.perf_counter() - t0):,.0f} pairs/s)")
         if epoch + 1 == opts.epochs:
             metrics.update(epochs=epoch + 1, final_loss=loss_avg, sharding_plan=where)
-        _report(metrics, dmp, rank)
+        _report(metrics, dmp, rank, {"epoch": epoch, "train_time": train_time, "pairs_seen": pairs_seen,
+                                     "loss": loss_avg})
     state = gather_full_state_dict(dmp)
     if rank == 0:
         _write_artifacts(c, opts, state, asdict(config), vocab, where, {"final_loss": loss_avg})
@@ -490,7 +506,8 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
                    | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
         write_stage_result(cfg, f"train_{opts.model}", out)
     else:
-        out = {"pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"], **common}
+        out = {"pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"],
+               "resumed_from_epoch": m["resumed_from_epoch"], **common}
         write_stage_result(cfg, "train_item2vec", out)
     return out
 
