@@ -1,7 +1,8 @@
 """Benchmark: this project's DeepFM (and DIN, once ``training.train`` has it) against DeepCTR-Torch 0.3.0 and
 RecBole 1.2.1, and its item2vec against gensim's Word2Vec, on the same data, features and model sizes.
 
-    python -m bench.models [--work DIR] [--uv PATH] [--skip-peers]      (make bench-models)
+    python -m bench.models [--work DIR] [--uv PATH] [--skip-peers] [--parts deepfm,item2vec,din,generated,scale]
+                                                                                           (make bench-models)
 
 One run, side by side, on the lake's Parquet exports (MovieLens-100K, global 80/10/10 time split, copied into a
 scratch lake under ``--work``; the project's ``data/`` and ``artifacts/`` are never written):
@@ -9,15 +10,21 @@ scratch lake under ``--work``; the project's ``data/`` and ``artifacts/`` are ne
 - DeepFM: ours (``python -m training.train --model deepfm``, Ray Train + TorchRec, 1 and 2 workers of 1 CPU) and
   the peers (``bench/peers.py`` in their own environment, one torch thread) with embedding dim 16, MLP (128, 64),
   dropout 0.2, batch 2048, up to 12 epochs, early stopping after 2 epochs without a higher validation AUC; test
-  AUC / logloss of the best epoch. Optimisers are each model's own: ours row-wise Adagrad (lr 0.05) on the tables
-  and AdamW (1e-3) on the dense layers; the peers Adam (1e-3) on everything, their default.
+  AUC / logloss of the best epoch. Optimisers are each model's own: ours row-wise Adagrad (``training.train``'s
+  default lr) on the tables and AdamW (1e-3) on the dense layers; the peers Adam (1e-3) on everything, their default.
+- DIN: ours (1 and 2 workers) against DeepCTR-Torch's DIN and RecBole's DIN, all given our point-in-time history.
+- generated: DeepFM, one epoch, on the first ``--generated-events`` events of the 10M-event stream of
+  ``pipelines.generator`` (seed 7, 500,000 users, 200,000 items), ours with 1 and 2 workers against DeepCTR-Torch.
+- scale: ``python -m training.scale`` (DIN with a 10M-row item table under a 512 MiB per-worker budget, 2 workers):
+  per-rank rows, bytes and RSS.
 - item2vec: ours (1 worker) against gensim ``Word2Vec(sg=1)`` with the same window (5), dim (32), negatives (5),
   subsampling (1e-3) and epochs (8) on the same ``item_sequences``; both scored by one next-item protocol, HR@10 on
   the positive test events (``serving.replay``'s cases and history query, exact search instead of the ANN index).
 
 Per model: training samples/s (optimisation passes only), test AUC, logloss, peak RSS (MiB, summed over the
 process tree and sampled every 0.2 s; Ray's own processes count for ours), wall s and CPU s of the whole command.
-The figures go to the ``models`` section of ``BENCHMARKS.md``.
+The figures go to the ``models`` section of ``BENCHMARKS.md``. ``--parts`` runs only some parts and keeps the
+other parts' figures from the last run in ``--work`` (its ``results.json``).
 
 The peers' environment is built on first use, like the Makefile's: ``uv`` installs
 ``bench/requirements-peers.lock`` (``--no-deps``) into ``~/.cache/recsys-platform/venv-peers-<hash of the lock>``.
@@ -48,6 +55,9 @@ CACHE = Path(os.environ.get("CACHE", Path.home() / ".cache" / "recsys-platform")
 COMMAND = "make bench-models"
 
 DEEPFM = {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "patience": 2}
+PARTS = ("deepfm", "item2vec", "din", "generated", "scale")
+#: The generated data: the 10M-event stream of bench.batch_features' largest common size (users n/20, items n/50).
+GENERATED = {"n_events": 10_000_000, "seed": 7, "n_users": 500_000, "n_items": 200_000, "chunk_size": 1_000_000}
 ITEM2VEC = {"epochs": 8, "batch_size": 4096, "embedding_dim": 32, "window": 5, "negatives": 5, "subsample": 1e-3}
 
 
@@ -148,16 +158,18 @@ def _env(work: Path, tag: str, workers: int) -> dict[str, str]:
 RAY_START_TIMEOUT = "The current node timed out during startup"
 
 
-def run_ours(model: str, work: Path, workers: int, opts: dict, attempts: int = 3) -> tuple[Measured, dict]:
-    """``python -m training.train --model <model>`` on the scratch lake; returns its cost and stage result. A run
-    whose Ray node timed out during start-up is retried (``attempts`` in all); ``extra["attempts"]`` says how many
-    it took."""
-    tag = f"{model}-w{workers}"
+def run_ours(model: str, work: Path, workers: int, opts: dict, attempts: int = 3, data: str = "data",
+             tag: str = "") -> tuple[Measured, dict]:
+    """``python -m training.train --model <model>`` on the scratch lake ``work/<data>/lake``; returns its cost and
+    stage result. A run whose Ray node timed out during start-up is retried (``attempts`` in all);
+    ``extra["attempts"]`` says how many it took."""
+    tag = tag or f"{model}-w{workers}"
     cmd = [sys.executable, "-m", "training.train", "--model", model, "--epochs", str(opts["epochs"]),
            "--batch-size", str(opts["batch_size"]), "--embedding-dim", str(opts["embedding_dim"])]
+    env = {**_env(work, tag, workers), "RECSYS_DATA_DIR": str(work / data)}
     for attempt in range(1, attempts + 1):
         shutil.rmtree(work / f"artifacts-{tag}", ignore_errors=True)
-        m = run_measured(cmd, _env(work, tag, workers), work / f"{tag}.log")
+        m = run_measured(cmd, env, work / f"{tag}.log")
         if m.rc == 0 or RAY_START_TIMEOUT not in Path(m.log).read_text():
             break
         print(f"  Ray's node timed out during start-up (attempt {attempt}/{attempts})", flush=True)
@@ -169,11 +181,12 @@ def run_ours(model: str, work: Path, workers: int, opts: dict, attempts: int = 3
     return m, result
 
 
-def run_peer(python: Path, peer: str, work: Path, args: list[str], tag: str = "") -> tuple[Measured, dict]:
+def run_peer(python: Path, peer: str, work: Path, args: list[str], tag: str = "",
+             data: str = "data") -> tuple[Measured, dict]:
     tag = tag or peer
     out = work / f"{tag}.json"
     out.unlink(missing_ok=True)
-    cmd = [str(python), "-W", "ignore", str(HERE / "peers.py"), peer, "--lake", str(work / "data" / "lake"),
+    cmd = [str(python), "-W", "ignore", str(HERE / "peers.py"), peer, "--lake", str(work / data / "lake"),
            "--out", str(out), "--work", str(work / tag), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     m = run_measured(cmd, env, work / f"{tag}.log")
@@ -277,138 +290,182 @@ def _row(model: str, impl: str, m: Measured | None, result: dict) -> dict:
     return {"model": model, "impl": impl, **cost, **result}
 
 
-def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: float) -> str:
+def _commit() -> str:
+    """The checkout's commit (short hash), ``+dirty`` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "training", "bench/models.py",
+                            "bench/peers.py"], cwd=ROOT).returncode
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else "unknown"
+
+
+def scale_table(scale: dict) -> str:
+    """Per-rank figures of the scale run (``training.scale``)."""
+    if not scale.get("ranks"):
+        return "scale run: not measured" + (f" (failed, exit {scale['rc']}; see {scale.get('log')})"
+                                            if scale.get("rc") else "")
+    o, mib = scale["options"], 2**20
+    rows = []
+    for r in sorted(scale["ranks"], key=lambda r: r["rank"]):
+        items = sum(v for k, v in r["rows"].items() if ".t_item." in k)
+        b = r["bytes"]
+        rows.append(f"| {r['rank']} | {items:,} | {b['tables'] / mib:,.1f} | {b['table_optimizer'] / mib:,.1f} | "
+                    f"{b['dense'] / mib:,.2f} | {r['rss_before_model_mib']:,.0f} | {r['rss_after_shard_mib']:,.0f} | "
+                    f"{r['rss_peak_mib']:,.0f} | {r['samples_per_s']:,.0f} |")
+    return (f"Scale run (`python -m training.scale`, `make scale-train`): DIN whose item table has "
+            f"{o['num_items']:,} rows x {o['embedding_dim']} (float32: {o['num_items'] * o['embedding_dim'] * 4 / mib:,.0f}"
+            f" MiB, {scale['table_mib']:,.0f} MiB with row-wise Adagrad's state), planned by TorchRec's planner under "
+            f"a budget of {o['budget_mib']:g} MiB per worker (`Topology(ddr_cap)`; table-, row- and column-wise "
+            f"allowed). One worker under that budget: the planner refuses (\"{scale['one_worker']}\"). "
+            f"With {o['num_workers']} Ray Train workers it chose {scale['plan'].get('t_item')} for the item table; "
+            f"{o['steps']} steps of {o['batch_size']} generated samples per worker (ids uniform over all rows). "
+            f"Loss {scale['loss_first']:.4f} -> {scale['loss_last']:.4f}. Whole command: wall "
+            f"{_f(scale.get('wall_s'), '.1f')} s, peak RSS of the process tree {_f(scale.get('peak_rss_mib'))} MiB.\n\n"
+            "| rank | item rows held | table shards MiB | their Adagrad state MiB | dense (replicated) MiB | "
+            "RSS before model MiB | RSS after sharding MiB | peak RSS MiB | samples/s |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
+
+
+def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: float, gen: list[dict],
+           scale: dict, gen_info: dict) -> str:
     """The ``models`` section of BENCHMARKS.md (Markdown)."""
-    refs = {r["model"]: r["train_samples_per_s"] for r in reversed(ctr)
+    refs = {r["model"]: r["train_samples_per_s"] for r in reversed(ctr + gen)
             if r["impl"].startswith("ours") and r["impl"].endswith("1 worker") and r.get("train_samples_per_s")}
     ref_pairs = i2v[0].get("pairs_per_s") if i2v else None
     pop = hr.get("popularity", {})
+    lr = next((r["training"]["lr_sparse"] for r in ctr if r.get("training")), "n/a")
+    gen_text = ""
+    if gen:
+        gen_text = (f"DeepFM on generated data (`pipelines.generator`): the first {gen_info.get('events', 0):,} events "
+                    f"(chunk order = time order) of the {GENERATED['n_events']:,}-event stream (seed "
+                    f"{GENERATED['seed']}, {GENERATED['n_users']:,} users, {GENERATED['n_items']:,} items), split "
+                    f"80/10/10 in time ({gen_info.get('rows', 'n/a')} rows); label = click; user and item ids plus "
+                    f"the generator's fields c07 (age slot), c08 (gender), c05 (occupation), c03 (zip), c14 (genre) in "
+                    f"our feature slots, vocabularies from the generator's cardinalities. One epoch each (the full 10M "
+                    f"events would take ~10x longer per run on 2 cores), batch 2048, otherwise as above.\n\n"
+                    f"{ctr_table(gen, refs)}\n\n")
     return (f"DeepFM on MovieLens-100K, global 80/10/10 time split of `export/ctr_samples` (80,000 / 10,000 / "
             f"10,000 rows); features user, item, age bucket, gender, occupation, zip prefix, genres (multi-hot, "
             f"sum); embedding dim 16, MLP (128, 64) ReLU, dropout 0.2, batch 2048, at most 12 epochs, early "
             f"stopping after 2 epochs without a higher valid AUC, test figures of the best epoch. Ours: row-wise "
-            f"Adagrad lr 0.05 on the tables + AdamW 1e-3; peers: Adam 1e-3 (their default), one torch thread. "
+            f"Adagrad lr {lr} on the tables + AdamW 1e-3; peers: Adam 1e-3 (their default), one torch thread. "
             f"DIN (ours: activation unit (36,) PReLU over the last 50 items, OverArch (200, 80); DeepCTR-Torch's "
-            f"DIN with the same sizes, `att_activation='prelu'`), otherwise as DeepFM. Load average (1 min) "
-            f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} when written, on {os.cpu_count()} logical CPUs "
-            f"shared with other jobs.\n\n"
+            f"DIN with the same sizes, `att_activation='prelu'`; RecBole's DIN with its own layers (Dice + batch "
+            f"norm, MLP (200, 80) for both the activation unit and the DNN) over the item features (id, genres) of "
+            f"the history and the candidate -- RecBole's DIN does not feed the user features to its DNN), all "
+            f"three on our point-in-time `hist_item_idx`, otherwise as DeepFM. Load average (1 min) "
+            f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} when written, on {os.cpu_count()} logical CPUs; "
+            f"commit {_commit()}.\n\n"
             f"{ctr_table(ctr, refs)}\n\n"
             f"item2vec on `export/item_sequences` (train period): dim 32, window 5, 5 negatives, subsampling 1e-3, "
             f"8 epochs. Next-item HR@10 / NDCG@10 on the {hr.get('cases', 'n/a')} positive test events "
             f"(`serving.replay` cases and query, exact search; popularity: HR@10 {_f(pop.get('hr@10'), '.4f')}). "
             f"gensim's pairs/s = the pairs our sampler draws for the same settings / gensim's training seconds.\n\n"
             f"{i2v_table(i2v, ref_pairs)}\n\n"
+            f"{gen_text}"
+            f"{scale_table(scale)}\n\n"
             "Samples/s and pairs/s count the optimisation passes only; wall s and CPU s are the whole command "
             "(start-up, Ray, data reading, evaluation). RSS is summed over the command's process tree (Ray's GCS, "
             "raylet and workers for ours), sampled every 0.2 s. CPU s is user + sys over the tree; n/a for a Ray run "
-            "measured before the sampler counted it (`wait4` misses Ray's workers). The machine is shared with other "
-            "jobs: wall time is noisier than CPU time.\n"
+            "measured before the sampler counted it (`wait4` misses Ray's workers). No GPU was available: the "
+            "GPU path (`use_gpu=True`, NCCL, fused fbgemm GPU kernels) was not measured.\n"
             + "".join(f"\n- {n}" for n in notes))
 
 
-def _publish(a: argparse.Namespace, ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: float,
-             pending: str = "") -> None:
+def _publish(a: argparse.Namespace, res: dict, pending: str = "") -> None:
     """Print and write what has been measured so far (a later phase replaces the section)."""
+    ctr, i2v, gen = res["ctr"], res["item2vec"], res["generated"]
     todo = [f"not measured yet when this was written: {pending}"] if pending else []
     retried = [f"{r['model']} ({r['impl']}): Ray's node timed out during start-up under the machine's load; it "
-               f"took {r['attempts']} attempts (figures of the last)" for r in ctr + i2v if r.get("attempts", 1) > 1]
-    failed = [f"{r['model']} ({r['impl']}): failed (exit {r['rc']}), see {r['log']}" for r in ctr + i2v
-              if r.get("rc") and r["impl"].startswith("ours")]
-    body = render(ctr, i2v, hr, notes + retried + failed + todo, load0)
+               f"took {r['attempts']} attempts (figures of the last)" for r in ctr + i2v + gen
+               if r.get("attempts", 1) > 1]
+    failed = [f"{r['model']} ({r['impl']}): failed (exit {r['rc']}), see {r['log']}" for r in ctr + i2v + gen
+              if r.get("rc")]
+    body = render(ctr, i2v, res["hr"], res["notes"] + retried + failed + todo, res["load0"], gen, res["scale"],
+                  res["gen_info"])
     print(body, flush=True)
-    (a.work / "results.json").write_text(json.dumps({"ctr": ctr, "item2vec": i2v, "hr": hr, "notes": notes,
-                                                     "load0": load0}, indent=2, default=float))
+    (a.work / "results.json").write_text(json.dumps(res, indent=2, default=float))
     if not a.no_write:
         write_section("models", body, command=COMMAND)
 
 
-def retry_failed(a: argparse.Namespace) -> int:
-    """Re-run our runs that failed in ``a.work/results.json`` (item2vec with its HR@10 first, then DeepFM/DIN),
-    keeping every other figure; the section is rewritten after each."""
-    import re
+# ------------------------------------------------------------------------------------------------ the parts
+def write_generated_lake(lake: Path, n_events: int) -> dict:
+    """The first ``n_events`` of the generated 10M-event stream (``GENERATED``) as ``export/ctr_samples``
+    (split=train|valid|test, 80/10/10 in event order, which is time order) and ``export/vocab_sizes.json``; user
+    and item ids are shifted by one (0 = unknown), the generator's categorical fields fill our feature slots."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    saved = json.loads((a.work / "results.json").read_text())
-    ctr, i2v, hr, notes = saved["ctr"], saved["item2vec"], saved["hr"], saved["notes"]
-    load0 = saved.get("load0", os.getloadavg()[0])
-    note = ("Ray could not start under the machine's load in the run; re-run alone afterwards with "
-            "`python -m bench.models --retry-failed`, the other figures kept")
-    if i2v and i2v[0].get("rc"):
-        m, result = run_ours("item2vec", a.work, 1, ITEM2VEC, attempts=5)
-        i2v[0] = _row(i2v[0]["model"], i2v[0]["impl"], m, result)
-        tables = {}
-        if m.rc == 0:
-            tables["ours"] = np.load(Path(m.extra["model_dir"]) / "item_embeddings.npy")
-        if (a.work / "gensim_items.npy").exists() and len(i2v) > 1 and not i2v[1].get("rc"):
-            tables["gensim"] = np.load(a.work / "gensim_items.npy")
-        hr = next_item_hr(PlatformConfig(data_dir=a.work / "data"), tables) if tables else {}
-        for row, name in zip(i2v, ("ours", "gensim")):
-            row.update(hr.get(name, {}))
-        notes.append(f"item2vec ({i2v[0]['impl']}): {note}")
-        _publish(a, ctr, i2v, hr, notes, load0)
-    for i, r in enumerate(ctr):
-        if r["impl"].startswith("ours") and r.get("rc"):
-            workers = int(re.search(r"(\d+) worker", r["impl"]).group(1))
-            m, result = run_ours(r["model"].lower(), a.work, workers, DEEPFM, attempts=5)
-            ctr[i] = _row(r["model"], r["impl"], m, result)
-            notes.append(f"{r['model']} ({r['impl']}): {note}")
-            _publish(a, ctr, i2v, hr, notes, load0)
-    return 0
+    from features.tables import CTR_SAMPLES, parquet_export
+    from pipelines.generator import CARDINALITIES, CAT_COLUMNS, GeneratorConfig, generate
+
+    slots = {"age_idx": "c07", "gender_idx": "c08", "occupation_idx": "c05", "zip_idx": "c03"}
+    cfg = GeneratorConfig(**GENERATED)
+    chunks, n = [], 0
+    for chunk in generate(cfg):
+        take = min(len(chunk["event_id"]), n_events - n)
+        chunks.append({k: v[:take] for k, v in chunk.items() if k in ("user_id", "item_id", "click", *CAT_COLUMNS)})
+        n += take
+        if n >= n_events:
+            break
+    col = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    cut = [0, int(0.8 * n), int(0.9 * n), n]
+    rows = {}
+    for i, split in enumerate(("train", "valid", "test")):
+        sl = slice(cut[i], cut[i + 1])
+        table = pa.table({
+            "user_idx": (col["user_id"][sl] + 1).astype(np.int32), "item_idx": (col["item_id"][sl] + 1).astype(np.int32),
+            **{name: (col[c][sl] + 1).astype(np.int32) for name, c in slots.items()},
+            "genre_idx": pa.array((col["c14"][sl] + 1).astype(np.int32)[:, None].tolist(), pa.list_(pa.int32())),
+            "label": col["click"][sl].astype(np.int32)})
+        out = Path(parquet_export(CTR_SAMPLES, lake)) / f"split={split}"
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / "part-0.parquet")
+        rows[split] = table.num_rows
+    card = dict(zip(CAT_COLUMNS, CARDINALITIES))
+    vocab = {"user": cfg.n_users + 2, "item": cfg.n_items + 2, "age_bucket": card["c07"] + 1,
+             "gender": card["c08"] + 1, "occupation": card["c05"] + 1, "zip_prefix": card["c03"] + 1,
+             "genre": card["c14"] + 1}
+    (lake / "export" / "vocab_sizes.json").write_text(json.dumps(vocab))
+    return {"events": n, "rows": " / ".join(f"{v:,}" for v in rows.values()), "click_rate": float(col["click"].mean())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=Path("/tmp/recsys-bench-models"), help="scratch dir")
-    p.add_argument("--uv", default=str(CACHE / "uv-0.13.8" / "bin" / "uv"))
-    p.add_argument("--skip-peers", action="store_true", help="only our models")
-    p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="re-run only our runs that failed in the last run in --work (e.g. Ray could not start under "
-                        "load), keep the other figures, rewrite the section")
-    a = p.parse_args(argv)
-    if a.retry_failed:
-        return retry_failed(a)
-
-    from training.train import MODELS
-
-    shutil.rmtree(a.work, ignore_errors=True)
-    lake = a.work / "data" / "lake"
-    shutil.copytree(load_config().lake_dir / "export", lake / "export")
-    lake_cfg = PlatformConfig(data_dir=a.work / "data")
-    notes: list[str] = []
-    python = None
-    if not a.skip_peers:
-        try:
-            python = peers_python(a.uv)
-        except (subprocess.CalledProcessError, OSError) as e:
-            notes.append(f"peers not run: their environment could not be built ({e})")
-    load0 = os.getloadavg()[0]
-    ctr: list[dict] = []
-    i2v: list[dict] = []
-    hr: dict = {}
-
-    def publish(pending: str) -> None:
-        _publish(a, ctr, i2v, hr, notes, load0, pending)
-
-    # DeepFM: ours with 1 and 2 workers, the peers
+def part_deepfm(res: dict, a: argparse.Namespace, python: Path | None) -> None:
+    res["ctr"] = [r for r in res["ctr"] if r["model"] != "DeepFM"]
+    rows = []
     for workers in (1, 2):
         m, r = run_ours("deepfm", a.work, workers, DEEPFM)
-        ctr.append(_row("DeepFM", f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
-    peer_args = ["--epochs", str(DEEPFM["epochs"]), "--batch-size", str(DEEPFM["batch_size"]),
-                 "--embedding-dim", str(DEEPFM["embedding_dim"]), "--patience", str(DEEPFM["patience"])]
+        rows.append(_row("DeepFM", f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
     if python:
         for peer, impl in (("deepctr", "DeepCTR-Torch 0.3.0"), ("recbole", "RecBole 1.2.1")):
-            m, r = run_peer(python, peer, a.work, peer_args)
-            ctr.append(_row("DeepFM", impl, m, r))
-            if m.rc:
-                notes.append(f"{impl} DeepFM: failed (exit {m.rc}); see {m.log}")
-    publish("item2vec, DIN")
+            m, r = run_peer(python, peer, a.work, _peer_args())
+            rows.append(_row("DeepFM", impl, m, r))
+    res["ctr"] = rows + res["ctr"]
 
-    # item2vec: ours against gensim, one HR@10 protocol
+
+def _peer_args() -> list[str]:
+    return ["--epochs", str(DEEPFM["epochs"]), "--batch-size", str(DEEPFM["batch_size"]),
+            "--embedding-dim", str(DEEPFM["embedding_dim"]), "--patience", str(DEEPFM["patience"])]
+
+
+def part_din(res: dict, a: argparse.Namespace, python: Path | None) -> None:
+    res["ctr"] = [r for r in res["ctr"] if r["model"] != "DIN"]
+    for workers in (1, 2):
+        m, r = run_ours("din", a.work, workers, DEEPFM)
+        res["ctr"].append(_row("DIN", f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
+    if python:  # ours: activation unit (36,) PReLU, OverArch (200, 80)
+        for peer, impl in (("deepctr", "DeepCTR-Torch 0.3.0"), ("recbole", "RecBole 1.2.1")):
+            m, r = run_peer(python, peer, a.work, [*_peer_args(), "--model", "din", "--hidden", "200", "80"],
+                            tag=f"{peer}-din")
+            res["ctr"].append(_row("DIN", impl, m, r))
+
+
+def part_item2vec(res: dict, a: argparse.Namespace, python: Path | None) -> None:
     m, r = run_ours("item2vec", a.work, 1, ITEM2VEC)
     tables = {}
     if m.rc == 0:
         tables["ours"] = np.load(Path(m.extra["model_dir"]) / "item_embeddings.npy")
-    i2v.append(_row("item2vec", "ours, Ray Train + TorchRec, 1 worker", m, r))
+    i2v = [_row("item2vec", "ours, Ray Train + TorchRec, 1 worker", m, r)]
     if python:
         emb = a.work / "gensim_items.npy"
         gm, gr = run_peer(python, "gensim", a.work, [
@@ -417,32 +474,76 @@ def main(argv: list[str] | None = None) -> int:
             "--subsample", str(ITEM2VEC["subsample"]), "--embeddings", str(emb)])
         if gm.rc == 0:
             tables["gensim"] = np.load(emb)
-            gr["pairs_per_s"] = our_pairs(lake, ITEM2VEC) / gr["train_s"]
-        else:
-            notes.append(f"gensim: failed (exit {gm.rc}); see {gm.log}")
+            gr["pairs_per_s"] = our_pairs(a.work / "data" / "lake", ITEM2VEC) / gr["train_s"]
         i2v.append(_row("item2vec (skip-gram, SGNS)", "gensim 4.4.0 Word2Vec(sg=1), 1 worker", gm, gr))
-    hr.update(next_item_hr(lake_cfg, tables) if tables else {})
+    res["hr"] = next_item_hr(PlatformConfig(data_dir=a.work / "data"), tables) if tables else {}
     for row, name in zip(i2v, ("ours", "gensim")):
-        row.update(hr.get(name, {}))
-    publish("DIN" if "din" in MODELS else "")
+        row.update(res["hr"].get(name, {}))
+    res["item2vec"] = i2v
 
-    # DIN: ours against DeepCTR-Torch's
-    if "din" in MODELS:
-        m, r = run_ours("din", a.work, 1, DEEPFM)
-        ctr.append(_row("DIN", "ours, Ray Train + TorchRec, 1 worker", m, r))
-        if python:  # ours: activation unit (36,) PReLU, OverArch (200, 80)
-            m, r = run_peer(python, "deepctr", a.work, [*peer_args, "--model", "din", "--hidden", "200", "80"],
-                            tag="deepctr-din")
-            ctr.append(_row("DIN", "DeepCTR-Torch 0.3.0", m, r))
-            if m.rc:
-                notes.append(f"DeepCTR-Torch DIN: failed (exit {m.rc}); see {m.log}")
-        notes.append("RecBole DIN: not run. RecBole's DIN is a sequential recommender that rebuilds each user's "
-                     "history from its own interaction files and data loaders; giving it our point-in-time "
-                     "`hist_item_idx` (so that the features are the same) was not done in this round")
-    else:
-        notes.append("DIN: not run; `python -m training.train` has no `--model din` yet (models: "
-                     f"{', '.join(MODELS)}), so no peer DIN was run either")
-    publish("")
+
+def part_generated(res: dict, a: argparse.Namespace, python: Path | None) -> None:
+    lake = a.work / "gen" / "lake"
+    shutil.rmtree(lake, ignore_errors=True)
+    res["gen_info"] = write_generated_lake(lake, a.generated_events)
+    one_epoch = {**DEEPFM, "epochs": 1}
+    name = f"DeepFM, generated {a.generated_events / 1e6:g}M events"
+    gen = []
+    for workers in (1, 2):
+        m, r = run_ours("deepfm", a.work, workers, one_epoch, data="gen", tag=f"gen-deepfm-w{workers}")
+        gen.append(_row(name, f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
+    if python:
+        m, r = run_peer(python, "deepctr", a.work, [*_peer_args()[2:], "--epochs", "1"], tag="gen-deepctr",
+                        data="gen")
+        gen.append(_row(name, "DeepCTR-Torch 0.3.0", m, r))
+    res["generated"] = gen
+
+
+def part_scale(res: dict, a: argparse.Namespace, python: Path | None) -> None:
+    out = a.work / "scale.json"
+    out.unlink(missing_ok=True)
+    m = run_measured([sys.executable, "-m", "training.scale", "--json", str(out)],
+                     {**os.environ, "PYTHONPATH": str(ROOT)}, a.work / "scale.log")
+    res["scale"] = {**(json.loads(out.read_text()) if m.rc == 0 and out.exists() else {}), "rc": m.rc,
+                    "log": m.log, "wall_s": m.wall_s, "peak_rss_mib": m.peak_rss_mib}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/recsys-bench-models"), help="scratch dir")
+    p.add_argument("--uv", default=str(CACHE / "uv-0.13.8" / "bin" / "uv"))
+    p.add_argument("--skip-peers", action="store_true", help="only our models")
+    p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {PARTS}; the other parts' figures are kept from --work")
+    p.add_argument("--generated-events", type=int, default=1_000_000,
+                   help="events of the generated 10M-event stream to train on (its first ones)")
+    a = p.parse_args(argv)
+    parts = [x for x in a.parts.split(",") if x]
+    if set(parts) - set(PARTS):
+        p.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {PARTS}")
+    saved = a.work / "results.json"
+    keep = saved.exists() and set(parts) != set(PARTS)
+    res = json.loads(saved.read_text()) if keep else {}
+    res = {"ctr": [], "item2vec": [], "generated": [], "hr": {}, "scale": {}, "gen_info": {}, "notes": [], **res,
+           "load0": os.getloadavg()[0]}
+    res["notes"] = [n for n in res["notes"] if not n.startswith("peers not run")]
+    if not keep:
+        shutil.rmtree(a.work, ignore_errors=True)
+    lake = a.work / "data" / "lake"
+    shutil.rmtree(lake / "export", ignore_errors=True)
+    shutil.copytree(load_config().lake_dir / "export", lake / "export")
+    python = None
+    if not a.skip_peers:
+        try:
+            python = peers_python(a.uv)
+        except (subprocess.CalledProcessError, OSError) as e:
+            res["notes"].append(f"peers not run: their environment could not be built ({e})")
+    run = {"deepfm": part_deepfm, "item2vec": part_item2vec, "din": part_din, "generated": part_generated,
+           "scale": part_scale}
+    for i, part in enumerate(parts):
+        run[part](res, a, python)
+        _publish(a, res, pending=", ".join(parts[i + 1:]))
     return 0
 
 
