@@ -4,7 +4,9 @@
    only), waits for ``/health``, then for each of ``/similar-items`` and ``/recommend`` sends a fixed number of
    requests at fixed concurrency from an asyncio httpx client (loopback only; ids drawn with a fixed seed from
    the known users/items, 5% unknown to exercise the fallback) after a warm-up. Reports p50/p99 latency
-   (milliseconds, client side), throughput (requests/s) and errors (non-200 or transport errors).
+   (milliseconds, client side), throughput (requests/s) and errors (non-200 or transport errors). A third run of
+   ``/similar-items`` has a forced hot swap (``POST /admin/reload?force=true``: a whole new bundle built and swapped
+   in) in the middle of it: its errors say whether a reload drops requests.
 2. ANN recall@10 on the demo's exported embeddings, measured as at export (every item once as a query, exact
    cosine as the reference): HNSW with its saved parameters, and random-hyperplane LSH (Charikar 2002) at a few
    (tables, bits) settings, with the mean candidates LSH scores per query.
@@ -40,6 +42,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _commit() -> str:
+    """Short commit of the checkout, with ``-dirty`` when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+async def load_with_reload(base: str, ids: list[int], concurrency: int, k: int) -> dict:
+    """``/similar-items`` load with a forced reload (hot swap) posted once the load is under way; the load goes on
+    until the reload has answered (and every id was sent once). Adds ``reload_s`` (seconds the reload call took)
+    and ``reload`` (its answer) to ``load``'s figures."""
+    import httpx
+
+    done = asyncio.Event()
+
+    async def reload() -> tuple[float, dict]:
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+            t0 = time.perf_counter()
+            r = await client.post("/admin/reload", params={"force": "true"})
+            done.set()
+            return time.perf_counter() - t0, r.json()
+
+    figures, (reload_s, answer) = await asyncio.gather(
+        load(base, "/similar-items", "item_id", ids, concurrency, k, until=done), reload())
+    return {**figures, "reload_s": reload_s, "reload": answer}
+
+
 def start_service(port: int, threads: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "serving.app", "--host", "127.0.0.1", "--port", str(port),
@@ -59,19 +93,23 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 300) -> d
             time.sleep(0.5)
 
 
-async def load(base: str, path: str, param: str, ids: list[int], concurrency: int, k: int) -> dict:
-    """Send one request per id with ``concurrency`` in flight; latencies in seconds."""
+async def load(base: str, path: str, param: str, ids: list[int], concurrency: int, k: int,
+               until: asyncio.Event | None = None) -> dict:
+    """Send one request per id with ``concurrency`` in flight; latencies in seconds. With ``until``, the ids are
+    sent again in a cycle until that event is set and all of them have been sent at least once."""
+    import itertools
+
     import httpx
 
     lat, errors = [], 0
-    queue: asyncio.Queue = asyncio.Queue()
-    for i in ids:
-        queue.put_nowait(i)
+    source = itertools.cycle(ids) if until is not None else iter(ids)
+
+    def more() -> bool:
+        return until is None or not until.is_set() or len(lat) < len(ids)
 
     async def worker(client) -> None:
         nonlocal errors
-        while not queue.empty():
-            i = queue.get_nowait()
+        while more() and (i := next(source, None)) is not None:
             t0 = time.perf_counter()
             try:
                 r = await client.get(path, params={param: i, "k": k})
@@ -87,8 +125,8 @@ async def load(base: str, path: str, param: str, ids: list[int], concurrency: in
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     ms = np.asarray(lat) * 1e3
-    return {"requests": len(ids), "concurrency": concurrency, "errors": int(errors), "wall_s": wall,
-            "throughput_rps": len(ids) / wall, "p50_ms": float(np.percentile(ms, 50)),
+    return {"requests": len(lat), "concurrency": concurrency, "errors": int(errors), "wall_s": wall,
+            "throughput_rps": len(lat) / wall, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
@@ -143,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch/faiss threads in the server")
+    p.add_argument("--port", type=int, default=28080, help="loopback port of the service (0: any free port)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     cfg = load_config()
@@ -152,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     users = sorted(_load_lake(cfg)[0])
     items = read_exported(embeddings_dir(cfg, "item2vec") / PARQUET_FILE)[0].column("item_id").to_pylist()
-    port = _free_port()
+    port = args.port or _free_port()
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     proc = start_service(port, args.threads)
@@ -165,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             results[path] = asyncio.run(load(base, path, param, draw_ids(known, args.requests, seed),
                                              args.concurrency, args.k))
             print(path, json.dumps(results[path]), flush=True)
+        swap = asyncio.run(load_with_reload(base, draw_ids(items, args.requests, 3), args.concurrency, args.k))
+        print("hot swap", json.dumps(swap), flush=True)
         load_after = os.getloadavg()[0]
         import httpx
 
@@ -183,14 +224,21 @@ def main(argv: list[str] | None = None) -> int:
              f"{startup_s:.1f} s. {args.requests} requests per endpoint at concurrency {args.concurrency} from an "
              f"asyncio httpx client on the same machine (5% unknown ids -> popularity fallback), after 100 "
              f"warm-up requests; k = {args.k}; server torch/faiss threads = {args.threads}. Latency is client-side. "
-             f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the load on "
-             f"{os.cpu_count()} CPUs (other jobs were running): read the latencies as an upper bound.",
+             f"Commit {_commit()}. 1-minute load average {load_before:.2f} before and {load_after:.2f} after the "
+             f"load on {os.cpu_count()} CPUs"
+             + (" (client and server only: the load is the benchmark's own)." if load_before < 1.5 else
+                " (other jobs were running): read the latencies as an upper bound."),
              "", "| endpoint | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for path, r in results.items():
-        lines.append(f"| `{path}` | {r['requests']} | {r['errors']} | {r['throughput_rps']:.0f} | "
+    rows = {**{f"`{path}`": r for path, r in results.items()},
+            "`/similar-items` during a hot swap (`POST /admin/reload?force=true`)": swap}
+    for label, r in rows.items():
+        lines.append(f"| {label} | {r['requests']} | {r['errors']} | {r['throughput_rps']:.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
-    lines += ["", f"Server-side 5xx counted by `/metrics`: {server_5xx:.0f}.", "",
+    lines += ["", f"Hot swap: the reload built and swapped in a whole new bundle in {swap['reload_s']:.1f} s "
+              f"(answer `{swap['reload']['decision']}`, serving `{swap['reload']['model_version']}`) while the "
+              f"requests above were answered; server-side 5xx counted by `/metrics` over all runs: "
+              f"{server_5xx:.0f}.", "",
               "ANN recall@10 against exact cosine search, every exported item once as a query (as `serving.export` "
               "measures it); LSH = random-hyperplane hashing (Charikar 2002), T tables of H bits, bucket-mates "
               "re-ranked exactly (numpy, one query at a time); time per query of the search alone, single-threaded, "
@@ -203,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not args.no_write:
         write_section("serving", body, command="make bench-serving  # python -m bench.serving_load")
-    return 0 if all(r["errors"] == 0 for r in results.values()) else 1
+    return 0 if all(r["errors"] == 0 for r in (*results.values(), swap)) else 1
 
 
 if __name__ == "__main__":
