@@ -1,9 +1,13 @@
 """Benchmark: Kafka -> Delta bronze ingest, exactly-once (the MERGE-on-event_id sink of ``pipelines.ingest``):
 throughput (events/s) and end-to-end latency from produce to visible in Delta (p50/p95, seconds).
 
-While the continuous ingest query runs (``run_ingest(..., trigger="continuous", interval_s=1)``, speed layer off,
-so the figure is the bronze sink's own), the generator's events are published in chunks of ``--chunk`` events,
-each chunk's publish start and acknowledged end recorded. An event's produce time is interpolated within its
+While the continuous ingest query runs (``run_ingest(..., trigger="continuous")``: a processing-time trigger
+every ``--interval-s`` seconds, at most ``--max-offsets`` messages per micro-batch (``maxOffsetsPerTrigger``), speed
+layer off, so the figure is the bronze sink's own), the generator's events (every impression field of the
+contract, about 440 bytes each) are published in chunks of ``--chunk`` events, at most ``--rate`` events/s (0: as
+fast as the producer goes), each chunk's publish start and acknowledged end recorded. Before the measured sizes a
+warm-up run of ``--warmup`` events on its own topic and lake starts the JVM's code paths, so the first measured
+micro-batch is not the one that also pays for them. An event's produce time is interpolated within its
 chunk by its position; its visible time is the timestamp of the Delta commit (bronze's ``_delta_log``) of the
 MERGE that inserted it, found from the row's ``ingested_at`` (the micro-batch's start). Latency = visible -
 produced; throughput = events / (last commit - first publish). A private broker on ``--kafka-port`` (24292).
@@ -43,7 +47,15 @@ def merge_commits(bronze: Path) -> list[tuple[float, int]]:
     return out
 
 
-def run_one(spark, cfg: PlatformConfig, n: int, seed: int, chunk: int) -> dict:
+def run_one(spark, cfg: PlatformConfig, n: int, seed: int, chunk: int, interval_s: float = 1.0,
+            max_offsets: int = 50_000, rate: float = 0.0) -> dict:
+    """Ingest ``n`` generated events while they are produced; the figures of one size (see the module doc).
+
+    Args:
+        interval_s: seconds between micro-batches (processing-time trigger).
+        max_offsets: at most this many messages per micro-batch (``maxOffsetsPerTrigger``).
+        rate: producer cap in events/s (0: unthrottled).
+    """
     from pyspark.sql import functions as F
 
     from pipelines.ingest import run_ingest
@@ -51,8 +63,10 @@ def run_one(spark, cfg: PlatformConfig, n: int, seed: int, chunk: int) -> dict:
     ensure_topic(cfg.kafka.bootstrap, cfg.kafka.topic, cfg.kafka.partitions)
     bronze = Path(BRONZE_INTERACTIONS.path(cfg.lake_dir))
     result: dict = {}
+    load_before = os.getloadavg()[0]
     ingest = threading.Thread(target=lambda: result.update(run_ingest(
-        spark, cfg, "continuous", interval_s=1.0, speed_layer=False)), daemon=True)
+        spark, cfg, "continuous", interval_s=interval_s, max_offsets_per_trigger=max_offsets, speed_layer=False)),
+        daemon=True)
     ingest.start()
     while not spark.streams.active:  # the query has started (its first, empty trigger comes within a second)
         assert ingest.is_alive(), "the ingest query failed to start"
@@ -63,9 +77,13 @@ def run_one(spark, cfg: PlatformConfig, n: int, seed: int, chunk: int) -> dict:
     times = []  # (publish start, publish end) per chunk, Unix seconds
     for c in generate(gen):
         messages = list(kafka_messages(c))
+        if rate and times:  # hold the chunk back until the cap allows it
+            time.sleep(max(0.0, times[0][0] + len(times) * chunk / rate - time.time()))
         t0 = time.time()
         publish(cfg.kafka.bootstrap, cfg.kafka.topic, messages, linger_ms=5)
         times.append((t0, time.time()))
+        visible = sum(r for _, r in merge_commits(bronze))
+        print(f"  produced {len(times) * chunk:,} / {n:,} events, {visible:,} visible in bronze", flush=True)
     produced_s = times[-1][1] - times[0][0]
     while sum(r for _, r in merge_commits(bronze)) < n:
         assert ingest.is_alive(), "the ingest query stopped before bronze held every event"
@@ -94,7 +112,7 @@ def run_one(spark, cfg: PlatformConfig, n: int, seed: int, chunk: int) -> dict:
     wall = commit_ts[-1] - times[0][0]
     return {"events": n, "bronze_rows": result.get("events_bronze"), "produce_events_per_s": n / produced_s,
             "ingest_events_per_s": n / wall, "wall_s": wall, "p50_s": pct(0.5), "p95_s": pct(0.95),
-            "merges": len(commit_ts)}
+            "merges": len(commit_ts), "load": (load_before, os.getloadavg()[0])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1000000", help="comma-separated event counts")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--chunk", type=int, default=20_000, help="events per published chunk")
+    parser.add_argument("--interval-s", type=float, default=1.0, help="seconds between micro-batches")
+    parser.add_argument("--max-offsets", type=int, default=50_000, help="maxOffsetsPerTrigger (messages)")
+    parser.add_argument("--rate", type=float, default=0.0, help="producer cap, events/s (0: unthrottled)")
+    parser.add_argument("--warmup", type=int, default=20_000, help="events of the unmeasured warm-up run")
     parser.add_argument("--kafka-port", type=int, default=24292)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "ingest")
     parser.add_argument("--no-report", action="store_true")
@@ -115,34 +137,49 @@ def main(argv: list[str] | None = None) -> None:
     subprocess.run(kafka_command("start", args.work_dir / "kafka"), check=True, env=env)
     spark = None
     rows = []
+    opts = dict(interval_s=args.interval_s, max_offsets=args.max_offsets, rate=args.rate)
     try:
-        for n in sizes:
-            cfg = PlatformConfig(data_dir=args.work_dir / f"lake-{n}", artifacts_dir=args.work_dir / "artifacts",
-                                 kafka=KafkaConfig(bootstrap=bootstrap, topic=f"bench-ingest-{n}", partitions=4),
+        runs = ([(f"warmup-{args.warmup}", args.warmup)] if args.warmup else []) + [(str(n), n) for n in sizes]
+        for name, n in runs:
+            cfg = PlatformConfig(data_dir=args.work_dir / f"lake-{name}", artifacts_dir=args.work_dir / "artifacts",
+                                 kafka=KafkaConfig(bootstrap=bootstrap, topic=f"bench-ingest-{name}", partitions=4),
                                  spark=SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="4g"))
             spark = spark or get_spark(cfg, app_name="bench-ingest")
-            r = run_one(spark, cfg, n, args.seed, args.chunk)
-            rows.append(r)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+            r = run_one(spark, cfg, n, args.seed, min(args.chunk, n), **opts)
+            print(json.dumps({"run": name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}}),
+                  flush=True)
+            if not name.startswith("warmup"):
+                rows.append(r)
+                if not args.no_report:
+                    write_section("ingest", report(rows, args), command=f"python -m bench.ingest --sizes {args.sizes}")
     finally:
         if spark is not None:
             spark.stop()
         subprocess.run(kafka_command("stop", args.work_dir / "kafka"), check=False, env=env)
+    print(report(rows, args) if rows else "no size finished")
+
+
+def report(rows: list[dict], args) -> str:
+    """The Markdown table and note for the sizes measured so far."""
+    from bench.batch_features import _commit
+
     table = ["| events | bronze rows | produce events/s | ingest events/s | wall s | latency p50 s | latency p95 s | "
-             "MERGE commits |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "MERGE commits | load avg 1 min (before -> after) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         table.append(f"| {r['events']:,} | {r['bronze_rows']:,} | {r['produce_events_per_s']:,.0f} | "
                      f"{r['ingest_events_per_s']:,.0f} | {r['wall_s']:.1f} | {r['p50_s']:.1f} | {r['p95_s']:.1f} | "
-                     f"{r['merges']} |")
-    note = ("\nContinuous trigger every 1 s, exactly-once MERGE on event_id into bronze (speed layer off), Spark "
-            "local[2], 4 Kafka partitions, producer kafka-python (idempotent, acks=all) in the same process on the "
-            f"same 2 cores, chunks of {args.chunk:,} events. Latency is produce -> visible in Delta (the MERGE "
-            "commit); it includes the queueing while the producer outruns the sink, so p95 grows with the run. "
-            "The machine is shared with other jobs, so figures are lower bounds of what it can do.")
-    body = "\n".join(table) + "\n" + note
-    print(body)
-    if not args.no_report:
-        write_section("ingest", body, command=f"python -m bench.ingest --sizes {args.sizes}")
+                     f"{r['merges']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
+    rate = f"capped at {args.rate:,.0f} events/s" if args.rate else "unthrottled"
+    note = (f"\nProcessing-time trigger every {args.interval_s:g} s with maxOffsetsPerTrigger {args.max_offsets:,}, "
+            "exactly-once MERGE on event_id into bronze (speed layer off), full validation of the contract (every "
+            "impression field), Spark local[2], 4 Kafka partitions; producer kafka-python (idempotent, acks=all) "
+            f"in the same process on the same 2 cores, {rate}, chunks of {args.chunk:,} generated impressions "
+            f"(~440 bytes each); a {args.warmup:,}-event warm-up run before the measured sizes. Latency is produce "
+            "-> visible in Delta (the MERGE commit that inserted the event), weighted per event; when the producer "
+            "outruns the sink it includes the queueing, so p95 then grows with the run. Commit "
+            f"{_commit()}. The machine (2 logical CPUs) is shared with other jobs (the load average column), so "
+            "figures are lower bounds of what it can do.")
+    return "\n".join(table) + "\n" + note
 
 
 if __name__ == "__main__":
