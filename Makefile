@@ -160,3 +160,11 @@ obp-venv: venv
 .PHONY: test-scheduler
 test-scheduler: venv airflow-venv jars data
 	AIRFLOW_SCHEDULER_TEST=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_scheduler_backfill.py $(PYTEST_ARGS)
+
+# The scheduled DAGs with `airflow dags test` (tests/test_dags.py, the last test): features_daily for one day, train
+# with each model submitted to a local Ray head through the Jobs API (ports RECSYS_TEST_RAY_PORT, default 29300, and
+# the next 65), evaluate_and_publish. Outside the default suite (three trainings); AIRFLOW_DAGS_E2E=1 opts in.
+.PHONY: test-dags-e2e
+test-dags-e2e: venv airflow-venv jars data
+	AIRFLOW_DAGS_E2E=1 $(PY) -m pytest -s -p no:cacheprovider tests/test_dags.py \
+	  -k test_scheduled_dags_run_end_to_end_with_training_as_ray_jobs $(PYTEST_ARGS)

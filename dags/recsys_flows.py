@@ -164,14 +164,21 @@ def ray_job_command(model: str, run_id: str, try_number: int | str = 1,
                     environ: Mapping[str, str] | None = None) -> str:
     """:func:`ray_job_argv` for a task, quoted for bash, with the address and the job's environment read from the
     worker's environment when the task runs: ``DAG_RAY_JOBS_ADDRESS`` (none: local cluster) and every
-    ``RECSYS_*`` variable (passed to the job as its env_vars, so the job reads the same lake and settings).
+    ``RECSYS_*`` variable (passed to the job as its env_vars, so the job reads the same lake and settings). A
+    submitted job also gets ``RECSYS_TRAIN__RAY_ADDRESS=auto`` unless the worker sets it: the entry point then joins
+    the cluster the job runs on (the Jobs API sets ``RAY_ADDRESS`` for it) instead of starting its own.
 
     >>> ray_job_command("item2vec", "manual__1", environ={})  # doctest: +ELLIPSIS
     '.../.venv/bin/python -m training.train --model item2vec'
+    >>> argv = shlex.split(ray_job_command("din", "r1", environ={"DAG_RAY_JOBS_ADDRESS": "http://h:8265"}))
+    >>> argv[argv.index("--runtime-env-json") + 1]
+    '{"env_vars": {"RECSYS_TRAIN__RAY_ADDRESS": "auto"}}'
     """
     environ = os.environ if environ is None else environ
     address = environ.get("DAG_RAY_JOBS_ADDRESS") or None
     env = {k: v for k, v in environ.items() if k.startswith("RECSYS_")}
+    if address:
+        env.setdefault("RECSYS_TRAIN__RAY_ADDRESS", "auto")
     safe_run = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
     return shlex.join(ray_job_argv(model, address, submission_id=f"recsys-train-{model}-{safe_run}-try{try_number}",
                                    runtime_env={"env_vars": env} if env else None))

@@ -80,6 +80,8 @@ def test_kuberay_manifests_have_the_required_fields(name):
         assert spec["entrypoint"].split() == ["python", "-m", "training.train", "--model", "deepfm"]
         runtime = yaml.safe_load(spec["runtimeEnvYAML"])
         assert runtime["env_vars"]["RECSYS_TRAIN__USE_GPU"] == "true"
+        # as the train DAG's jobs: the entry point joins the job's cluster instead of starting its own
+        assert runtime["env_vars"]["RECSYS_TRAIN__RAY_ADDRESS"] == "auto"
         cluster = spec["rayClusterSpec"]
     else:
         assert doc["kind"] == "RayCluster"

@@ -372,7 +372,9 @@ def test_ray_job_is_submitted_through_the_jobs_api_when_an_address_is_set():
     assert argv[:5] == [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", "http://ray-head:8265"]
     assert argv[argv.index("--submission-id") + 1] == "recsys-train-deepfm-scheduled__2024-01-02T00-00-00-00-00-try2"
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
-    assert runtime_env == {"env_vars": {"RECSYS_TRAIN__USE_GPU": "true", "RECSYS_DATA_DIR": "s3://lake"}}
+    # the worker's RECSYS_* for the job, which joins the cluster it runs on rather than starting its own
+    assert runtime_env == {"env_vars": {"RECSYS_TRAIN__USE_GPU": "true", "RECSYS_DATA_DIR": "s3://lake",
+                                        "RECSYS_TRAIN__RAY_ADDRESS": "auto"}}
     assert argv[argv.index("--") + 1:] == ["python", "-m", "training.train", "--model", "deepfm"]
     # the entry point is the one the local default (and make demo) runs
     assert argv[argv.index("--") + 2:] == build_command("train_deepfm")[1:]
@@ -473,3 +475,185 @@ def test_ingest_probe_reads_the_checkpoint_and_pid_file(tmp_path):
     assert probe.observe() == sp.Observation(alive=True, last_offset=2, last_commit=1, offset_age_s=998.0)
     pid.write_text("999999999")
     assert probe.observe().alive is False
+
+
+# --- (e) end to end: the scheduled DAGs with `airflow dags test`, training through a real Ray Jobs API ----------
+#
+# features_daily (one day) -> train (training set, three Ray jobs submitted to a local head, embedding export) ->
+# evaluate_and_publish (replay, publish gate), each with `airflow dags test` in one temporary AIRFLOW_HOME, on a
+# bronze table holding MovieLens-100K as ingest writes it (the Kafka path is covered by recsys_main's test above).
+
+RAY_TEST_PORT = int(os.environ.get("RECSYS_TEST_RAY_PORT", "29300"))  # the head's GCS; the next ports follow
+DAILY_DAY = "1998-03-01"
+
+
+def write_movielens_bronze(spark, ratings, lake: Path) -> int:
+    """bronze.interactions holding every rating of ``ratings`` as ingest writes it (event_id ``ml100k-<row>``, as
+    pipelines.produce names it; one Kafka partition, offsets in row order). Returns the row count."""
+    from datetime import datetime, timezone
+
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StructType
+
+    from features.tables import BRONZE_INTERACTIONS
+
+    schema = StructType.fromDDL(BRONZE_INTERACTIONS.schema)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    pdf = ratings.reset_index(drop=True)
+    rows = [(f"ml100k-{i:06d}", int(u), int(it), float(r), int(ts), i)
+            for i, (u, it, r, ts) in enumerate(pdf[["user_id", "item_id", "rating", "timestamp"]].itertuples(False))]
+    df = (spark.createDataFrame(rows, "event_id string, user_id int, item_id int, rating float, ts long, off long")
+          .withColumn("event_time", F.timestamp_seconds("ts")).withColumn("event_date", F.to_date("event_time"))
+          .withColumn("kafka_partition", F.lit(0)).withColumn("kafka_offset", F.col("off"))
+          .withColumn("ingested_at", F.lit(now)).withColumn("event_type", F.lit("rating")))
+    df = df.select([(F.col(f.name) if f.name in df.columns else F.lit(None)).cast(f.dataType).alias(f.name)
+                    for f in schema.fields])
+    df.write.format("delta").mode("overwrite").partitionBy(*BRONZE_INTERACTIONS.partition_by).save(
+        BRONZE_INTERACTIONS.path(lake))
+    return len(rows)
+
+
+class RayHead:
+    """A local Ray head with its dashboard (the Jobs API) started by ``ray start --head --block`` from the project's
+    .venv, in its own session and temp dir (so no other ``ray.init()`` on this machine finds it); ``stop`` ends
+    exactly its process group. Job drivers run ``python`` from .venv with PYTHONPATH at the checkout."""
+
+    def __init__(self, port: int, num_cpus: int = 4):
+        import tempfile
+
+        self.port, self.dashboard_port = port, port + 65
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths are limited
+        self.log = self.temp_dir / "head.log"
+        env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT),
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        p = port
+        argv = [str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus),
+                "--port", str(p), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                "--ray-client-server-port", str(p + 1), "--node-manager-port", str(p + 2),
+                "--object-manager-port", str(p + 3), "--dashboard-agent-listen-port", str(p + 4),
+                "--dashboard-agent-grpc-port", str(p + 5), "--runtime-env-agent-port", str(p + 6),
+                "--metrics-export-port", str(p + 7), "--min-worker-port", str(p + 10),
+                "--max-worker-port", str(p + 60), "--object-store-memory", str(1 << 30),
+                "--temp-dir", str(self.temp_dir)]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"ray start exited: {self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/version", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(2)
+        raise AssertionError(f"Ray's Jobs API at {self.address} not up after {timeout_s} s; {self.log}")
+
+    def jobs(self) -> dict[str, dict]:
+        """The head's jobs, by submission id, as the Jobs API lists them (``ray job list``)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.address}/api/jobs/", timeout=30) as r:
+            return {j["submission_id"]: j for j in json.loads(r.read()) if j.get("submission_id")}
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _json_rows(df) -> list[str]:
+    return sorted(json.dumps(r.asDict(recursive=True), sort_keys=True, default=str) for r in df.collect())
+
+
+def _dags_test(env: dict, cwd: Path, dag_id: str, *args: str, timeout: int = 1700) -> tuple[str, float]:
+    log = cwd / f"dags-test-{dag_id}.log"
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run([str(AIRFLOW_BIN), "dags", "test", dag_id, *args], env=env, cwd=cwd, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+    wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    print(f"airflow dags test {dag_id}: exit {proc.returncode} after {wall:.0f} s; log {log}")
+    failed = [line for line in text.splitlines() if "recsys " in line and " failed writing " in line]
+    assert proc.returncode == 0, "\n".join(failed + ["... end of log:"] + text.splitlines()[-60:])
+    return text, wall
+
+
+@needs_airflow
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("AIRFLOW_DAGS_E2E") != "1",
+                    reason="three DAGs and three trainings, 15+ min on 2 cores: `make test-dags-e2e` (AIRFLOW_DAGS_E2E=1)")
+def test_scheduled_dags_run_end_to_end_with_training_as_ray_jobs(tmp_path, spark, movielens):
+    from datetime import date
+
+    from features.results import read_stage_result
+    from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, USER_RECENT_ITEMS
+    from pipelines.daily_features import feature_rows
+    from serving.evaluation.gate import pointer_path
+
+    data, artifacts, run_name = tmp_path / "data", tmp_path / "artifacts", "scheduled"
+    cfg = PlatformConfig(data_dir=data, artifacts_dir=artifacts, run_name=run_name)
+    assert write_movielens_bronze(spark, movielens.ratings, cfg.lake_dir) == 100_000
+    head = RayHead(RAY_TEST_PORT)
+    try:
+        env = airflow_env(tmp_path / "airflow", RECSYS_DATA_DIR=str(data), RECSYS_ARTIFACTS_DIR=str(artifacts),
+                          RECSYS_RUN_NAME=run_name, RECSYS_RAW_DIR=str(ROOT / "data" / "raw"),
+                          RECSYS_SPARK__SHUFFLE_PARTITIONS="2", DAG_FEATURES_DAILY_START="1997-09-01",
+                          DAG_RAY_JOBS_ADDRESS=head.address)
+        env.pop("AIRFLOW_CONN_SPARK_DEFAULT", None)  # the DAG files' default: local[2]
+        env.pop("RAY_ADDRESS", None)
+        subprocess.run([str(AIRFLOW_BIN), "db", "migrate"], env=env, cwd=tmp_path, check=True, capture_output=True,
+                       timeout=300)
+        walls = {}
+
+        # features_daily for one day: that day's rows of both feature views, as the job's functions compute them
+        _, walls["features_daily"] = _dags_test(env, tmp_path, "features_daily", DAILY_DAY)
+        day = date.fromisoformat(DAILY_DAY)
+        items, users = feature_rows(spark.read.format("delta").load(BRONZE_INTERACTIONS.path(cfg.lake_dir)), day, day)
+        for spec, expected in ((ITEM_WINDOW_STATS, items), (USER_RECENT_ITEMS, users)):
+            written = spark.read.format("delta").load(spec.path(cfg.lake_dir))
+            assert [str(r.event_date) for r in written.select("event_date").distinct().collect()] == [DAILY_DAY]
+            got, want = _json_rows(written), _json_rows(expected)
+            assert len(got) > 0 and got == want, spec.name
+
+        # train: the training set, then each model as a Ray job through the head's Jobs API, then the export
+        head.wait_ready()
+        text, walls["train"] = _dags_test(env, tmp_path, "train")
+        jobs = head.jobs()
+        for model in ("deepfm", "din", "item2vec"):
+            (sid,) = [s for s in jobs if s.startswith(f"recsys-train-{model}-manual__")]
+            assert jobs[sid]["status"] == "SUCCEEDED", jobs[sid]
+            assert jobs[sid]["entrypoint"] == f"python -m training.train --model {model}"
+            assert jobs[sid]["runtime_env"]["env_vars"]["RECSYS_DATA_DIR"] == str(data)
+        features = read_stage_result(cfg, "features")
+        assert features["samples"] == {"train": 80_000, "valid": 10_000, "test": 10_000}
+        deepfm, din, item2vec = (read_stage_result(cfg, f"train_{m}") for m in ("deepfm", "din", "item2vec"))
+        assert deepfm["test_auc"] > 0.68 and din["test_auc"] > 0.68
+        assert _placed_ranks(deepfm["sharding_plan"]) == {0, 1}  # both workers of the job's trainer
+        exported = read_stage_result(cfg, "export")
+        assert exported, "the export stage wrote no result"
+
+        # evaluate_and_publish: replay of the new embeddings, then the gate (no serving version yet: PUBLISH)
+        _, walls["evaluate_and_publish"] = _dags_test(env, tmp_path, "evaluate_and_publish")
+        retrieval = read_stage_result(cfg, "evaluate")["retrieval"]
+        assert "popularity" in retrieval and "item2vec" in retrieval
+        published = read_stage_result(cfg, "publish")
+        assert published["decision"] == "publish" and published["candidate"] == item2vec["model_version"]
+        assert json.loads(pointer_path(artifacts).read_text())["model_version"] == item2vec["model_version"]
+        print("scheduled DAGs, wall seconds:", {k: round(v) for k, v in walls.items()})
+    finally:
+        head.stop()
