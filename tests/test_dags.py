@@ -562,15 +562,25 @@ class RayHead:
             return {j["submission_id"]: j for j in json.loads(r.read()) if j.get("submission_id")}
 
     def stop(self) -> None:
+        """SIGTERM to ``ray start``'s process group, then SIGKILL to any process still naming this head's temp dir
+        (Ray puts job drivers and some workers in groups of their own)."""
         import signal
 
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=60)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=20)  # `ray start --block` can take longer than that to wind down
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(self.temp_dir).encode() in (proc_dir / "cmdline").read_bytes():
+                    os.kill(int(proc_dir.name), signal.SIGKILL)
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
 
 
 def _json_rows(df) -> list[str]:
