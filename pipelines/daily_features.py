@@ -134,6 +134,25 @@ def table_version(spark, path: str) -> int:
     return DeltaTable.forPath(spark, path).history(1).first()["version"]
 
 
+def feature_rows(bronze, day: date, last: date):
+    """Both views' rows for the days ``day``..``last`` (inclusive), computed from ``bronze``: what the daily job
+    writes, and the batch recomputation the speed layer is checked against.
+
+    Returns:
+        ``(items, users)``: DataFrames with ``ITEM_WINDOW_STATS``'s and ``USER_RECENT_ITEMS``'s columns; an item
+        row for every day and item with an event in that day's 7-day window, a user row for every day and user
+        with an event that day.
+    """
+    from pyspark.sql import functions as F
+
+    spark = bronze.sparkSession
+    lo, hi = F.lit(day.isoformat()).cast("date"), F.lit(last.isoformat()).cast("date")
+    days = spark.createDataFrame([(d,) for d in days_between(day, last)], "event_date date")
+    window = bronze.where(F.col("event_date").between(F.date_sub(lo, max(WINDOWS_DAYS) - 1), hi))
+    targets = bronze.where(F.col("event_date").between(lo, hi)).select("user_id", "event_date").distinct()
+    return item_window_stats(window, days), user_recent_items(bronze.where(F.col("event_date") <= hi), targets)
+
+
 def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -> dict:
     """Recompute both feature views for ``day`` (or every day from ``day`` to ``last``, a backfill) from bronze and
     replace exactly those days' partitions of each table.
@@ -147,7 +166,6 @@ def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -
         ValueError: ``last`` before ``day``.
     """
     from delta.tables import DeltaTable
-    from pyspark.sql import functions as F
 
     last = last or day
     if last < day:
@@ -156,13 +174,7 @@ def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -
     bronze_path = BRONZE_INTERACTIONS.path(lake)
     if not DeltaTable.isDeltaTable(spark, bronze_path):
         raise TableNotFoundError(BRONZE_INTERACTIONS.name, bronze_path, "the ingest stage (pipelines/ingest.py)")
-    bronze = spark.read.format("delta").load(bronze_path)
-    lo, hi = F.lit(day.isoformat()).cast("date"), F.lit(last.isoformat()).cast("date")
-    days = spark.createDataFrame([(d,) for d in days_between(day, last)], "event_date date")
-    window = bronze.where(F.col("event_date").between(F.date_sub(lo, max(WINDOWS_DAYS) - 1), hi))
-    items = item_window_stats(window, days)
-    targets = bronze.where(F.col("event_date").between(lo, hi)).select("user_id", "event_date").distinct()
-    users = user_recent_items(bronze.where(F.col("event_date") <= hi), targets)
+    items, users = feature_rows(spark.read.format("delta").load(bronze_path), day, last)
     result = {"date": day.isoformat(), "last": last.isoformat(), "versions": {}}
     # (not BETWEEN: Delta 4.0's partition pruning of replaceWhere fails on it with an unresolved-attribute error)
     where = f"event_date >= '{day.isoformat()}' AND event_date <= '{last.isoformat()}'"

@@ -9,12 +9,17 @@ quarantine, kept whole with its reason code and the Kafka coordinates; nothing m
 
 Each micro-batch (``foreachBatch``) is idempotent: the bronze MERGE inserts only unseen event_ids, and the
 quarantine append carries Delta's ``txnAppId``/``txnVersion`` (the query id from the checkpoint and the batch id),
-so a batch replayed after a crash is not appended twice.
+so a batch replayed after a crash is not appended twice. With the speed layer on (the default of the continuous
+trigger), the batch then MERGEs the feature rows its events touch into ``gold.item_window_stats`` and
+``gold.user_recent_items`` (``pipelines.speed_layer``: recomputed from bronze, keyed by the batch's own events,
+so a replay neither loses nor double counts). ``tests/test_ingest_kill.py`` (``make fault-ingest``) SIGKILLs the
+continuous query at random points and checks both.
 
 Run under spark-submit (``pipelines.stages.build_command("ingest")``) or as ``python pipelines/ingest.py``::
 
     pipelines/ingest.py --trigger available-now            # drain the topic, write the stage result, exit
     pipelines/ingest.py --trigger continuous --interval-s 10   # a micro-batch every 10 s until stopped
+    pipelines/ingest.py --reprocess        # kappa: replay the topic into a shadow lake, swap it in (query stopped)
 
 The stage result ``ingest`` is ``{"events_bronze", "events_quarantined", "quarantine_reasons": {reason: n},
 "ingest_wall_s"}`` (counts are of the whole tables).
@@ -56,6 +61,7 @@ from features.tables import (
     USER_VOCAB,
     TableSpec,
 )
+from pipelines.speed_layer import SPEED_TABLES, ensure_speed_tables, update_speed_tables
 
 log = logging.getLogger("pipelines.ingest")
 
@@ -221,14 +227,13 @@ def _query_id(checkpoint: Path) -> str:
 
 def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
                   known_users: list[int] | None = None, known_items: list[int] | None = None):
-    """The foreachBatch function: validate, MERGE valid events into bronze, append rejects to quarantine, log the
-    batch's counts (``quarantine.ingest_batches``) and, with ``speed_layer``, MERGE the feature rows the new events
-    change (``pipelines.speed_layer``)."""
+    """The foreachBatch function: validate, MERGE valid events into bronze, append rejects to quarantine, with
+    ``speed_layer`` MERGE the feature rows the batch's events change (``pipelines.speed_layer``), and log the
+    batch's counts (``quarantine.ingest_batches``). Every step is idempotent, so a batch replayed after a crash at
+    any point between them ends in the same tables."""
     from delta.tables import DeltaTable
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-
-    from pipelines.speed_layer import update_speed_tables
 
     bronze_path, quarantine_path = BRONZE_INTERACTIONS.path(lake_dir), QUARANTINE_INTERACTIONS.path(lake_dir)
     bronze_cols, quarantine_cols = BRONZE_INTERACTIONS.columns, QUARANTINE_INTERACTIONS.columns
@@ -236,6 +241,7 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
     def write(batch, batch_id: int) -> None:
         spark = batch.sparkSession
         query_id = _query_id(checkpoint)
+        start = time.perf_counter()
         checked = (validate(batch, known_users, known_items).withColumn("ingested_at", F.current_timestamp())
                    .withColumn("kafka_partition", F.col("partition").cast("int"))
                    .withColumn("kafka_offset", F.col("offset").cast("bigint"))
@@ -248,21 +254,26 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
                      .withColumn("event_date", F.to_date("event_time"))
                      .withColumn("_n", F.row_number().over(first)).where("_n = 1")  # dedupe within the batch
                      .select(*bronze_cols)).persist()
-            bronze = DeltaTable.forPath(spark, bronze_path)
-            new = valid.join(bronze.toDF().select("event_id"), "event_id", "left_anti").persist()
             counts = checked.agg(F.count(F.lit(1)).alias("messages"),
                                  F.count(F.when(F.col("reason").isNull(), 1)).alias("valid"),
                                  F.count("reason").alias("quarantined")).first()
-            inserted = new.count()
-            (bronze.alias("t").merge(valid.alias("s"), "t.event_id = s.event_id")
+            (DeltaTable.forPath(spark, bronze_path).alias("t").merge(valid.alias("s"), "t.event_id = s.event_id")
              .whenNotMatchedInsertAll().execute())
-            (checked.where(F.col("reason").isNotNull()).select(*quarantine_cols)
-             .write.format("delta").mode("append")
-             .option("txnAppId", f"ingest-quarantine-{query_id}").option("txnVersion", batch_id)
-             .save(quarantine_path))
-            if speed_layer:
-                update_speed_tables(spark, lake_dir, spark.read.format("delta").load(bronze_path), new,
-                                    f"ingest-speed-{query_id}", batch_id)
+            # Nothing below reads bronze as it was before the MERGE: Delta re-caches every cached plan over the
+            # target after a MERGE (so a persisted "not yet in bronze" anti-join comes back empty), and a batch
+            # replayed after a crash finds its own events there already. Inserted = the batch's messages whose
+            # Kafka coordinates are the ones bronze kept: the same figure on a replay.
+            bronze = spark.read.format("delta").load(bronze_path)
+            keys = ["event_date", "event_id", "kafka_partition", "kafka_offset"]  # event_date: partition pruning
+            inserted = valid.join(bronze.select(*keys), keys).count()
+            bronze_s = time.perf_counter() - start
+            if counts["quarantined"]:  # (an empty append would still cost a Delta commit)
+                (checked.where(F.col("reason").isNotNull()).select(*quarantine_cols)
+                 .write.format("delta").mode("append")
+                 .option("txnAppId", f"ingest-quarantine-{query_id}").option("txnVersion", batch_id)
+                 .save(quarantine_path))
+            speed = (update_speed_tables(spark, lake_dir, bronze, valid, f"ingest-speed-{query_id}", batch_id)
+                     if speed_layer else {})
             log_row = [(query_id, batch_id, counts["messages"], counts["valid"], inserted,
                         counts["valid"] - inserted, counts["quarantined"])]
             (spark.createDataFrame(log_row, "query_id string, batch_id bigint, messages bigint, valid bigint, "
@@ -271,7 +282,9 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
              .write.format("delta").mode("append")
              .option("txnAppId", f"ingest-batches-{query_id}").option("txnVersion", batch_id)
              .save(INGEST_BATCHES.path(lake_dir)))
-            new.unpersist()
+            log.info("batch %d: %d messages, %d inserted, %d duplicates, %d quarantined; speed layer %s; "
+                     "%.1f s (bronze %.1f s)", batch_id, counts["messages"], inserted, counts["valid"] - inserted,
+                     counts["quarantined"], speed or "off", time.perf_counter() - start, bronze_s)
             valid.unpersist()
         finally:
             checked.unpersist()
@@ -357,6 +370,8 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
     _ensure_table(spark, INGEST_BATCHES, INGEST_BATCHES.path(cfg.lake_dir))
     if speed_layer is None:
         speed_layer = trigger == "continuous"
+    if speed_layer:
+        ensure_speed_tables(spark, cfg.lake_dir)
     known_users, known_items = closed_vocabulary(spark, cfg) if closed_vocab else (None, None)
 
     reader = (spark.readStream.format("kafka")
@@ -381,21 +396,65 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
     return {**table_counts(spark, cfg), "ingest_wall_s": round(wall_s, 3)}
 
 
+#: Everything the ingest stage writes; a reprocess rebuilds all of it, with the checkpoint it was written under.
+INGEST_OUTPUTS = (BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS, INGEST_BATCHES, *SPEED_TABLES)
+
+
 def reprocess(spark, cfg: PlatformConfig, max_offsets_per_trigger: int | None = None) -> dict:
-    """Rebuild the speed-layer tables by replaying the topic from its earliest offset into a shadow lake (its own
-    bronze, quarantine and checkpoint, under ``<data_dir>/shadow/<unix s>``), then swap them into the live lake.
-    Stop the live continuous query first: the swap renames directories.
+    """Kappa reprocessing (Kreps 2014): replay the topic from its earliest offset through this code into a shadow
+    lake (``<data_dir>/shadow/<UTC stamp>``: its own bronze, quarantine, batch log, speed tables and checkpoint),
+    then swap it in (:func:`swap_in`) and keep the replaced copy under ``<data_dir>/retired/<UTC stamp>``.
+
+    Use it when the validation rules or the feature definitions change: the result is the lake a fresh ingest of
+    the whole topic gives. Stop the live continuous query first (the swap renames its tables and checkpoint);
+    restarted, it resumes from the shadow's checkpoint. The topic's retention must cover the whole history
+    (``docs/kafka.md``). The replay runs with an open vocabulary (the shadow lake has none).
 
     Returns:
-        The shadow run's ingest figures plus ``shadow_dir`` and ``retired`` ({table: where the old copy went}).
-    """
-    from pipelines.speed_layer import swap_in
+        The shadow run's ingest figures (:func:`run_ingest`) plus ``shadow_dir`` (where it was built) and
+        ``retired`` ({table or ``checkpoint``: where the previous copy went; '' when there was none}).
 
-    shadow = cfg.model_copy(update={"data_dir": cfg.data_dir / "shadow" / str(int(time.time()))})
+    Raises:
+        pyspark.errors.StreamingQueryException: the replay failed; the live lake is untouched.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time_ns() % 10**9:09d}Z"
+    shadow = cfg.model_copy(update={"data_dir": cfg.data_dir / "shadow" / stamp})
     result = run_ingest(spark, shadow, "available-now", max_offsets_per_trigger=max_offsets_per_trigger,
                         speed_layer=True)
-    retired = swap_in(shadow.lake_dir, cfg.lake_dir)
+    retired = swap_in(shadow, cfg, cfg.data_dir / "retired" / stamp)
+    # This JVM caches each path's Delta log and snapshot; the paths now hold other tables.
+    spark._jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()
     return {**result, "shadow_dir": str(shadow.data_dir), "retired": retired}
+
+
+def swap_in(shadow: PlatformConfig, live: PlatformConfig, retired_dir: Path) -> dict[str, str]:
+    """Move the live copy of every ingest output (``INGEST_OUTPUTS``) and the ingest checkpoint under
+    ``retired_dir``, then move the shadow's into their place: one directory rename each (Delta tables are
+    path-relative, so a moved table stays valid).
+
+    Not atomic: a crash in the middle leaves some tables in ``retired_dir`` and the rest in the shadow's
+    ``data_dir``; move them by hand (nothing is deleted).
+
+    Returns:
+        {table name or ``checkpoint``: where its previous copy went ('' when there was none)}.
+    """
+    pairs = [(spec.name, Path(spec.path(shadow.lake_dir)), Path(spec.path(live.lake_dir)),
+              Path(spec.path(retired_dir / "lake"))) for spec in INGEST_OUTPUTS]
+    pairs.append(("checkpoint", shadow.checkpoint_dir / STAGE, live.checkpoint_dir / STAGE,
+                  retired_dir / "checkpoints" / STAGE))
+    moved = {}
+    for name, _, current, old in pairs:
+        moved[name] = ""
+        if current.exists():
+            old.parent.mkdir(parents=True, exist_ok=True)
+            current.rename(old)
+            moved[name] = str(old)
+    for name, new, current, _ in pairs:
+        current.parent.mkdir(parents=True, exist_ok=True)
+        new.rename(current)
+    log.info("reprocess: %d tables and the checkpoint swapped in from %s; old copies in %s", len(INGEST_OUTPUTS),
+             shadow.data_dir, retired_dir)
+    return moved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -409,16 +468,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="maintain the speed-layer feature tables (default: on for continuous only)")
     parser.add_argument("--closed-vocab", action="store_true", help="quarantine ids outside the vocabularies")
     parser.add_argument("--reprocess", action="store_true",
-                        help="replay the topic from the earliest offset into shadow tables and swap them in")
+                        help="replay the topic from the earliest offset into a shadow lake and swap it in "
+                             "(stop the continuous query first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config()
     spark = get_spark(cfg, app_name="recsys-ingest")
     if args.reprocess:
+        if args.closed_vocab:
+            parser.error("--reprocess replays with an open vocabulary; leave out --closed-vocab")
         result = reprocess(spark, cfg, args.max_offsets_per_trigger)
         path = write_stage_result(cfg, "ingest_reprocess", result)
-        print(f"reprocess: speed tables rebuilt from {result['events_bronze']:,} events and swapped in; "
-              f"result: {path}")
+        print(f"reprocess: bronze, quarantine and speed tables rebuilt from the topic ({result['events_bronze']:,} "
+              f"events, {result['events_quarantined']:,} quarantined) and swapped in; old copies "
+              f"{set(result['retired'].values()) - {''} or 'none'}; result: {path}")
         spark.stop()
         return
     result = run_ingest(spark, cfg, args.trigger, args.interval_s, args.max_offsets_per_trigger,
