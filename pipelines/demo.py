@@ -39,8 +39,13 @@ def kafka(cfg: PlatformConfig, action: str, state_dir: Path) -> None:
 
 
 def reset(cfg: PlatformConfig, kafka_state: Path) -> None:
-    """Empty the broker's log, the lake, the checkpoints and this run's outputs (never the raw data)."""
-    for path in (kafka_state, cfg.lake_dir, cfg.checkpoint_dir, cfg.run_dir):
+    """Empty the broker's log, the lake, the checkpoints, this run's outputs and the serving state (never the raw data).
+
+    The serving state (the publish gate's pointer and the indexes built per registry version) names versions of the
+    lake's registry table, so it goes with the lake: a pointer kept across a reset would name a version that no
+    longer exists.
+    """
+    for path in (kafka_state, cfg.lake_dir, cfg.checkpoint_dir, cfg.run_dir, cfg.artifacts_dir / "serving"):
         shutil.rmtree(path, ignore_errors=True)
 
 
