@@ -14,7 +14,10 @@ Semantics (declared in ``features.definitions``):
 - Vocabularies map a stable id (or a categorical value) to an embedding row starting at 1; row 0
   (``UNKNOWN_INDEX``) is the unknown/padding value. They are append-only: ids already in the table keep their
   index and new ids get ``max + 1`` onwards, ordered by ``(first_seen, id)`` (category values: by value within
-  each feature). A re-run never renumbers, so a checkpoint's embedding rows stay valid.
+  each feature). A re-run never renumbers, so a checkpoint's embedding rows stay valid. The id vocabularies
+  follow a ``features.vocab.VocabSpec``: a minimum count (rarer ids are out of vocabulary), optional hashed
+  buckets for out-of-vocabulary ids (rows 1..H, the vocabulary after them), one Delta commit per update; the
+  versions used are recorded in ``gold.ctr_samples``' commit and the stage result.
 - Split: all events ordered by ``(event_time, event_id)``; the first 80% are ``train``, the next 10% ``valid``, the
   rest ``test`` (``SPLIT_FRACTIONS``; boundaries are exact integer fractions of the count, :func:`split_bounds`).
   ``event_id`` encodes the original row index, so ties in time keep the file's order.
@@ -57,6 +60,7 @@ from features.definitions import (
     age_bucket,
 )
 from features.errors import PlatformError, TableNotFoundError
+from features.vocab import ITEM_VOCAB_SPEC, OOV_INDEX, USER_VOCAB_SPEC, VocabSpec, check_layout, commit_metadata
 from features.results import write_stage_result
 from features.tables import (
     BRONZE_INTERACTIONS,
@@ -150,11 +154,14 @@ def read_or_empty(spark, spec: TableSpec, lake_dir: Path):
     return spark.createDataFrame([], spark_schema(spec))
 
 
-def write_delta(df, spec: TableSpec, lake_dir: Path, mode: str = "overwrite") -> str:
+def write_delta(df, spec: TableSpec, lake_dir: Path, mode: str = "overwrite", user_metadata: str | None = None) -> str:
     """Write ``df`` (conformed to ``spec``) as Delta at ``spec.path(lake_dir)``; ``overwrite`` replaces the whole
-    table (idempotent re-run), ``append`` adds rows (vocabulary growth)."""
+    table (idempotent re-run), ``append`` adds rows (vocabulary growth); ``user_metadata`` is stored with the
+    commit (``DESCRIBE HISTORY``'s ``userMetadata``)."""
     path = spec.path(lake_dir)
     writer = conform(df, spec).write.format("delta").mode(mode)
+    if user_metadata is not None:
+        writer = writer.option("userMetadata", user_metadata)
     if mode == "overwrite":
         writer = writer.option("overwriteSchema", "true")
     if spec.partition_by:
@@ -192,34 +199,71 @@ def write_exports(spark, lake_dir: Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------- vocabularies
 
 
-def new_vocab_rows(candidates, existing, id_col: str, idx_col: str):
+def new_vocab_rows(candidates, existing, id_col: str, idx_col: str, first_index: int = UNKNOWN_INDEX + 1):
     """Rows to append to an id vocabulary: the ``candidates`` whose id is not in ``existing``, numbered from
-    ``max(existing idx) + 1`` (1 when empty) in order of ``(first_seen, id)``.
+    ``max(existing idx) + 1`` (``first_index`` when empty) in order of ``(first_seen, id)``.
 
     Args:
         candidates: one row per id: ``id_col``, ``first_seen`` (timestamp of its earliest event).
         existing: the vocabulary table as stored (may be empty).
         id_col: ``user_id`` / ``item_id``.
         idx_col: ``user_idx`` / ``item_idx``.
+        first_index: the index of a new vocabulary's first id (``VocabSpec.first_index``: after the OOV row and
+            the hashed buckets).
 
     Returns:
-        The new rows, ``id_col, idx_col, first_seen``; indices >= 1, never ``UNKNOWN_INDEX``.
+        The new rows, ``id_col, idx_col, first_seen``; indices >= ``first_index``, never ``UNKNOWN_INDEX``.
     """
     fresh = candidates.join(existing.select(id_col), id_col, "left_anti")
-    base = existing.agg(F.coalesce(F.max(idx_col), F.lit(UNKNOWN_INDEX)).alias("_base"))  # one row
+    base = existing.agg(F.coalesce(F.max(idx_col), F.lit(first_index - 1)).alias("_base"))  # one row
     order = Window.orderBy("first_seen", id_col)  # one partition: only the new ids of this run
     return (fresh.crossJoin(base)
             .withColumn(idx_col, (F.col("_base") + F.row_number().over(order)).cast("int"))
             .drop("_base"))
 
 
-def update_id_vocab(spark, events, spec: TableSpec, id_col: str, idx_col: str, lake_dir: Path):
-    """Append the ids of ``events`` not yet in the vocabulary ``spec`` (first_seen = their earliest event_time),
-    then return the whole vocabulary as stored."""
-    seen = events.groupBy(id_col).agg(F.min("event_time").alias("first_seen"))
-    fresh = new_vocab_rows(seen, read_or_empty(spark, spec, lake_dir), id_col, idx_col)
-    write_delta(fresh, spec, lake_dir, mode="append")
-    return read_delta(spark, spec, lake_dir)
+def delta_version(spark, path: str) -> tuple[int, str | None]:
+    """The newest version of the Delta table at ``path`` and its commit's ``userMetadata``."""
+    row = (DeltaTable.forPath(spark, path).history(1).select("version", "userMetadata").first())
+    return int(row["version"]), row["userMetadata"]
+
+
+def update_id_vocab(spark, events, table: TableSpec, lake_dir: Path, vocab: VocabSpec):
+    """Append to the vocabulary ``table`` the ids of ``events`` (all of bronze) that have at least
+    ``vocab.min_count`` events and no index yet (first_seen = their earliest event_time). One Delta commit when
+    there are such ids (``userMetadata`` = the spec), none otherwise.
+
+    Returns:
+        ``(vocabulary, version)``: the whole vocabulary at the Delta version written (or found), and that version;
+        a training set indexed with it records the version (``versionAsOf`` gives the same mapping back).
+
+    Raises:
+        VocabularyError: the table was built with another ``hash_buckets`` (its indices would move).
+    """
+    path = table.path(lake_dir)
+    existing = read_or_empty(spark, table, lake_dir)
+    if is_delta(spark, path):
+        check_layout(vocab, delta_version(spark, path)[1], table.name)
+    seen = (events.groupBy(vocab.id_col).agg(F.min("event_time").alias("first_seen"), F.count("*").alias("_n"))
+            .where(F.col("_n") >= vocab.min_count).drop("_n"))
+    fresh = new_vocab_rows(seen, existing, vocab.id_col, vocab.idx_col, vocab.first_index).persist()
+    if fresh.count() or not is_delta(spark, path):
+        write_delta(fresh, table, lake_dir, mode="append", user_metadata=commit_metadata(vocab))
+    fresh.unpersist()
+    version = delta_version(spark, path)[0]
+    return spark.read.format("delta").option("versionAsOf", version).load(path), version
+
+
+def index_column(vocabulary, frame, vocab: VocabSpec):
+    """``frame`` with ``vocab.idx_col``: the id's index in ``vocabulary``, else its hashed bucket
+    (``1 + pmod(hash(id), hash_buckets)``, Spark's Murmur3 as ``features.vocab.hashed_index``), else
+    ``OOV_INDEX`` (no buckets, or a null id)."""
+    found = frame.join(vocabulary.select(vocab.id_col, vocab.idx_col), vocab.id_col, "left")
+    fallback = (F.lit(OOV_INDEX + 1) + F.pmod(F.hash(F.col(vocab.id_col).cast("int")), F.lit(vocab.hash_buckets))
+                if vocab.hash_buckets else F.lit(OOV_INDEX))
+    return found.withColumn(vocab.idx_col, F.coalesce(F.col(vocab.idx_col), F.when(F.col(vocab.id_col).isNotNull(),
+                                                                                     fallback), F.lit(OOV_INDEX))
+                            .cast("int"))
 
 
 def new_category_rows(values: dict[str, set[str]], existing: dict[tuple[str, str], int]) -> list[tuple[str, str, int]]:
@@ -340,12 +384,12 @@ def with_history(samples, max_history: int = MAX_HISTORY):
             .drop("_ts_s"))
 
 
-def build_samples(events, user_vocab, item_vocab, user_side, item_side, n: int):
-    """``gold.ctr_samples`` rows: one per bronze event, labelled, split, indexed and with its history."""
-    samples = (with_split(events, n)
-               .withColumn("label", (F.col("rating") >= F.lit(POSITIVE_RATING)).cast("int"))
-               .join(user_vocab.select("user_id", "user_idx"), "user_id", "left")
-               .join(item_vocab.select("item_id", "item_idx"), "item_id", "left")
+def build_samples(events, user_vocab, item_vocab, user_side, item_side, n: int,
+                  user_spec: VocabSpec = USER_VOCAB_SPEC, item_spec: VocabSpec = ITEM_VOCAB_SPEC):
+    """``gold.ctr_samples`` rows: one per bronze event, labelled, split, indexed (``index_column``: own index,
+    hashed bucket or OOV) and with its history."""
+    labelled = with_split(events, n).withColumn("label", (F.col("rating") >= F.lit(POSITIVE_RATING)).cast("int"))
+    samples = (index_column(item_vocab, index_column(user_vocab, labelled, user_spec), item_spec)
                .join(F.broadcast(user_side), "user_id", "left")
                .join(F.broadcast(item_side), "item_id", "left"))
     for c in ("user_idx", "item_idx", "age_idx", "gender_idx", "occupation_idx", "zip_idx"):
@@ -365,10 +409,13 @@ def build_item_sequences(samples):
             .where(F.col("seq_len") >= 2))
 
 
-def vocab_sizes(user_vocab, item_vocab, category_vocab: dict[tuple[str, str], int]) -> dict[str, int]:
-    """Rows of each embedding table (max index + 1, so index 0 included), keyed as ``VOCAB_SIZE_KEYS``."""
+def vocab_sizes(user_vocab, item_vocab, category_vocab: dict[tuple[str, str], int],
+                user_spec: VocabSpec = USER_VOCAB_SPEC, item_spec: VocabSpec = ITEM_VOCAB_SPEC) -> dict[str, int]:
+    """Rows of each embedding table (max index + 1, so index 0 and the hashed buckets included), keyed as
+    ``VOCAB_SIZE_KEYS``."""
     ids = (user_vocab.agg(F.max("user_idx")).crossJoin(item_vocab.agg(F.max("item_idx"))).first())
-    sizes = {"user": ids[0] or UNKNOWN_INDEX, "item": ids[1] or UNKNOWN_INDEX}
+    sizes = {"user": max(ids[0] or UNKNOWN_INDEX, user_spec.first_index - 1),
+             "item": max(ids[1] or UNKNOWN_INDEX, item_spec.first_index - 1)}
     for f in CATEGORY_FEATURES:
         sizes[f] = max((i for (feature, _), i in category_vocab.items() if feature == f), default=UNKNOWN_INDEX)
     return {k: int(v) + 1 for k, v in sizes.items()}
@@ -377,19 +424,26 @@ def vocab_sizes(user_vocab, item_vocab, category_vocab: dict[tuple[str, str], in
 # ------------------------------------------------------------------------------------------------------- job
 
 
-def run_features(spark, cfg: PlatformConfig) -> dict:
+def run_features(spark, cfg: PlatformConfig, user_vocab_spec: VocabSpec = USER_VOCAB_SPEC,
+                 item_vocab_spec: VocabSpec = ITEM_VOCAB_SPEC) -> dict:
     """Build every silver and gold table from bronze and the MovieLens side files; see the module docstring.
+
+    Args:
+        user_vocab_spec, item_vocab_spec: min count and hashed buckets of the id vocabularies
+            (``features.vocab``; the defaults keep every id and map unknown ones to row 0).
 
     Returns:
         The stage result: ``samples`` and ``positives`` (events per split), ``users``/``items`` (vocabulary
         entries), ``sequences`` (rows of ``gold.item_sequences``), ``unknown_side_features`` (events whose user
         or item is absent from the MovieLens side files: their side indices are ``UNKNOWN_INDEX``),
-        ``vocab_sizes`` and ``features_wall_s`` (seconds).
+        ``vocab_sizes``, ``vocab_versions`` ({table: Delta version} of the vocabularies ``gold.ctr_samples`` was
+        indexed with; also the ``userMetadata`` of its commit) and ``features_wall_s`` (seconds).
 
     Raises:
         TableNotFoundError: ``bronze.interactions`` has not been written (run the ingest stage).
         PlatformError: bronze is empty, or holds an event_id more than once (bronze is deduplicated by ingest).
         DatasetError: the MovieLens files are missing (run ``make data``).
+        VocabularyError: a vocabulary was built with other ``hash_buckets``.
     """
     t0 = time.perf_counter()
     lake = Path(cfg.lake_dir)
@@ -410,13 +464,17 @@ def run_features(spark, cfg: PlatformConfig) -> dict:
     write_delta(spark.createDataFrame(item_rows, spark_schema(ITEM_FEATURES)), ITEM_FEATURES, lake)
     user_features = read_delta(spark, USER_FEATURES, lake)
     item_features = read_delta(spark, ITEM_FEATURES, lake)
-    user_vocab = update_id_vocab(spark, events, USER_VOCAB, "user_id", "user_idx", lake)
-    item_vocab = update_id_vocab(spark, events, ITEM_VOCAB, "item_id", "item_idx", lake)
+    user_vocab, user_version = update_id_vocab(spark, events, USER_VOCAB, lake, user_vocab_spec)
+    item_vocab, item_version = update_id_vocab(spark, events, ITEM_VOCAB, lake, item_vocab_spec)
     category_vocab = update_category_vocab(spark, category_values(user_rows, item_rows), lake)
     user_side, item_side = side_indices(user_features, item_features, category_vocab)
+    vocab_versions = {USER_VOCAB.name: user_version, ITEM_VOCAB.name: item_version,
+                      CATEGORY_VOCAB.name: delta_version(spark, CATEGORY_VOCAB.path(lake))[0]}
 
     # gold: samples, then sequences read back from the written samples
-    write_delta(build_samples(events, user_vocab, item_vocab, user_side, item_side, n), CTR_SAMPLES, lake)
+    write_delta(build_samples(events, user_vocab, item_vocab, user_side, item_side, n, user_vocab_spec,
+                              item_vocab_spec), CTR_SAMPLES, lake,
+                user_metadata=json.dumps({"vocab_versions": vocab_versions}, sort_keys=True))
     known = (events.join(user_features.select("user_id", F.lit(1).alias("_u")), "user_id", "left")
              .join(item_features.select("item_id", F.lit(1).alias("_i")), "item_id", "left")
              .agg(F.count("_u"), F.count("_i")).first())
@@ -427,7 +485,7 @@ def run_features(spark, cfg: PlatformConfig) -> dict:
 
     # exports
     write_exports(spark, lake)
-    sizes = vocab_sizes(user_vocab, item_vocab, category_vocab)
+    sizes = vocab_sizes(user_vocab, item_vocab, category_vocab, user_vocab_spec, item_vocab_spec)
     path = vocab_sizes_path(lake)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -441,11 +499,12 @@ def run_features(spark, cfg: PlatformConfig) -> dict:
     return {
         "samples": {s: get(s, "n") for s in names},
         "positives": {s: get(s, "pos") for s in names},
-        "users": sizes["user"] - 1,  # indices are dense 1..n, so entries = max index
-        "items": sizes["item"] - 1,
+        "users": user_vocab.count(),
+        "items": item_vocab.count(),
         "sequences": read_delta(spark, ITEM_SEQUENCES, lake).count(),
         "unknown_side_features": unknown,
         "vocab_sizes": sizes,
+        "vocab_versions": vocab_versions,
         "features_wall_s": round(time.perf_counter() - t0, 3),
     }
 
