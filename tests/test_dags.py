@@ -516,17 +516,24 @@ def write_movielens_bronze(spark, ratings, lake: Path) -> int:
 class RayHead:
     """A local Ray head with its dashboard (the Jobs API) started by ``ray start --head --block`` from the project's
     .venv, in its own session and temp dir (so no other ``ray.init()`` on this machine finds it); ``stop`` ends
-    exactly its process group. Job drivers run ``python`` from .venv with PYTHONPATH at the checkout."""
+    exactly its process group. Job drivers run ``python`` from .venv with PYTHONPATH at the checkout.
+
+    Ray 2.60 turns token authentication on for a new cluster: the head gets a token of its own (``RAY_AUTH_MODE=token``,
+    ``RAY_AUTH_TOKEN``), and ``client_env`` is what a client (``ray job submit``) needs to talk to it, as on a real
+    cluster (docs/ray.md)."""
 
     def __init__(self, port: int, num_cpus: int = 4):
+        import secrets
         import tempfile
 
         self.port, self.dashboard_port = port, port + 65
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths are limited
         self.log = self.temp_dir / "head.log"
+        self.token = secrets.token_hex(32)
+        self.client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT),
-               "RAY_USAGE_STATS_ENABLED": "0"}
+               "RAY_USAGE_STATS_ENABLED": "0", **self.client_env}
         env.pop("RAY_ADDRESS", None)
         p = port
         argv = [str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus),
@@ -541,15 +548,18 @@ class RayHead:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 180) -> None:
+        import urllib.error
         import urllib.request
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"ray start exited: {self.log.read_text()[-3000:]}"
             try:
-                with urllib.request.urlopen(f"{self.address}/api/version", timeout=5) as r:
+                with urllib.request.urlopen(self._request("/api/version"), timeout=5) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as e:  # up, but refusing us: waiting longer would not help
+                raise AssertionError(f"Ray's Jobs API at {self.address} answered {e.code}: {e.read()[:300]!r}") from e
             except OSError:
                 time.sleep(2)
         raise AssertionError(f"Ray's Jobs API at {self.address} not up after {timeout_s} s; {self.log}")
@@ -558,8 +568,13 @@ class RayHead:
         """The head's jobs, by submission id, as the Jobs API lists them (``ray job list``)."""
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.address}/api/jobs/", timeout=30) as r:
+        with urllib.request.urlopen(self._request("/api/jobs/"), timeout=30) as r:
             return {j["submission_id"]: j for j in json.loads(r.read()) if j.get("submission_id")}
+
+    def _request(self, path: str):
+        import urllib.request
+
+        return urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
 
     def stop(self) -> None:
         """SIGTERM to ``ray start``'s process group, then SIGKILL to any process still naming this head's temp dir
@@ -623,7 +638,7 @@ def test_scheduled_dags_run_end_to_end_with_training_as_ray_jobs(tmp_path, spark
         env = airflow_env(tmp_path / "airflow", RECSYS_DATA_DIR=str(data), RECSYS_ARTIFACTS_DIR=str(artifacts),
                           RECSYS_RUN_NAME=run_name, RECSYS_RAW_DIR=str(ROOT / "data" / "raw"),
                           RECSYS_SPARK__SHUFFLE_PARTITIONS="2", DAG_FEATURES_DAILY_START="1997-09-01",
-                          DAG_RAY_JOBS_ADDRESS=head.address)
+                          DAG_RAY_JOBS_ADDRESS=head.address, **head.client_env)
         env.pop("AIRFLOW_CONN_SPARK_DEFAULT", None)  # the DAG files' default: local[2]
         env.pop("RAY_ADDRESS", None)
         for name in [k for k in env if k.startswith("RECSYS_TEST_")]:  # the tests' own ports: features.config
