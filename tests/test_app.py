@@ -5,6 +5,7 @@ fuzz (schemathesis against the app's own OpenAPI) that finds no 5xx, and a real 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -102,6 +103,35 @@ def client(world):
 
 
 # ------------------------------------------------------------------------------------------------ references
+@contextlib.contextmanager
+def _concurrent_readers(client, n_threads: int = 4):
+    """Four threads asking ``/similar-items`` (item 105, k 3) and ``/recommend`` (user 3) without pause while the
+    ``with`` body runs, and 0.3 s before and after it. Yields ``(failures, answers)``: every non-200 answer as
+    ``(path, status, body)``, and every ``/similar-items`` answer as ``(model_version, item ids)``."""
+    failures, answers, stop = [], [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for path, params in (("/similar-items", {"item_id": 105, "k": 3}), ("/recommend", {"user_id": 3})):
+                r = client.get(path, params=params)
+                if r.status_code != 200:
+                    failures.append((path, r.status_code, r.text))
+                elif path == "/similar-items":
+                    answers.append((r.json()["model_version"], [x["item_id"] for x in r.json()["items"]]))
+
+    threads = [threading.Thread(target=reader) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        yield failures, answers
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def _cosine_top(table: np.ndarray, q: int, k: int) -> list[int]:
     """Exact top-k item_idx by cosine to row q (rows 1..N; q itself included, as the index search returns it)."""
     v = table[1:] / np.linalg.norm(table[1:], axis=1, keepdims=True)
@@ -240,30 +270,12 @@ def test_reload_under_concurrent_requests_drops_nothing(tmp_path):
     run_export(cfg, HnswParams(m=8, ef_construction=64, ef_search=64), models=("item2vec",))
     expected = {"dfm-1+i2v-1": [100 + i for i in _cosine_top(t1, 5, 4) if i != 5][:3]}
     with TestClient(create_app(cfg, spec=SPEC)) as c:
-        failures, answers, stop = [], [], threading.Event()
-
-        def reader() -> None:
-            while not stop.is_set():
-                for path, params in (("/similar-items", {"item_id": 105, "k": 3}), ("/recommend", {"user_id": 3})):
-                    r = c.get(path, params=params)
-                    if r.status_code != 200:
-                        failures.append((path, r.status_code, r.text))
-                    elif path == "/similar-items":
-                        answers.append((r.json()["model_version"], [x["item_id"] for x in r.json()["items"]]))
-
-        threads = [threading.Thread(target=reader) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        t2 = _write_item2vec(cfg, seed=1, version="i2v-2")
-        _write_deepfm(cfg, seed=1, version="dfm-2")
-        run_export(cfg, HnswParams(m=8, ef_construction=64, ef_search=64), models=("item2vec",))
-        expected["dfm-2+i2v-2"] = [100 + i for i in _cosine_top(t2, 5, 4) if i != 5][:3]
-        assert c.post("/admin/reload").json() == {"decision": "reload", "model_version": "dfm-2+i2v-2"}
-        time.sleep(0.3)
-        stop.set()
-        for t in threads:
-            t.join()
+        with _concurrent_readers(c) as (failures, answers):
+            t2 = _write_item2vec(cfg, seed=1, version="i2v-2")
+            _write_deepfm(cfg, seed=1, version="dfm-2")
+            run_export(cfg, HnswParams(m=8, ef_construction=64, ef_search=64), models=("item2vec",))
+            expected["dfm-2+i2v-2"] = [100 + i for i in _cosine_top(t2, 5, 4) if i != 5][:3]
+            assert c.post("/admin/reload").json() == {"decision": "reload", "model_version": "dfm-2+i2v-2"}
         assert c.post("/admin/reload").json()["decision"] == "keep"
     assert failures == []
     versions = [v for v, _ in answers]
@@ -426,26 +438,8 @@ def test_serves_a_registry_version_with_its_saved_index_and_swaps_under_load(reg
         assert saved["recall@10"] == pytest.approx(recount) and health["recall_at_10"] == saved["recall@10"]
 
         expected = {f"dfm-1+{v}": _similar_reference(t, 5, 3) for v, t in tables.items()}
-        failures, answers, stop = [], [], threading.Event()
-
-        def reader() -> None:
-            while not stop.is_set():
-                for path, params in (("/similar-items", {"item_id": 105, "k": 3}), ("/recommend", {"user_id": 3})):
-                    r = c.get(path, params=params)
-                    if r.status_code != 200:
-                        failures.append((path, r.status_code, r.text))
-                    elif path == "/similar-items":
-                        answers.append((r.json()["model_version"], [x["item_id"] for x in r.json()["items"]]))
-
-        threads = [threading.Thread(target=reader) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        r = c.post("/admin/reload", params={"version": "i2v-2"})      # reads the registry with Spark meanwhile
-        time.sleep(0.3)
-        stop.set()
-        for t in threads:
-            t.join()
+        with _concurrent_readers(c) as (failures, answers):
+            r = c.post("/admin/reload", params={"version": "i2v-2"})  # reads the registry with Spark meanwhile
         assert r.json() == {"decision": "reload", "model_version": "dfm-1+i2v-2"}
         assert failures == []
         versions = [v for v, _ in answers]
