@@ -160,3 +160,38 @@ def test_matches_open_bandit_pipeline_replay_method(tmp_path):
     theirs = [float(x) for x in out.strip().splitlines()[-2:]]
     assert theirs == pytest.approx(ours, abs=1e-12)
     assert ours[1] > ours[0]                                               # UCB1 learns; lowest id does not
+
+
+class UniformRandom:
+    """A policy that picks uniformly among the candidates with its own RNG: independent of the logging policy, so
+    its replayed CTR estimates the random slice's mean click rate, and it keeps about 1/C of the events."""
+
+    name = "uniform_random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def choose(self, candidates, context, user):
+        return int(candidates[self.rng.integers(len(candidates))])
+
+    def update(self, arm, context, user, reward):
+        pass
+
+
+def test_estimator_on_the_generators_random_slice():
+    """The generator's uniformly random slice (pipelines/generator.py) is a valid logged-bandit table: a policy
+    independent of the log keeps ~1/C of the slice and estimates the slice's click rate within 3 standard errors;
+    a static policy is updated on exactly the events it keeps."""
+    from pipelines.generator import GeneratorConfig, generate, to_arrow
+
+    cfg = GeneratorConfig(n_events=60_000, seed=3, n_users=2_000, n_items=400, random_fraction=0.5, n_candidates=4)
+    df = pd.concat([to_arrow(chunk).to_pandas() for chunk in generate(cfg)], ignore_index=True)
+    log_ = bandit_log(df, context_cols=())
+    slice_ = df[df["is_random"].astype(bool)]
+    assert len(log_) == len(slice_) > 20_000
+    est = replay_estimate(log_, UniformRandom(seed=0))
+    p = float(slice_["click"].mean())
+    assert est.kept == pytest.approx(len(slice_) / cfg.n_candidates, rel=0.05)
+    assert abs(est.ctr - p) < 3 * math.sqrt(p * (1 - p) / est.kept)
+    static = LowestId()
+    assert replay_estimate(log_, static).kept == static.updates > 0
