@@ -33,6 +33,7 @@ from features.errors import TableNotFoundError
 from features.results import write_stage_result
 from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, USER_RECENT_ITEMS, TableSpec
 from features.views import RECENT_ITEMS, WINDOWS_DAYS
+from pipelines.spark import delta_version
 
 log = logging.getLogger("pipelines.daily_features")
 
@@ -128,12 +129,6 @@ def ensure_table(spark, spec: TableSpec, path: str) -> None:
      .partitionedBy(*spec.partition_by).execute())
 
 
-def table_version(spark, path: str) -> int:
-    from delta.tables import DeltaTable
-
-    return DeltaTable.forPath(spark, path).history(1).first()["version"]
-
-
 def feature_rows(bronze, day: date, last: date):
     """Both views' rows for the days ``day``..``last`` (inclusive), computed from ``bronze``: what the daily job
     writes, and the batch recomputation the speed layer is checked against.
@@ -182,7 +177,7 @@ def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -
         path = spec.path(lake)
         ensure_table(spark, spec, path)
         rows.write.format("delta").mode("overwrite").option("replaceWhere", where).save(path)
-        version = table_version(spark, path)
+        version = delta_version(spark, path)[0]
         written = spark.read.format("delta").option("versionAsOf", version).load(path).where(where).count()
         result[key] = written
         result["versions"][spec.name] = version

@@ -77,7 +77,7 @@ from features.tables import (
     vocab_sizes_path,
 )
 from pipelines import movielens
-from pipelines.spark import get_spark
+from pipelines.spark import delta_version, get_spark
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,6 @@ def new_vocab_rows(candidates, existing, id_col: str, idx_col: str, first_index:
     return (fresh.crossJoin(base)
             .withColumn(idx_col, (F.col("_base") + F.row_number().over(order)).cast("int"))
             .drop("_base"))
-
-
-def delta_version(spark, path: str) -> tuple[int, str | None]:
-    """The newest version of the Delta table at ``path`` and its commit's ``userMetadata``."""
-    row = (DeltaTable.forPath(spark, path).history(1).select("version", "userMetadata").first())
-    return int(row["version"]), row["userMetadata"]
 
 
 def update_id_vocab(spark, events, table: TableSpec, lake_dir: Path, vocab: VocabSpec):

@@ -28,6 +28,7 @@ from features.errors import PlatformError, TableNotFoundError
 from features.results import write_stage_result
 from features.tables import BRONZE_INTERACTIONS, PIT_TRAINING_SET, TableSpec
 from features.views import FEATURE_VIEWS, FeatureView
+from pipelines.spark import delta_version
 
 STAGE = "pit_training_set"
 
@@ -44,7 +45,7 @@ def read_at(spark, spec: TableSpec, lake_dir: Path, version: int | None):
     if not DeltaTable.isDeltaTable(spark, path):
         raise TableNotFoundError(spec.name, path, "the stage that writes it (ingest, daily_features)")
     if version is None:
-        version = DeltaTable.forPath(spark, path).history(1).first()["version"]
+        version = delta_version(spark, path)[0]
     return spark.read.format("delta").option("versionAsOf", version).load(path), version
 
 
@@ -113,13 +114,11 @@ def build_training_set(spark, cfg: PlatformConfig, versions: dict[str, int] | No
     Returns:
         ``rows``, ``sources`` ({table: version read}) and ``version`` (the training set's own Delta version).
     """
-    from delta.tables import DeltaTable
-
     df, used = training_set(spark, cfg.lake_dir, versions)
     path = PIT_TRAINING_SET.path(cfg.lake_dir)
     (df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
      .option("userMetadata", json.dumps({"sources": used}, sort_keys=True)).save(path))
-    version = DeltaTable.forPath(spark, path).history(1).first()["version"]
+    version = delta_version(spark, path)[0]
     return {"rows": spark.read.format("delta").option("versionAsOf", version).load(path).count(),
             "sources": used, "version": version}
 

@@ -59,3 +59,11 @@ def get_spark(cfg: PlatformConfig | None = None, app_name: str = "recsys-platfor
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def delta_version(spark, path: str) -> tuple[int, str | None]:
+    """The newest version of the Delta table at ``path`` and its commit's ``userMetadata`` (None when unset)."""
+    from delta.tables import DeltaTable
+
+    row = DeltaTable.forPath(spark, path).history(1).select("version", "userMetadata").first()
+    return int(row["version"]), row["userMetadata"]
