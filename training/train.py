@@ -42,20 +42,17 @@ import numpy as np
 
 from features.config import ROOT, PlatformConfig, load_config
 from features.results import write_stage_result
+from training.hparams import MODEL_DEFAULTS
 
 MODELS = ("deepfm", "din", "item2vec")
 CTR_MODELS = ("deepfm", "din")
-#: Per-model defaults of the options left at 0.
-MODEL_DEFAULTS = {
-    # tables' Adagrad lr 0.02 (was 0.05): the user/item rows overfit within 2-3 epochs at 0.05; on ML-100K's
-    # time split 0.02 gives DeepFM test AUC 0.7076 / logloss 0.6224 (0.05: 0.7067 / 0.6299), DIN valid AUC 0.6928
-    "deepfm": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.02},
-    "din": {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "lr_sparse": 0.02},
-    "item2vec": {"epochs": 8, "batch_size": 4096, "embedding_dim": 32, "lr_sparse": 0.2},
-}
 ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_item.weight",
               "din": "sparse_arch.sequence.embedding_collection.embeddings.t_item.weight",
               "item2vec": "sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight"}
+
+
+#: Options for which 0 is a real value (no decay, no dropout): only None takes the model's default.
+_ZERO_IS_A_VALUE = ("weight_decay", "dropout")
 
 
 @dataclass(frozen=True)
@@ -72,8 +69,9 @@ class TrainOptions:
     embedding_dim: int = 0  # 0: the model's default (deepfm 16, item2vec 32)
     sharding: str = "planner"
     lr_sparse: float = 0.0  # 0: the model's default (deepfm, din 0.02, item2vec 0.2)
-    lr_dense: float = 1e-3
-    weight_decay: float = 1e-4
+    lr_dense: float | None = None  # None: the model's default (training.hparams)
+    weight_decay: float | None = None  # AdamW's on the dense parameters; None: the model's default
+    dropout: float | None = None  # after each hidden layer of the DNN (DeepFM) / OverArch (DIN); None: default
     patience: int = 2
     seed: int = 0
     lr_schedule: str = "warmup_cosine"
@@ -88,7 +86,8 @@ class TrainOptions:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         for name, value in MODEL_DEFAULTS[self.model].items():
-            if not getattr(self, name):
+            unset = getattr(self, name) is None or (getattr(self, name) == 0 and name not in _ZERO_IS_A_VALUE)
+            if unset:
                 object.__setattr__(self, name, value)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1")
@@ -281,9 +280,9 @@ def _ctr_model(opts: TrainOptions, vocab: dict):
 
     meta = torch.device("meta")
     if opts.model == "din":
-        config = DINConfig(embedding_dim=opts.embedding_dim)
+        config = DINConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout)
         return DIN(vocab, config, sparse_device=meta), config, DIN_FEATURES
-    config = DeepFMConfig(embedding_dim=opts.embedding_dim)
+    config = DeepFMConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout)
     return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
 
 
@@ -501,7 +500,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
         out = {k: m[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s")}
         out.update(common, best_epoch=m["best_epoch"], resumed_from_epoch=m["resumed_from_epoch"],
                    training={k: getattr(opts, k) for k in ("batch_size", "embedding_dim", "lr_sparse", "lr_dense",
-                                                           "weight_decay", "lr_schedule", "warmup_frac",
+                                                           "weight_decay", "dropout", "lr_schedule", "warmup_frac",
                                                            "min_lr_factor", "patience", "seed")}
                    | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
         write_stage_result(cfg, f"train_{opts.model}", out)
@@ -520,15 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embedding-dim", type=int, default=0)
     p.add_argument("--sharding", choices=("planner", "row_wise"), default="planner")
     p.add_argument("--lr-sparse", type=float, default=0.0)
-    p.add_argument("--lr-dense", type=float, default=1e-3)
+    p.add_argument("--lr-dense", type=float, default=None)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="warmup_cosine", help="dense learning-rate schedule")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None)
     a = p.parse_args(argv)
     opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
-                        seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay)
+                        seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
+                        dropout=a.dropout)
     result = train(load_config(), opts)
     from rich.console import Console
     from rich.table import Table
