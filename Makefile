@@ -133,6 +133,14 @@ BENCH_MODELS_ARGS ?=
 bench-models: venv | $(UV)
 	CACHE=$(CACHE) $(PY) -m bench.models --uv $(UV) $(BENCH_MODELS_ARGS)
 
+# Hyper-parameter search (bench/tune.py) for DeepFM and DIN on the validation split (test read only for the
+# defaults and the chosen values), one Ray cluster for all trials, ~45 min on 2 cores; TUNE_ARGS passes options
+# (--trials 12,8 --seeds 0,1,2 --top 2 --peer-seeds). Writes the "tuning" section and docs/tuning_valid_auc.png.
+.PHONY: tune
+TUNE_ARGS ?=
+tune: venv
+	CACHE=$(CACHE) $(PY) -m bench.tune $(TUNE_ARGS)
+
 # Serving benchmark (bench/serving_load.py): the service on loopback over the demo's artifacts (run `make demo`
 # first), a fixed load at concurrency 16 on /similar-items and /recommend, ANN recall@10 (HNSW and LSH vs exact).
 .PHONY: bench-serving

@@ -108,12 +108,13 @@ def run_deepctr(a: argparse.Namespace) -> dict:
     cols = deepctr_columns(sizes, width, a.embedding_dim, history=din)
     inputs = (*ONE_HOT, MULTI_HOT, *((HISTORY, "hist_len") if din else ()))
     x = {s: {c: d[c] for c in inputs} for s, d in data.items()}
+    l2 = {} if a.l2_embedding is None else {"l2_reg_embedding": a.l2_embedding}  # else the library's default
     if din:  # activation unit as ours: one hidden layer of 36, PReLU, no softmax
         model = DIN(cols, ["item_idx"], dnn_hidden_units=tuple(a.hidden), dnn_dropout=a.dropout,
-                    att_hidden_size=(36,), att_activation="prelu", seed=a.seed, device="cpu")
+                    att_hidden_size=(36,), att_activation="prelu", seed=a.seed, device="cpu", **l2)
     else:
         model = DeepFM(cols, cols, dnn_hidden_units=tuple(a.hidden), dnn_dropout=a.dropout, seed=a.seed,
-                       device="cpu")
+                       device="cpu", **l2)
     model.compile(torch.optim.Adam(model.parameters(), lr=a.lr), "binary_crossentropy")
     best, best_valid, since, train_s, epoch = {}, -1.0, 0, 0.0, 0
     for epoch in range(1, a.epochs + 1):
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--l2-embedding", type=float, default=None,
+                   help="deepctr: l2_reg_embedding (its default: DeepFM 1e-5, DIN 1e-6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negatives", type=int, default=5)
