@@ -9,9 +9,11 @@ scratch lake under ``--work``; the project's ``data/`` and ``artifacts/`` are ne
 
 - DeepFM: ours (``python -m training.train --model deepfm``, Ray Train + TorchRec, 1 and 2 workers of 1 CPU) and
   the peers (``bench/peers.py`` in their own environment, one torch thread) with embedding dim 16, MLP (128, 64),
-  dropout 0.2, batch 2048, up to 12 epochs, early stopping after 2 epochs without a higher validation AUC; test
-  AUC / logloss of the best epoch. Optimisers are each model's own: ours row-wise Adagrad (``training.train``'s
-  default lr) on the tables and AdamW (1e-3) on the dense layers; the peers Adam (1e-3) on everything, their default.
+  up to 12 epochs, early stopping after 2 epochs without a higher validation AUC; test AUC / logloss of the best
+  epoch, one seed (the spread over seeds: ``bench.tune``). Optimisers are each model's own: ours row-wise Adagrad
+  on the tables and AdamW on the dense layers, with batch, learning rates, weight decay and dropout from
+  ``training.hparams`` (chosen on the validation split by ``bench.tune``); the peers batch 2048, dropout 0.2 and
+  Adam (1e-3) on everything, their defaults.
 - DIN: ours (1 and 2 workers) against DeepCTR-Torch's DIN and RecBole's DIN, all given our point-in-time history.
 - generated: DeepFM, one epoch, on the first ``--generated-events`` events of the 10M-event stream of
   ``pipelines.generator`` (seed 7, 500,000 users, 200,000 items), ours with 1 and 2 workers against DeepCTR-Torch.
@@ -55,6 +57,9 @@ CACHE = Path(os.environ.get("CACHE", Path.home() / ".cache" / "recsys-platform")
 COMMAND = "make bench-models"
 
 DEEPFM = {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "patience": 2}
+#: Ours on MovieLens-100K: the same epochs, dim and early stopping; batch, learning rates, weight decay and dropout
+#: are each model's defaults (training.hparams, chosen on the validation split by bench.tune).
+OURS_CTR = {"epochs": 12, "embedding_dim": 16}
 PARTS = ("deepfm", "item2vec", "din", "generated", "scale")
 #: The generated data: the 10M-event stream of bench.batch_features' largest common size (users n/20, items n/50).
 GENERATED = {"n_events": 10_000_000, "seed": 7, "n_users": 500_000, "n_items": 200_000, "chunk_size": 1_000_000}
@@ -165,7 +170,9 @@ def run_ours(model: str, work: Path, workers: int, opts: dict, attempts: int = 3
     ``extra["attempts"]`` says how many it took."""
     tag = tag or f"{model}-w{workers}"
     cmd = [sys.executable, "-m", "training.train", "--model", model, "--epochs", str(opts["epochs"]),
-           "--batch-size", str(opts["batch_size"]), "--embedding-dim", str(opts["embedding_dim"])]
+           "--embedding-dim", str(opts["embedding_dim"])]
+    if opts.get("batch_size"):  # else the model's default (training.hparams)
+        cmd += ["--batch-size", str(opts["batch_size"])]
     env = {**_env(work, tag, workers), "RECSYS_DATA_DIR": str(work / data)}
     for attempt in range(1, attempts + 1):
         shutil.rmtree(work / f"artifacts-{tag}", ignore_errors=True)
@@ -290,6 +297,20 @@ def _row(model: str, impl: str, m: Measured | None, result: dict) -> dict:
     return {"model": model, "impl": impl, **cost, **result}
 
 
+def _ours_training(ctr: list[dict]) -> str:
+    """How our 1-worker DeepFM and DIN rows were trained (their stage results' ``training``)."""
+    out = []
+    for model in ("DeepFM", "DIN"):
+        t = next((r["training"] for r in ctr if r["model"] == model and r.get("training")), None)
+        if t:
+            out.append(f"{model}: batch {t['batch_size']}, row-wise Adagrad lr {t['lr_sparse']:g} on the tables, "
+                       f"AdamW lr {t.get('lr_dense', 1e-3):g} weight decay {t.get('weight_decay', 1e-4):g} on the "
+                       f"dense layers, dropout {t.get('dropout', 0.2):g}, {t.get('lr_schedule', 'warmup_cosine')} "
+                       f"dense lr (warm-up {t.get('warmup_frac', 0.05):g} of the steps, down to "
+                       f"{t.get('min_lr_factor', 0.1):g}x)")
+    return "; ".join(out) or "n/a"
+
+
 def _commit() -> str:
     """The checkout's commit (short hash), ``+dirty`` when tracked files differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -332,7 +353,7 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
             if r["impl"].startswith("ours") and r["impl"].endswith("1 worker") and r.get("train_samples_per_s")}
     ref_pairs = i2v[0].get("pairs_per_s") if i2v else None
     pop = hr.get("popularity", {})
-    lr = next((r["training"]["lr_sparse"] for r in ctr if r.get("training")), "n/a")
+    ours = _ours_training(ctr)
     gen_text = ""
     if gen:
         gen_text = (f"DeepFM on generated data (`pipelines.generator`): the first {gen_info.get('events', 0):,} events "
@@ -345,9 +366,11 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
                     f"{ctr_table(gen, refs)}\n\n")
     return (f"DeepFM on MovieLens-100K, global 80/10/10 time split of `export/ctr_samples` (80,000 / 10,000 / "
             f"10,000 rows); features user, item, age bucket, gender, occupation, zip prefix, genres (multi-hot, "
-            f"sum); embedding dim 16, MLP (128, 64) ReLU, dropout 0.2, batch 2048, at most 12 epochs, early "
-            f"stopping after 2 epochs without a higher valid AUC, test figures of the best epoch. Ours: row-wise "
-            f"Adagrad lr {lr} on the tables + AdamW 1e-3; peers: Adam 1e-3 (their default), one torch thread. "
+            f"sum); embedding dim 16, MLP (128, 64) ReLU, at most 12 epochs, early stopping after 2 epochs without "
+            f"a higher valid AUC, test figures of the best epoch. Ours ({ours}; `training.hparams`, chosen on the "
+            f"validation split by `bench.tune`, see `tuning`); peers: batch 2048, dropout 0.2, Adam 1e-3 on every "
+            f"parameter (their defaults; DeepCTR-Torch also its L2 penalty on the embeddings, 1e-5 DeepFM, 1e-6 DIN), "
+            f"one torch thread. One seed (0) per row here; the spread over seeds is in `tuning`. "
             f"DIN (ours: activation unit (36,) PReLU over the last 50 items, OverArch (200, 80); DeepCTR-Torch's "
             f"DIN with the same sizes, `att_activation='prelu'`; RecBole's DIN with its own layers (Dice + batch "
             f"norm, MLP (200, 80) for both the activation unit and the DNN) over the item features (id, genres) of "
@@ -434,7 +457,7 @@ def part_deepfm(res: dict, a: argparse.Namespace, python: Path | None) -> None:
     res["ctr"] = [r for r in res["ctr"] if r["model"] != "DeepFM"]
     rows = []
     for workers in (1, 2):
-        m, r = run_ours("deepfm", a.work, workers, DEEPFM)
+        m, r = run_ours("deepfm", a.work, workers, OURS_CTR)
         rows.append(_row("DeepFM", f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
     if python:
         for peer, impl in (("deepctr", "DeepCTR-Torch 0.3.0"), ("recbole", "RecBole 1.2.1")):
@@ -451,7 +474,7 @@ def _peer_args() -> list[str]:
 def part_din(res: dict, a: argparse.Namespace, python: Path | None) -> None:
     res["ctr"] = [r for r in res["ctr"] if r["model"] != "DIN"]
     for workers in (1, 2):
-        m, r = run_ours("din", a.work, workers, DEEPFM)
+        m, r = run_ours("din", a.work, workers, OURS_CTR)
         res["ctr"].append(_row("DIN", f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
     if python:  # ours: activation unit (36,) PReLU, OverArch (200, 80)
         for peer, impl in (("deepctr", "DeepCTR-Torch 0.3.0"), ("recbole", "RecBole 1.2.1")):

@@ -42,7 +42,6 @@ import numpy as np
 
 from bench.report import write_section
 from features.config import ROOT, PlatformConfig, TrainConfig, load_config
-from training.hparams import MODEL_DEFAULTS
 
 COMMAND = "make tune"
 PLOT = ROOT / "docs" / "tuning_valid_auc.png"
