@@ -27,3 +27,11 @@ class EventError(PlatformError, ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+class DeviceUnavailableError(PlatformError):
+    """A run asked for a device (``use_gpu``) that this process or cluster cannot give it."""
+
+    def __init__(self, cause: str, fix: str) -> None:
+        super().__init__(f"use_gpu=True (RECSYS_TRAIN__USE_GPU / --use-gpu) but {cause}; {fix}")
+        self.cause, self.fix = cause, fix

@@ -165,6 +165,20 @@ class CtrBatch:
     weight: torch.Tensor
     user: torch.Tensor
 
+    def to(self, device: torch.device) -> CtrBatch:
+        """The batch for a model on ``device``: features, label and weight moved there; ``user`` (a GAUC key,
+        never an input) stays on the CPU. On the CPU, the batch itself.
+
+        >>> b = CtrBatch(kjt_of_rows([{"user_idx": 1, "item_idx": 2, "age_idx": 0, "gender_idx": 1,
+        ...              "occupation_idx": 1, "zip_idx": 1, "genre_idx": [3]}]), torch.ones(1), torch.ones(1),
+        ...              torch.ones(1, dtype=torch.int64))
+        >>> b.to(torch.device("cpu")) is b
+        True
+        """
+        if device.type == "cpu":
+            return self
+        return CtrBatch(self.features.to(device), self.label.to(device), self.weight.to(device), self.user)
+
 
 def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
                 features: Sequence[SparseFeature] = SPARSE_FEATURES) -> Iterator[CtrBatch]:

@@ -1,15 +1,19 @@
-"""Stage command: train DeepFM or item2vec with Ray Train over sharded TorchRec tables, on CPU.
+"""Stage command: train DeepFM, DIN or item2vec with Ray Train over sharded TorchRec tables, on CPU or GPU.
 
     python -m training.train --model deepfm|din|item2vec [--epochs N] [--batch-size B] [--sharding planner|row_wise]
-                             [--lr-schedule warmup_cosine|constant]
+                             [--lr-schedule warmup_cosine|constant] [--use-gpu]
 
 The driver reads the configuration (``features.config.load_config``), starts a local Ray cluster (or joins
 ``cfg.train.ray_address``) and runs a ``TorchTrainer`` with ``cfg.train.num_workers`` workers of 1 CPU each
-(gloo process group). Each worker reads its shard of the Parquet exports (``training.data``), builds the model
-with its tables on ``meta``, shards it with DistributedModelParallel by the plan (``training.distributed``), and
-trains: tables with TorchRec's fused row-wise Adagrad (applied in backward; FBGEMM's CPU kernels have no Adam),
-dense layers with AdamW. Every epoch each rank writes its shards with ``torch.distributed.checkpoint`` and all
-report one ``ray.train.Checkpoint`` (stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC.
+(gloo process group), or with ``cfg.train.use_gpu`` (``RECSYS_TRAIN__USE_GPU``, ``--use-gpu``) of 1 CPU and 1 GPU
+each (NCCL process group; ``ray_train_configs``). Each worker reads its shard of the Parquet exports
+(``training.data``), builds the model with its tables on ``meta``, shards it with DistributedModelParallel by the
+plan (``training.distributed``) on its device (``worker_device``: the CPU, or the GPU Ray gave it), and trains on
+batches moved to that device: tables with TorchRec's fused row-wise Adagrad (FBGEMM's fused kernel, applied in
+backward; its CPU kernels have no Adam), dense layers with AdamW. Metrics are computed on CPU copies of the
+scores; ``model.pt`` and the train state are saved from CPU tensors, so what a GPU run writes loads on CPU. Every
+epoch each rank writes its shards with ``torch.distributed.checkpoint`` and all report one ``ray.train.Checkpoint``
+(stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC.
 
 Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
 ``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json`` (with
@@ -175,6 +179,21 @@ def _all_gather_arrays(*arrays: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate([g[i] for g in gathered]) for i in range(len(arrays))]
 
 
+def _to_device(x, device):
+    """``x`` (tensor or KeyedJaggedTensor) on ``device``; itself when that is the CPU."""
+    return x if device.type == "cpu" else x.to(device)
+
+
+def _all_reduce_sum(t, device):
+    """``t`` summed over the ranks, as a CPU tensor; the collective runs on ``device`` (NCCL reduces CUDA tensors
+    only)."""
+    import torch.distributed as dist
+
+    t = _to_device(t, device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def _report(metrics: dict, dmp, rank: int, train_state: dict | None = None) -> None:
     """Each rank saves its own shards (torch.distributed.checkpoint) into its folder -- the tables and the fused
     sparse optimizer's per-row state -- plus, when given, its ``train_state`` (dense optimizer, epoch,
@@ -200,7 +219,9 @@ def _sharded_state(dmp) -> dict:
 
 def _resume(dmp, rank: int) -> dict | None:
     """Load ``ray.train.get_checkpoint()`` when Ray restarted the workers after a failure: every rank reads its
-    shards (DCP) and its ``train_state``; returns that train state, or None on a fresh start."""
+    shards (DCP, loaded in place onto the shards' device) and its ``train_state`` (read onto the CPU; the dense
+    optimizer's ``load_state_dict`` moves its state to the parameters' device); returns that train state, or None
+    on a fresh start."""
     import ray.train
     import torch
     import torch.distributed.checkpoint as dcp
@@ -216,7 +237,7 @@ def _resume(dmp, rank: int) -> dict | None:
         dcp.load(state, checkpoint_id=d)
         dmp.load_state_dict(state["model"])
         dmp.fused_optimizer.load_state_dict(state["sparse_opt"])
-        train_state = torch.load(path, weights_only=False)
+        train_state = torch.load(path, weights_only=False, map_location="cpu")
     _log(rank, f"resumed from {ckpt.path} after epoch {train_state['epoch'] + 1}")
     return train_state
 
@@ -232,8 +253,9 @@ def _write_progress(opts: TrainOptions, rank: int, epoch: int, step: int) -> Non
         Path(opts.progress_dir, f"rank{rank}.progress").write_text(f"{epoch} {step}")
 
 
-def _build(model, opts: TrainOptions, world_size: int, rank: int):
-    """Attach the fused sparse optimizer, plan, shard; returns (dmp, plan placements, dense optimizer)."""
+def _build(model, opts: TrainOptions, world_size: int, rank: int, device):
+    """Attach the fused sparse optimizer, plan for ``device``'s type, shard onto ``device``; returns (dmp, plan
+    placements, dense optimizer)."""
     import torch
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -242,29 +264,28 @@ def _build(model, opts: TrainOptions, world_size: int, rank: int):
     from training.distributed import ShardingConfig, placements, plan_sharding, shard_model
 
     apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": opts.lr_sparse})
-    plan = plan_sharding(model, world_size, ShardingConfig(strategy=opts.sharding))
+    plan = plan_sharding(model, world_size, ShardingConfig(strategy=opts.sharding, compute_device=device.type))
     _log(rank, f"sharding plan:\n{plan}")
-    dmp = shard_model(model, plan)
+    dmp = shard_model(model, plan, device)
     dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     dense_opt = torch.optim.AdamW(dense, lr=opts.lr_dense, weight_decay=opts.weight_decay) if dense else None
     return dmp, placements(plan), dense_opt
 
 
-def _evaluate(dmp, shard, batch_size: int, world_size: int, features) -> dict[str, float]:
+def _evaluate(dmp, shard, batch_size: int, world_size: int, features, device) -> dict[str, float]:
+    """AUC, logloss and GAUC over all ranks' rows; the model runs on ``device``, the metrics on CPU copies."""
     import torch
-    import torch.distributed as dist
 
     from training.data import ctr_batches, num_batches
     from training.metrics import auc, gauc, logloss
 
-    n = torch.tensor([len(shard)])
-    dist.all_reduce(n)
+    n = _all_reduce_sum(torch.tensor([len(shard)]), device)
     dmp.eval()
     scores, labels, users = [], [], []
     with torch.no_grad():
         for b in ctr_batches(shard, batch_size, num_batches(int(n), world_size, batch_size), features=features):
             keep = b.weight > 0
-            scores.append(dmp(b.features)[keep].numpy())
+            scores.append(dmp(b.to(device).features).cpu()[keep].numpy())
             labels.append(b.label[keep].numpy())
             users.append(b.user[keep].numpy())
     s, y, u = _all_gather_arrays(np.concatenate(scores), np.concatenate(labels), np.concatenate(users))
@@ -286,10 +307,10 @@ def _ctr_model(opts: TrainOptions, vocab: dict):
     return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
 
 
-def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
-    """DeepFM or DIN on the CTR samples: early stopping on valid AUC, dense lr schedule, resume after failure."""
+def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) -> None:
+    """DeepFM or DIN on the CTR samples, on ``device``: early stopping on valid AUC, dense lr schedule, resume
+    after failure."""
     import torch
-    import torch.distributed as dist
 
     from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes
     from training.distributed import gather_full_state_dict
@@ -299,13 +320,12 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
     torch.manual_seed(opts.seed)
     model, config, features = _ctr_model(opts, vocab)
     train, valid, test = (read_ctr_shard(lake, s, rank, world_size, features) for s in ("train", "valid", "test"))
-    n_train = torch.tensor([len(train)])
-    dist.all_reduce(n_train)
+    n_train = _all_reduce_sum(torch.tensor([len(train)]), device)
     local_bs = max(1, opts.batch_size // world_size)
     steps = num_batches(int(n_train), world_size, local_bs)
     schedule = LRSchedule(opts.lr_schedule, steps * opts.epochs, opts.warmup_frac, opts.min_lr_factor)
 
-    dmp, where, dense_opt = _build(model, opts, world_size, rank)
+    dmp, where, dense_opt = _build(model, opts, world_size, rank, device)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
     stopping, best, train_time, best_state, first_epoch = EarlyStopping(opts.patience), {}, 0.0, None, 0
     resumed = _resume(dmp, rank)
@@ -314,6 +334,8 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
         stopping = EarlyStopping(**resumed["stopping"])
         best, train_time, best_state = resumed["best"], resumed["train_time"], resumed["best_state"]
         torch.set_rng_state(resumed["torch_rng"])
+        if "cuda_rng" in resumed:  # dropout on the GPU draws from the device's generator
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         first_epoch = resumed["epoch"] + 1
     _write_pid(opts, rank)
     for epoch in range(first_epoch, opts.epochs):
@@ -322,6 +344,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
         batches = ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank,
                               features=features)
         for i, b in enumerate(batches):
+            b = b.to(device)
             for group in dense_opt.param_groups:
                 group["lr"] = opts.lr_dense * schedule.factor(epoch * steps + i)
             dense_opt.zero_grad()
@@ -332,10 +355,10 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
             if i % 5 == 0:
                 _write_progress(opts, rank, epoch, i)
         train_time += time.perf_counter() - t0
-        valid_m = _evaluate(dmp, valid, local_bs, world_size, features)
+        valid_m = _evaluate(dmp, valid, local_bs, world_size, features, device)
         decision = stopping.update(valid_m["auc"])
         if stopping.improved:
-            test_m = _evaluate(dmp, test, local_bs, world_size, features)
+            test_m = _evaluate(dmp, test, local_bs, world_size, features, device)
             best_state = gather_full_state_dict(dmp)
             best = {"valid_auc": valid_m["auc"], "test_auc": test_m["auc"], "test_logloss": test_m["logloss"],
                     "test_gauc": test_m["gauc"], "best_epoch": epoch + 1}
@@ -351,6 +374,8 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
         train_state = {"epoch": epoch, "dense_opt": dense_opt.state_dict(), "stopping": asdict(stopping),
                        "best": best, "train_time": train_time, "torch_rng": torch.get_rng_state(),
                        "best_state": best_state if rank == 0 else None}
+        if device.type == "cuda":
+            train_state["cuda_rng"] = torch.cuda.get_rng_state(device)
         _report(metrics, dmp, rank, train_state)
         if last:
             break
@@ -359,9 +384,8 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
         _write_artifacts(c, opts, best_state, model_config, vocab, where, best)
 
 
-def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> None:
+def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int, device) -> None:
     import torch
-    import torch.distributed as dist
 
     from training.data import (item_counts, keep_probabilities, negative_distribution, num_batches, pairs_kjt,
                                read_item_sequences, read_vocab_sizes, skipgram_pairs)
@@ -376,7 +400,8 @@ def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> 
     keep, neg_p = keep_probabilities(counts, opts.subsample), negative_distribution(counts)
     torch.manual_seed(opts.seed)
     config = Item2VecConfig(embedding_dim=opts.embedding_dim, num_negatives=opts.negatives)
-    dmp, where, _ = _build(Item2Vec(num_items, config, sparse_device=torch.device("meta")), opts, world_size, rank)
+    dmp, where, _ = _build(Item2Vec(num_items, config, sparse_device=torch.device("meta")), opts, world_size, rank,
+                           device)
     local_bs = max(1, opts.batch_size // world_size)
     train_time, pairs_seen, loss_avg, first_epoch = 0.0, 0, float("nan"), 0
     resumed = _resume(dmp, rank)  # both tables' shards and their Adagrad state; the pairs are seeded per epoch
@@ -399,12 +424,12 @@ def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int) -> 
             rows = slice(s * local_bs, (s + 1) * local_bs)
             kjt = pairs_kjt(torch.from_numpy(center[idx[rows]]), torch.from_numpy(context[idx[rows]]),
                             torch.from_numpy(negs[rows]))
-            loss = sgns_loss(dmp(kjt), weight[rows])
+            loss = sgns_loss(dmp(_to_device(kjt, device)), _to_device(weight[rows], device))
             loss.backward()  # fused Adagrad updates both tables
             total += torch.tensor([float(loss) * float(weight[rows].sum()), float(weight[rows].sum())])
             if s % 5 == 0:
                 _write_progress(opts, rank, epoch, s)
-        dist.all_reduce(total)
+        total = _all_reduce_sum(total, device)
         loss_avg = float(total[0] / total[1])
         train_time += time.perf_counter() - t0
         pairs_seen += len(center)
@@ -439,33 +464,96 @@ def _write_artifacts(c: dict, opts: TrainOptions, state: dict, model_config: dic
     print(f"[train rank0] wrote {out}/item_embeddings.npy {table.shape}, model.pt, meta.json", flush=True)
 
 
+def worker_device(use_gpu: bool):
+    """This Ray Train worker's device: the CPU, or (``use_gpu``) the GPU Ray assigned to it
+    (``ray.train.torch.get_device()``), made the current CUDA device for NCCL and the fused kernels.
+
+    Raises:
+        DeviceUnavailableError: ``use_gpu`` on a worker without a usable CUDA device or without FBGEMM's CUDA
+            build (``training.distributed.require_cuda``).
+    """
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    from training.distributed import require_cuda
+
+    require_cuda()
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    return device
+
+
 def train_loop(c: dict) -> None:
-    """Ray Train worker entry point; ``c`` holds the options and the paths (no config object crosses)."""
+    """Ray Train worker entry point; ``c`` holds the options, the paths and ``use_gpu`` (no config object
+    crosses)."""
     import ray.train
     import torch
 
     torch.set_num_threads(1)  # one CPU per worker
     ctx = ray.train.get_context()
     opts = TrainOptions(**c["options"])
+    device = worker_device(c.get("use_gpu", False))
     run = _train_ctr if opts.model in CTR_MODELS else _train_item2vec
-    run(c, opts, ctx.get_world_rank(), ctx.get_world_size())
+    run(c, opts, ctx.get_world_rank(), ctx.get_world_size(), device)
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def ray_train_configs(num_workers: int, use_gpu: bool):
+    """Ray Train's (ScalingConfig, TorchConfig) for ``num_workers`` workers: 1 CPU each and a gloo process group,
+    or with ``use_gpu`` 1 CPU and 1 GPU each and an NCCL process group."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from training.distributed import process_group_backend
+
+    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    return (ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            TorchConfig(backend=process_group_backend("cuda" if use_gpu else "cpu")))
+
+
+def check_local_gpus(num_workers: int) -> None:
+    """Before a local Ray cluster starts GPU workers on this machine: it trains on CUDA (``require_cuda``) and
+    has a visible GPU for every worker -- otherwise NCCL would fail deep inside the workers, or Ray would wait for
+    GPUs that never come. Not used when joining a cluster, whose autoscaler may add GPU nodes on demand.
+
+    Raises:
+        DeviceUnavailableError: no usable CUDA device or FBGEMM CUDA build here, or fewer GPUs than workers.
+    """
+    import torch
+
+    from features.errors import DeviceUnavailableError
+    from training.distributed import require_cuda
+
+    require_cuda()
+    gpus = torch.cuda.device_count()
+    if gpus < num_workers:
+        raise DeviceUnavailableError(f"this machine has {gpus} visible GPU(s) for {num_workers} workers of one GPU "
+                                     f"each", "set RECSYS_TRAIN__NUM_WORKERS to at most the GPU count")
+
+
 def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     """Run one training on Ray; returns (and writes) the stage result.
 
     Raises:
+        DeviceUnavailableError: ``cfg.train.use_gpu`` and a local cluster without CUDA (``check_local_gpus``),
+            before Ray starts.
         TableNotFoundError: the Parquet exports are missing (run the features stage).
-        ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
+        ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times (a worker's own
+            ``DeviceUnavailableError`` on a joined cluster arrives as its cause).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from training.data import read_training_versions, read_vocab_sizes
 
     t0 = time.perf_counter()
+    use_gpu, local = cfg.train.use_gpu, not cfg.train.ray_address
+    if use_gpu and local:
+        check_local_gpus(cfg.train.num_workers)  # fail here, not in NCCL's set-up inside the workers
     read_vocab_sizes(cfg.lake_dir)  # fail fast, before starting anything
     read_versions = read_training_versions(cfg.lake_dir, opts.model)  # provenance: Delta versions of the exports
     version = f"{opts.model}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
@@ -474,15 +562,14 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
         ray.init(address=cfg.train.ray_address, num_cpus=None if cfg.train.ray_address else cfg.train.ray_cpus,
                  include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
+        scaling_config, torch_config = ray_train_configs(cfg.train.num_workers, use_gpu)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"options": asdict(opts),
                                "lake_dir": str(cfg.lake_dir), "model_version": version,
                                "training_versions": read_versions,
-                               "model_dir": str(cfg.run_dir / "models" / opts.model)},
-            torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
-                                         resources_per_worker={"CPU": 1}),
+                               "model_dir": str(cfg.run_dir / "models" / opts.model), "use_gpu": use_gpu},
+            torch_config=torch_config, scaling_config=scaling_config,
             run_config=RunConfig(name=version, storage_path=str(cfg.checkpoint_dir),
                                  failure_config=FailureConfig(max_failures=1),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -525,12 +612,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="warmup_cosine", help="dense learning-rate schedule")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--use-gpu", action="store_true",
+                   help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     a = p.parse_args(argv)
     opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
                         seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
                         dropout=a.dropout)
-    result = train(load_config(), opts)
+    cfg = load_config()
+    if a.use_gpu:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})
+    result = train(cfg, opts)
     from rich.console import Console
     from rich.table import Table
 
