@@ -14,7 +14,11 @@ CACHE ?= $(HOME)/.cache/recsys-platform
 UV := $(CACHE)/uv-$(UV_VERSION)/bin/uv
 MVN := mvn -q -B -s $(CURDIR)/infra/maven-settings.xml
 hash = $(shell cat $(1) | sha256sum | cut -c1-16)
-MAIN_ENV := $(CACHE)/venv-main-$(call hash,requirements/main.lock)
+# GPU=1 (make setup GPU=1, and on every later make call on that machine, e.g. export GPU=1): .venv from
+# requirements/main-gpu.lock, main.lock with FBGEMM's CUDA build (fbgemm-gpu) instead of fbgemm-gpu-cpu, in its own
+# cache entry. Without GPU the CPU lock and its cache entry are used exactly as before. See docs/ray.md.
+MAIN_LOCK := requirements/main$(if $(filter 1 true yes,$(GPU)),-gpu).lock
+MAIN_ENV := $(CACHE)/venv-main-$(call hash,$(MAIN_LOCK))
 AIRFLOW_ENV := $(CACHE)/venv-airflow-$(call hash,requirements/airflow.lock)
 KAFKA_JARS := $(CACHE)/jars-kafka-$(call hash,infra/kafka/pom.xml infra/maven-settings.xml)
 SPARK_JARS := $(CACHE)/jars-spark-$(call hash,infra/spark/pom.xml infra/maven-settings.xml)
@@ -40,7 +44,7 @@ define build_env
 endef
 
 venv: | $(UV)
-	$(call build_env,$(MAIN_ENV),requirements/main.lock,.venv)
+	$(call build_env,$(MAIN_ENV),$(MAIN_LOCK),.venv)
 
 airflow-venv: | $(UV)
 	$(call build_env,$(AIRFLOW_ENV),requirements/airflow.lock,.venv-airflow)
@@ -67,6 +71,7 @@ lock: | $(UV)
 	$(UV) pip install -q -p /tmp/recsys-lock -r requirements/main.in
 	$(UV) pip install -q -p /tmp/recsys-lock --no-deps torchrec==1.9.2  # its CUDA fbgemm-gpu dependency is replaced by fbgemm-gpu-cpu
 	$(UV) pip freeze -p /tmp/recsys-lock > requirements/main.lock && rm -rf /tmp/recsys-lock
+	sed 's/^fbgemm-gpu-cpu==/fbgemm-gpu==/' requirements/main.lock > requirements/main-gpu.lock
 
 demo: setup
 	$(PY) -m pipelines.demo
