@@ -8,6 +8,7 @@ reason and detail on the same messages (the shared list lives in tests/test_even
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from datetime import datetime, timezone
 
 import pytest
@@ -15,11 +16,12 @@ from test_events import MALFORMED, VALID, event_json
 
 from features.errors import EventError
 from features.events import parse_event
+from features.config import PlatformConfig
 from features.tables import BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS
-from pipelines.ingest import run_ingest, validate
+from pipelines.ingest import INGEST_OUTPUTS, SWAP_JOURNAL, finish_swap, run_ingest, swap_in, validate
 from pipelines.produce import ensure_topic, movielens_events, publish
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration  # every test here but the swap's crash test (plain directories) needs them
 
 ISO = "yyyy-MM-dd'T'HH:mm:ss'Z'"
 
@@ -50,6 +52,7 @@ def lake_cfg(cfg, tmp_path):
     })
 
 
+@integration
 def test_spark_validation_agrees_with_parse_event(spark):
     raws = [raw for raw, _, _ in MALFORMED] + [raw for raw, _ in VALID] + [None]
     expected = [python_verdict(raw) for raw in raws]
@@ -61,6 +64,7 @@ def test_spark_validation_agrees_with_parse_event(spark):
             assert detail == want_detail, raw
 
 
+@integration
 def test_spark_reads_valid_fields_as_parse_event_does(spark):
     messages = spark.createDataFrame([(raw, 0, i, datetime(2024, 1, 1)) for i, (raw, _) in enumerate(VALID)],
                                      "value binary, partition int, offset bigint, timestamp timestamp")
@@ -75,6 +79,7 @@ def test_spark_reads_valid_fields_as_parse_event_does(spark):
             (event.event_id, event.user_id, event.item_id, event.rating, ts)
 
 
+@integration
 def test_out_of_int32_ids_agree(spark):
     raws = [event_json(user_id=2**31), event_json(item_id=-(2**31) - 1)]
     assert spark_verdicts(spark, raws) == [python_verdict(raw) for raw in raws]
@@ -107,6 +112,7 @@ def quarantine_rows(spark, cfg) -> list[tuple[str, str]]:
     return sorted((r.raw, r.reason) for r in df.select("raw", "reason").collect())
 
 
+@integration
 def test_stream_to_bronze_and_quarantine_then_rerun(spark, kafka, lake_cfg, movielens):
     from delta.tables import DeltaTable
 
@@ -145,6 +151,7 @@ def test_stream_to_bronze_and_quarantine_then_rerun(spark, kafka, lake_cfg, movi
     assert (again["events_bronze"], again["events_quarantined"]) == (40, len(malformed) + 1)
 
 
+@integration
 def test_rerun_with_nothing_new_changes_nothing(spark, kafka, lake_cfg, movielens):
     ensure_topic(kafka, lake_cfg.kafka.topic, 1)
     publish(kafka, lake_cfg.kafka.topic, list(movielens_events(movielens.ratings.head(5))) + [(b"k", b"[]")])
@@ -153,3 +160,75 @@ def test_rerun_with_nothing_new_changes_nothing(spark, kafka, lake_cfg, movielen
     assert {k: first[k] for k in ("events_bronze", "events_quarantined", "quarantine_reasons")} == \
         {k: second[k] for k in ("events_bronze", "events_quarantined", "quarantine_reasons")} == \
         {"events_bronze": 5, "events_quarantined": 1, "quarantine_reasons": {"not_json": 1}}
+
+
+class Crash(RuntimeError):
+    """Stands for the process dying at this point."""
+
+
+def _lake_dirs(cfg: PlatformConfig) -> list[Path]:
+    return [Path(spec.path(cfg.lake_dir)) for spec in INGEST_OUTPUTS] + [cfg.checkpoint_dir / "ingest"]
+
+
+def _fill(cfg: PlatformConfig, tag: str) -> None:
+    """Every ingest output and the checkpoint as a directory holding one file that names its copy."""
+    for d in _lake_dirs(cfg):
+        d.mkdir(parents=True)
+        (d / "copy").write_text(tag)
+
+
+def _copies(dirs: list[Path]) -> list[str | None]:
+    return [(d / "copy").read_text() if (d / "copy").exists() else None for d in dirs]
+
+
+def test_swap_cut_off_after_any_rename_is_completed_by_the_next_start(tmp_path, monkeypatch):
+    """A reprocess's swap (pipelines.ingest.swap_in) killed after k of its renames, for every k (and after the
+    last one, before the journal is deleted), ends after finish_swap (what run_ingest and reprocess call first)
+    with the whole new lake live and the whole old one retired; nothing is lost or left in the shadow."""
+    n_renames = 2 * len(_lake_dirs(PlatformConfig(data_dir=tmp_path)))
+    for k in range(n_renames + 1):
+        root = tmp_path / str(k)
+        live, shadow = PlatformConfig(data_dir=root / "live"), PlatformConfig(data_dir=root / "live" / "shadow" / "s")
+        retired = root / "live" / "retired" / "s"
+        _fill(live, "old")
+        _fill(shadow, "new")
+        calls = []
+        real_rename, real_unlink = Path.rename, Path.unlink
+
+        def rename(self, target, calls=calls):
+            if len(calls) == k:
+                raise Crash(f"killed before rename {k + 1}")
+            calls.append(self)
+            return real_rename(self, target)
+
+        def unlink(self, *args, **kwargs):  # after the last rename: killed before the journal is deleted
+            if self.name == SWAP_JOURNAL:
+                raise Crash("killed before deleting the journal")
+            return real_unlink(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "rename", rename)
+            m.setattr(Path, "unlink", unlink)
+            with pytest.raises(Crash):
+                swap_in(shadow, live, retired)
+        assert (live.data_dir / SWAP_JOURNAL).exists()
+
+        assert finish_swap(live) == n_renames - k
+        assert _copies(_lake_dirs(live)) == ["new"] * len(_lake_dirs(live)), k
+        retired_dirs = _lake_dirs(PlatformConfig(data_dir=retired))
+        assert _copies(retired_dirs) == ["old"] * len(retired_dirs), k
+        assert not any(d.exists() for d in _lake_dirs(shadow)), k
+        assert not (live.data_dir / SWAP_JOURNAL).exists()
+        assert finish_swap(live) == 0  # nothing left to do
+
+
+def test_swap_refuses_to_start_over_an_unfinished_one(tmp_path):
+    from features.errors import PlatformError
+
+    live, shadow = PlatformConfig(data_dir=tmp_path / "live"), PlatformConfig(data_dir=tmp_path / "shadow")
+    _fill(live, "old")
+    _fill(shadow, "new")
+    (live.data_dir / SWAP_JOURNAL).write_text('{"renames": []}')
+    with pytest.raises(PlatformError, match="cut off"):
+        swap_in(shadow, live, tmp_path / "retired")
+    assert _copies(_lake_dirs(live)) == ["old"] * len(_lake_dirs(live))
