@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kafka-port", type=int, default=24292)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "ingest")
     parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--planned", default="1000000,10000000",
+                        help="sizes the section must account for: one not measured in this run gets a 'not run' "
+                             "line with its time extrapolated from the measured rate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)  # the ingest's per-batch line with its step timings
@@ -225,6 +228,16 @@ def report(rows: list[dict], args) -> str:
                  "insert-only MERGE into bronze restricted to the batch's event_date partitions, inserted = the "
                  "inserted count (read from bronze only when the MERGE did not insert every valid event), "
                  "batch_log = the quarantine.ingest_batches append.\n")
+    measured = {r["events"] for r in rows}
+    missing = [int(n) for n in getattr(args, "planned", "").split(",") if n and int(n) not in measured]
+    if missing and rows:
+        rate = rows[-1]["ingest_events_per_s"]
+        note += "".join(f"\n\n**{n:,} events: not run in this session.** At the {rows[-1]['events']:,}-event run's "
+                        f"measured {rate:,.0f} events/s it would take about {n / rate / 60:,.0f} min (an "
+                        "extrapolation, not a measurement: each batch's MERGE reads bronze's partitions of the batch's "
+                        "days, which hold more rows per day at a larger size over the same 30 days, so the rate may "
+                        "be lower)."
+                        for n in missing)
     return "\n".join(table) + "\n" + note + "\n" + step_note + "\n" + "\n".join(steps)
 
 
