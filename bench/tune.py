@@ -342,6 +342,7 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
         f"the 2 cores, so the seconds here are not benchmarks (see `models`); commit {commit}. Plot of the valid "
         "AUC per trial: [docs/tuning_valid_auc.png](docs/tuning_valid_auc.png)."]
     summary: dict[str, list[str]] = {}
+    tests: dict[str, list[tuple[str, list[float]]]] = {}  # model -> (run, test AUC per seed) of the final runs
     for key, r in results.items():
         model, impl = _label(key)
         seeds = r["seeds"]
@@ -362,12 +363,15 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
             t = by[name]
             test = list(t["test"].values())
             what = "defaults" if name == "defaults" else f"tuned ({name})"
+            if name == r["chosen"]:
+                tests.setdefault(model, []).append((f"{impl}, {what}", [x["auc"] for x in test]))
             summary.setdefault(model, []).append(
                 f"| {model} | {impl}, {what} | {mean_std(t['valid'].values())} | "
                 f"{mean_std(x['auc'] for x in test)} | {mean_std(x['logloss'] for x in test)} | "
                 f"{_list(x['auc'] for x in test)} | {len(test)} |")
     for model, impl in dict.fromkeys((p["model"], p["impl"]) for p in peers if not p.get("rc")):
         ps = [p for p in peers if p["model"] == model and p["impl"] == impl and not p.get("rc")]
+        tests.setdefault(model, []).append((f"{impl}, defaults", [p["test_auc"] for p in ps]))
         summary.setdefault(model, []).append(
             f"| {model} | {impl}, defaults | {mean_std(p['valid_auc'] for p in ps)} | "
             f"{mean_std(p['test_auc'] for p in ps)} | {mean_std(p['test_logloss'] for p in ps)} | "
@@ -375,7 +379,30 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
     parts.append("Test figures (mean ± sample std over the seeds; each run's best epoch by valid AUC):\n\n"
                  "| model | run | valid AUC | test AUC | test logloss | test AUC per seed | seeds |\n"
                  "|---|---|---:|---:|---:|---|---:|\n" + "\n".join(x for rows in summary.values() for x in rows))
+    parts.append(verdict(tests))
     return "\n\n".join(parts)
+
+
+def verdict(tests: dict[str, list[tuple[str, list[float]]]]) -> str:
+    """Per model, ours (as chosen) against the best other run by mean test AUC, the difference next to the seed
+    spreads, so that "above" is read against the noise.
+
+    >>> print(verdict({"din": [("ours, defaults", [0.715, 0.714]), ("peer, defaults", [0.713, 0.7134])]}))
+    - din: ours, defaults 0.7145 vs peer, defaults 0.7132: difference +0.0013 (seed std 0.0007 / 0.0003, 2 / 2 seeds)
+    """
+    lines = []
+    for model, runs in tests.items():
+        ours = next((r for r in runs if r[0].startswith("ours")), None)
+        others = [r for r in runs if not r[0].startswith("ours")]
+        if not ours or not others:
+            continue
+        best = max(others, key=lambda r: statistics.fmean(r[1]))
+        sd = [statistics.stdev(v) if len(v) > 1 else float("nan") for v in (ours[1], best[1])]
+        lines.append(f"- {model}: {ours[0]} {statistics.fmean(ours[1]):.4f} vs {best[0]} "
+                     f"{statistics.fmean(best[1]):.4f}: difference "
+                     f"{statistics.fmean(ours[1]) - statistics.fmean(best[1]):+.4f} (seed std {sd[0]:.4f} / "
+                     f"{sd[1]:.4f}, {len(ours[1])} / {len(best[1])} seeds)")
+    return "\n".join(lines)
 
 
 def _list(values) -> str:
