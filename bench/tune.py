@@ -206,7 +206,8 @@ def search(train_one, label: str, baseline: dict, space: dict[str, tuple], n_tri
         if t is not chosen and t is not trials[0]:
             t.test = {}
     return {"trials": [t.__dict__ | {"mean_valid": t.mean_valid if t.valid else None} for t in trials],
-            "chosen": chosen.name, "seeds": seeds, "search_seed": search_seed, "top": top}
+            "chosen": chosen.name, "seeds": seeds, "search_seed": search_seed, "top": top, "commit": _commit(),
+            "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def tune_model(runner: Runner, model: str, n_trials: int, seeds: list[int], top: int, search_seed: int,
@@ -338,8 +339,9 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
         "seeds; the configuration with the highest MEAN valid AUC over the seeds is chosen (the defaults compete "
         "too). Test AUC is read only for the defaults and the chosen configuration.\n\n"
         f"Ours: {space(SPACE)}. DeepCTR-Torch (the same protocol and budget): {space(PEER_SPACE)}.\n\n"
-        f"Load average (1 min) {load0:.1f} at the start, {os.getloadavg()[0]:.1f} when written: other work shared "
-        f"the 2 cores, so the seconds here are not benchmarks (see `models`); commit {commit}. Plot of the valid "
+        f"Load average (1 min) {load0:.1f} when this invocation started, {os.getloadavg()[0]:.1f} when written; the "
+        f"searches ran with `/work/heavy` (one of two CPU slots) while other work shared the 2 cores, so the seconds "
+        f"here are not benchmarks (see `models`); written at commit {commit}. Plot of the valid "
         "AUC per trial: [docs/tuning_valid_auc.png](docs/tuning_valid_auc.png)."]
     summary: dict[str, list[str]] = {}
     tests: dict[str, list[tuple[str, list[float]]]] = {}  # model -> (run, test AUC per seed) of the final runs
@@ -356,8 +358,9 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
             mean = mean_std(t["valid"].values()) if len(t["valid"]) == len(seeds) else ""
             rows.append(f"| {t['name']}{mark} | " + " | ".join(_num(t["config"][k]) for k in knobs)
                         + f" | {'n/a' if first is None else f'{first:.4f}'} | {mean} |")
+        when = f", commit {r['commit']}, finished {r['finished_utc']} UTC" if r.get("commit") else ""
         parts.append(f"**{model}, {impl}** ({len(r['trials']) - 1} random trials + the defaults, search seed "
-                     f"{r['search_seed']}, top {r['top']} re-run):\n\n{head}\n" + "\n".join(rows))
+                     f"{r['search_seed']}, top {r['top']} re-run{when}):\n\n{head}\n" + "\n".join(rows))
         by = {t["name"]: t for t in r["trials"]}
         for name in dict.fromkeys(("defaults", r["chosen"])):
             t = by[name]
