@@ -9,9 +9,17 @@ before the marker still fails the test.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a worker group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def mark_done(done_dir: str, rank: int) -> None:

@@ -9,7 +9,6 @@ FBGEMM (``make setup GPU=1``); it is skipped elsewhere, and was not run when thi
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -236,17 +235,11 @@ def _worker(rank: int, world: int, port: int, device_type: str, strategy: str, t
     mark_done(done_dir, rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device and FBGEMM's CUDA build (make setup GPU=1)")
 @pytest.mark.parametrize("strategy, types", [("planner", ("table_wise",)), ("planner", ("row_wise",)),
                                              ("row_wise", ("table_wise",))])
 def test_sharded_deepfm_matches_unsharded_on_cuda(strategy, types, tmp_path):
     """On 2 GPUs (or 1: NCCL allows one rank per GPU), NCCL process group, fused CUDA kernels."""
-    from _spawn import spawn_checked
+    from _spawn import free_port, spawn_checked
 
-    spawn_checked(_worker, (WORLD, _free_port(), "cuda", strategy, types), WORLD, tmp_path)
+    spawn_checked(_worker, (WORLD, free_port(), "cuda", strategy, types), WORLD, tmp_path)

@@ -4,13 +4,12 @@ weights: same logits, same dense gradients, same embedding update; each rank hol
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from _spawn import mark_done, spawn_checked
+from _spawn import free_port, mark_done, spawn_checked
 
 pytestmark = pytest.mark.integration
 
@@ -92,12 +91,6 @@ def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
     mark_done(done_dir, rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("strategy", ["planner", "row_wise"])
 def test_sharded_deepfm_matches_unsharded(strategy, tmp_path):
-    spawn_checked(_worker, (_free_port(), strategy), WORLD, tmp_path)
+    spawn_checked(_worker, (free_port(), strategy), WORLD, tmp_path)
