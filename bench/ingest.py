@@ -13,6 +13,9 @@ MERGE that inserted it, found from the row's ``ingested_at`` (the micro-batch's 
 produced; throughput = events / (last commit - first publish). A private broker on ``--kafka-port`` (24292).
 
     .venv/bin/python -m bench.ingest --sizes 1000000
+
+Each measured size's row is stored in ``bench/results/ingest.json`` (the newest per size, with its settings, commit
+and UTC time), and the BENCHMARKS.md section shows every stored size: a run of 10M alone keeps the 1M row.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from pipelines.generator import GeneratorConfig, generate, kafka_messages
 from pipelines.produce import ensure_topic, publish
 from pipelines.stages import kafka_command, kafka_env
 
+
+#: Measured rows, one per size (the newest of each), each with its settings, commit and UTC time: BENCHMARKS.md's
+#: section is rendered from all of them, so measuring 10M in one invocation keeps the 1M row of an earlier one.
+RESULTS = ROOT / "bench" / "results" / "ingest.json"
+#: The settings a row was measured with (the note states them; rows measured otherwise say so).
+SETTINGS = ("interval_s", "max_offsets", "rate", "chunk", "warmup", "seed")
 
 #: The ingest micro-batch's steps, as ``pipelines.ingest`` times them (speed is 0 here: the speed layer is off).
 STEPS = ("validate", "dedupe", "merge", "inserted", "quarantine", "batch_log")
@@ -159,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20_000, help="events of the unmeasured warm-up run")
     parser.add_argument("--kafka-port", type=int, default=24292)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "ingest")
-    parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--no-report", action="store_true", help="print only: neither the results file nor "
+                        "BENCHMARKS.md is written")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="JSON file of the measured rows, one per size (the newest measurement of each): the "
+                             "section shows every size in it, so a run of one size keeps the others' rows")
     parser.add_argument("--planned", default="1000000,10000000",
                         help="sizes the section must account for: one not measured in this run gets a 'not run' "
                              "line with its time extrapolated from the measured rate")
@@ -187,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             if not name.startswith("warmup"):
                 rows.append(r)
                 if not args.no_report:
-                    write_section("ingest", report(rows, args), command=f"python -m bench.ingest --sizes {args.sizes}")
+                    stored = save_result(args.results, r, args)
+                    write_section("ingest", report(stored, args), command=f"python -m bench.ingest --sizes {args.sizes}")
     finally:
         if spark is not None:
             spark.stop()
@@ -195,16 +209,31 @@ def main(argv: list[str] | None = None) -> None:
     print(report(rows, args) if rows else "no size finished")
 
 
-def report(rows: list[dict], args) -> str:
-    """The Markdown table and note for the sizes measured so far."""
+def save_result(path: Path, row: dict, args) -> list[dict]:
+    """Store ``row`` (one measured size, with ``args``' settings, the commit and the UTC time) in the results file,
+    replacing an earlier row of the same size; return every stored row, smallest size first."""
     from bench.batch_features import _commit
 
+    stored = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    stored[row["events"]] = {**row, "settings": {k: getattr(args, k) for k in SETTINGS}, "commit": _commit(),
+                             "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(k): stored[k] for k in sorted(stored)}, indent=1) + "\n")
+    return [stored[k] for k in sorted(stored)]
+
+
+def report(rows: list[dict], args) -> str:
+    """The Markdown table and notes for ``rows`` (measured sizes, smallest first)."""
     table = ["| events | bronze rows | produce events/s | ingest events/s | wall s | latency p50 s | latency p95 s | "
-             "MERGE commits | load avg 1 min (before -> after) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "MERGE commits | load avg 1 min (before -> after) | measured (UTC, commit) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         table.append(f"| {r['events']:,} | {r['bronze_rows']:,} | {r['produce_events_per_s']:,.0f} | "
                      f"{r['ingest_events_per_s']:,.0f} | {r['wall_s']:.1f} | {r['p50_s']:.1f} | {r['p95_s']:.1f} | "
-                     f"{r['merges']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
+                     f"{r['merges']} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} | "
+                     f"{r.get('measured_utc', 'this run')}, {r.get('commit', '')} |")
+    current = {k: getattr(args, k) for k in SETTINGS}
+    other = [f"{r['events']:,} ({r['settings']})" for r in rows if r.get("settings", current) != current]
     steps = ["| events | micro-batches | mean messages per batch | " + " | ".join(
         f"{k} s" for k in STEPS) + " | total s |", "|---:|---:|---:|" + "---:|" * (len(STEPS) + 1)]
     for r in rows:
@@ -219,9 +248,9 @@ def report(rows: list[dict], args) -> str:
             f"in the same process on the same 2 cores, {rate}, chunks of {args.chunk:,} generated impressions "
             f"(~440 bytes each); a {args.warmup:,}-event warm-up run before the measured sizes. Latency is produce "
             "-> visible in Delta (the MERGE commit that inserted the event), weighted per event; when the producer "
-            "outruns the sink it includes the queueing, so p95 then grows with the run. Commit "
-            f"{_commit()}. The machine (2 logical CPUs) is shared with other jobs (the load average column), so "
-            "figures are lower bounds of what it can do.")
+            "outruns the sink it includes the queueing, so p95 then grows with the run. The machine (2 logical "
+            "CPUs) is shared with other jobs (the load average column), so figures are lower bounds of what it can "
+            "do." + (f" Rows measured with other settings: {'; '.join(other)}." if other else ""))
     step_note = ("\nSeconds per micro-batch step (mean over the batches that had messages; a batch cut off by the "
                  "bench's stop is not counted): validate = parse and check every message and keep the result "
                  "(localCheckpoint), dedupe = keep the first of each event_id and the batch's counts, merge = the "
@@ -232,7 +261,7 @@ def report(rows: list[dict], args) -> str:
     missing = [int(n) for n in getattr(args, "planned", "").split(",") if n and int(n) not in measured]
     if missing and rows:
         rate = rows[-1]["ingest_events_per_s"]
-        note += "".join(f"\n\n**{n:,} events: not run in this session.** At the {rows[-1]['events']:,}-event run's "
+        note += "".join(f"\n\n**{n:,} events: not measured yet.** At the {rows[-1]['events']:,}-event run's "
                         f"measured {rate:,.0f} events/s it would take about {n / rate / 60:,.0f} min (an "
                         "extrapolation, not a measurement: each batch's MERGE reads bronze's partitions of the batch's "
                         "days, which hold more rows per day at a larger size over the same 30 days, so the rate may "

@@ -71,3 +71,27 @@ def test_recbole_atomic_files_keep_split_order_and_features(tmp_path):
             assert users[str(s["user_idx"][r])] == [str(s[c][r]) for c in
                                                     ("age_idx", "gender_idx", "occupation_idx", "zip_idx")]
             assert items[str(s["item_idx"][r])] == " ".join(str(g) for g in s["genre_idx"][r] if g)
+
+
+def test_ingest_results_keep_every_measured_size(tmp_path):
+    """A run that measures one size re-renders the section with the sizes stored by earlier runs, replaces only
+    its own size's row, and marks a planned size without a row as not measured."""
+    import argparse
+
+    from bench import ingest
+
+    args = argparse.Namespace(interval_s=1.0, max_offsets=50_000, rate=0.0, chunk=20_000, warmup=20_000, seed=7,
+                              planned="1000000,10000000")
+    row = lambda n, rate: {"events": n, "bronze_rows": n, "produce_events_per_s": 6000.0, "ingest_events_per_s": rate,
+                           "wall_s": n / rate, "p50_s": 1.0, "p95_s": 2.0, "merges": 3, "load": (1.0, 2.0),
+                           "steps": {}}
+    path = tmp_path / "ingest.json"
+    ingest.save_result(path, row(1_000_000, 3000.0), args)
+    text = ingest.report(ingest.save_result(path, row(1_000_000, 3500.0), args), args)
+    assert "| 1,000,000 | 1,000,000 | 6,000 | 3,500 |" in text and "| 3,000 |" not in text
+    assert "**10,000,000 events: not measured yet.**" in text
+    bigger_batches = argparse.Namespace(**dict(vars(args), max_offsets=100_000))
+    stored = ingest.save_result(path, row(10_000_000, 3200.0), bigger_batches)
+    text = ingest.report(stored, args)
+    assert [r["events"] for r in stored] == [1_000_000, 10_000_000] and "not measured yet" not in text
+    assert "Rows measured with other settings: 10,000,000" in text
