@@ -3,6 +3,7 @@
     python -m bench.tune [--models deepfm,din] [--trials 12,8] [--seeds 0,1,2] [--top 2] [--work DIR]
                          [--peer-seeds] [--no-write]                                               (make tune)
     python -m bench.tune --models "" [--peer-seeds]      (only the peers' seeds / re-render from <work>/tune.json)
+    python -m bench.tune --models deepfm,din --grid "mba_lambda=0.001,0.1" [--grid "..."]    (a grid, not random)
 
 For each model, on a scratch copy of the lake's exports (``--work``; ``data/`` and ``artifacts/`` are never
 written), every trial is one ``training.train.train`` run (Ray Train, 1 worker, the same early stopping as
@@ -17,6 +18,10 @@ instead of starting its own, which saves ~15 s of start-up per trial):
    configuration with the highest MEAN validation AUC over the seeds (baseline included), so that one lucky seed
    does not decide;
 4. test AUC is read only for the baseline and the chosen configuration (mean +- std over the seeds).
+
+With ``--grid`` the configurations of step 2 are a grid around the current defaults instead (``grid_configs``:
+each ``--grid`` a product of the values given per knob, the union over the ``--grid`` s), named g01, g02, ...,
+and the results are kept as ``<model>-grid`` next to the random search's.
 
 With ``--peer-seeds`` the peers (DeepCTR-Torch, RecBole; ``bench/peers.py`` in their own environment, their
 defaults) are also run at every seed, for the spread that "above the peers" is judged against.
@@ -56,6 +61,8 @@ SPACE: dict[str, tuple] = {
     "batch_size": (512, 1024, 2048, 4096),
     "warmup_frac": (0.0, 0.05, 0.1),
     "min_lr_factor": (0.01, 0.1, 1.0),
+    # the mini-batch aware L2 on the user/item rows (Zhou et al. 2018, 4.2); added after the first searches
+    "mba_lambda": (0.0, 1e-3, 1e-2, 1e-1, 1.0),
 }
 KNOBS = tuple(SPACE)
 
@@ -83,6 +90,44 @@ def sample_configs(space: dict[str, tuple], n: int, seed: int) -> list[dict]:
                 config[name] = spec[int(rng.integers(len(spec)))]
         out.append(config)
     return out
+
+
+def grid_configs(baseline: dict, grids: list[dict[str, list]]) -> list[dict]:
+    """``baseline`` with every combination of the values of each grid (a product per grid, the union over the
+    grids, in order, without repeats and without ``baseline`` itself).
+
+    >>> base = {"lam": 0.0, "lr": 0.02, "bs": 2048}
+    >>> [(c["lam"], c["lr"]) for c in grid_configs(base, [{"lam": [0.0, 0.1, 1.0]}, {"lam": [0.1], "lr": [0.05]}])]
+    [(0.1, 0.02), (1.0, 0.02), (0.1, 0.05)]
+    """
+    import itertools
+
+    out: list[dict] = []
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            config = baseline | dict(zip(grid, values))
+            if config != baseline and config not in out:
+                out.append(config)
+    return out
+
+
+def parse_grid(spec: str) -> dict[str, list]:
+    """``"mba_lambda=0.01,0.1 lr_sparse=0.05"`` -> ``{"mba_lambda": [0.01, 0.1], "lr_sparse": [0.05]}`` (ints stay
+    ints).
+
+    >>> parse_grid("mba_lambda=0.01,1 batch_size=1024")
+    {'mba_lambda': [0.01, 1.0], 'batch_size': [1024]}
+
+    Raises:
+        ValueError: a knob not in ``SPACE`` or a value that is not a number.
+    """
+    grid = {}
+    for part in spec.split():
+        name, _, values = part.partition("=")
+        if name not in SPACE:
+            raise ValueError(f"--grid knob {name!r} is not one of {KNOBS}")
+        grid[name] = [int(v) if isinstance(SPACE[name][0], int) else float(v) for v in values.split(",")]
+    return grid
 
 
 @dataclass
@@ -167,13 +212,18 @@ def baseline_config(model: str) -> dict:
 
 
 def search(train_one, label: str, baseline: dict, space: dict[str, tuple], n_trials: int, seeds: list[int],
-           top: int, search_seed: int, console) -> dict:
-    """Baseline at every seed, ``n_trials`` random configurations at the first seed, the ``top`` best of those
-    re-run at the other seeds, and the choice by mean valid AUC (``choose``); ``train_one(config, seed)`` trains
-    once and returns a stage result (``valid_auc``, ``test_auc``, ``test_logloss``, ``best_epoch``, ``epochs``,
-    ``train_samples_per_s``). Returns ``tune.json``'s entry for ``label``."""
+           top: int, search_seed: int, console, grid: list[dict] | None = None) -> dict:
+    """Baseline at every seed, ``n_trials`` random configurations (or the ``grid``'s configurations, see
+    ``grid_configs``) at the first seed, the ``top`` best of those re-run at the other seeds, and the choice by
+    mean valid AUC (``choose``); ``train_one(config, seed)`` trains once and returns a stage result
+    (``valid_auc``, ``test_auc``, ``test_logloss``, ``best_epoch``, ``epochs``, ``train_samples_per_s``). Returns
+    ``tune.json``'s entry for ``label``."""
     trials = [Trial("defaults", baseline, {}, {})]
-    trials += [Trial(f"t{i + 1:02d}", c, {}, {}) for i, c in enumerate(sample_configs(space, n_trials, search_seed))]
+    if grid:
+        trials += [Trial(f"g{i + 1:02d}", c, {}, {}) for i, c in enumerate(grid_configs(baseline, grid))]
+    else:
+        trials += [Trial(f"t{i + 1:02d}", c, {}, {})
+                   for i, c in enumerate(sample_configs(space, n_trials, search_seed))]
     plan = [(trials[0], s) for s in seeds] + [(t, seeds[0]) for t in trials[1:]]
     done = 0
 
@@ -207,14 +257,15 @@ def search(train_one, label: str, baseline: dict, space: dict[str, tuple], n_tri
             t.test = {}
     return {"trials": [t.__dict__ | {"mean_valid": t.mean_valid if t.valid else None} for t in trials],
             "chosen": chosen.name, "seeds": seeds, "search_seed": search_seed, "top": top, "commit": _commit(),
+            "grid": grid or None,
             "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def tune_model(runner: Runner, model: str, n_trials: int, seeds: list[int], top: int, search_seed: int,
-               console) -> dict:
-    """``search`` over ``SPACE`` for our ``model``, from its current defaults."""
+               console, grid: list[dict] | None = None) -> dict:
+    """``search`` over ``SPACE`` (or the ``grid``) for our ``model``, from its current defaults."""
     return search(lambda config, seed: runner.run(model, config, seed), model, baseline_config(model), SPACE,
-                  n_trials, seeds, top, search_seed, console)
+                  n_trials, seeds, top, search_seed, console, grid)
 
 
 #: DeepCTR-Torch's main knobs (its Adam on every parameter, its L2 penalty on the embeddings, dropout, batch).
@@ -315,9 +366,15 @@ def _valid_of(t: dict, seed) -> float | None:
 
 
 def _label(key: str) -> tuple[str, str]:
-    """(model, implementation) of a ``tune.json`` results key: ``deepfm`` / ``din`` are ours, ``deepctr-<m>``
-    DeepCTR-Torch's."""
-    return (key.split("-", 1)[1], "DeepCTR-Torch 0.3.0") if key.startswith("deepctr-") else (key, "ours")
+    """(model, implementation) of a ``tune.json`` results key: ``deepfm`` / ``din`` are ours (``<m>-grid`` ours
+    searched on a grid), ``deepctr-<m>`` DeepCTR-Torch's.
+
+    >>> _label("deepctr-din"), _label("din-grid"), _label("deepfm")
+    (('din', 'DeepCTR-Torch 0.3.0'), ('din', 'ours, grid'), ('deepfm', 'ours'))
+    """
+    if key.startswith("deepctr-"):
+        return key.split("-", 1)[1], "DeepCTR-Torch 0.3.0"
+    return (key.removesuffix("-grid"), "ours, grid") if key.endswith("-grid") else (key, "ours")
 
 
 def _num(v) -> str:
@@ -338,7 +395,9 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
         "defaults at every seed, the random trials at the first seed, the best `top` of those re-run at the other "
         "seeds; the configuration with the highest MEAN valid AUC over the seeds is chosen (the defaults compete "
         "too). Test AUC is read only for the defaults and the chosen configuration.\n\n"
-        f"Ours: {space(SPACE)}. DeepCTR-Torch (the same protocol and budget): {space(PEER_SPACE)}.\n\n"
+        f"Ours: {space(SPACE)}. DeepCTR-Torch (the same protocol and budget): {space(PEER_SPACE)}. A knob "
+        "missing from a search's table did not exist yet when it ran (`mba_lambda`, the mini-batch aware L2 "
+        "on the user/item rows, Zhou et al. 2018 section 4.2: off then).\n\n"
         f"Load average (1 min) {load0:.1f} when this invocation started, {os.getloadavg()[0]:.1f} when written; the "
         f"searches ran with `/work/heavy` (one of two CPU slots) while other work shared the 2 cores, so the seconds "
         f"here are not benchmarks (see `models`); written at commit {commit}. Plot of the valid "
@@ -359,8 +418,10 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
             rows.append(f"| {t['name']}{mark} | " + " | ".join(_num(t["config"][k]) for k in knobs)
                         + f" | {'n/a' if first is None else f'{first:.4f}'} | {mean} |")
         when = f", commit {r['commit']}, finished {r['finished_utc']} UTC" if r.get("commit") else ""
-        parts.append(f"**{model}, {impl}** ({len(r['trials']) - 1} random trials + the defaults, search seed "
-                     f"{r['search_seed']}, top {r['top']} re-run{when}):\n\n{head}\n" + "\n".join(rows))
+        what = (f"grid {' | '.join(' x '.join(f'{k} {_list_g(v)}' for k, v in g.items()) for g in r['grid'])}: "
+                f"{len(r['trials']) - 1} configurations + the defaults" if r.get("grid") else
+                f"{len(r['trials']) - 1} random trials + the defaults, search seed {r['search_seed']}")
+        parts.append(f"**{model}, {impl}** ({what}, top {r['top']} re-run{when}):\n\n{head}\n" + "\n".join(rows))
         by = {t["name"]: t for t in r["trials"]}
         for name in dict.fromkeys(("defaults", r["chosen"])):
             t = by[name]
@@ -395,7 +456,7 @@ def verdict(tests: dict[str, list[tuple[str, list[float]]]]) -> str:
     """
     lines = []
     for model, runs in tests.items():
-        ours = next((r for r in runs if r[0].startswith("ours")), None)
+        ours = ([r for r in runs if r[0].startswith("ours")] or [None])[-1]  # the latest search of ours
         others = [r for r in runs if not r[0].startswith("ours")]
         if not ours or not others:
             continue
@@ -406,6 +467,10 @@ def verdict(tests: dict[str, list[tuple[str, list[float]]]]) -> str:
                      f"{statistics.fmean(ours[1]) - statistics.fmean(best[1]):+.4f} (seed std {sd[0]:.4f} / "
                      f"{sd[1]:.4f}, {len(ours[1])} / {len(best[1])} seeds)")
     return "\n".join(lines)
+
+
+def _list_g(values) -> str:
+    return "{" + ", ".join(map(_num, values)) + "}"
 
 
 def _list(values) -> str:
@@ -444,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="other tune.json files to report with")
     p.add_argument("--peer-seeds", action="store_true", help="also run the peers at their defaults at every seed")
     p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md or the plot")
+    p.add_argument("--grid", action="append", default=[], help='a grid around the defaults instead of the random '
+                   'trials, e.g. "mba_lambda=0.001,0.01 lr_sparse=0.05" (a product; repeat for a union)')
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     peer_models = [m for m in a.peer_models.split(",") if m]
@@ -452,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     n = [int(x) for x in a.trials.split(",")]
     n_trials = {"deepfm": n[0], "din": n[-1]}
     seeds = [int(s) for s in a.seeds.split(",")]
+    grid = [parse_grid(g) for g in a.grid]
     console = Console()
     load0 = os.getloadavg()[0]
     saved = a.work / "tune.json"
@@ -461,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for model in models:
                 console.rule(f"ours {model}: {n_trials[model]} trials, seeds {seeds}")
-                r = tune_model(runner, model, n_trials[model], seeds, a.top, a.search_seed, console)
-                _save(saved, lambda s: s["results"].__setitem__(model, r))
+                r = tune_model(runner, model, n_trials[model], seeds, a.top, a.search_seed, console, grid)
+                key = f"{model}-grid" if grid else model
+                _save(saved, lambda s: s["results"].__setitem__(key, r))
         finally:
             runner.close()
     if (peer_models or a.peer_seeds) and not (lake / "export").exists():

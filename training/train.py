@@ -13,7 +13,8 @@ batches moved to that device: tables with TorchRec's fused row-wise Adagrad (FBG
 backward; its CPU kernels have no Adam), dense layers with AdamW. Metrics are computed on CPU copies of the
 scores; ``model.pt`` and the train state are saved from CPU tensors, so what a GPU run writes loads on CPU. Every
 epoch each rank writes its shards with ``torch.distributed.checkpoint`` and all report one ``ray.train.Checkpoint``
-(stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC.
+(stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC. With ``mba_lambda`` > 0 the loss
+adds the DIN paper's mini-batch aware L2 on the user and item rows of each batch (``CtrObjective``).
 
 Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
 ``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json`` (with
@@ -56,7 +57,7 @@ ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_i
 
 
 #: Options for which 0 is a real value (no decay, no dropout): only None takes the model's default.
-_ZERO_IS_A_VALUE = ("weight_decay", "dropout")
+_ZERO_IS_A_VALUE = ("weight_decay", "dropout", "mba_lambda")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class TrainOptions:
     lr_dense: float | None = None  # None: the model's default (training.hparams)
     weight_decay: float | None = None  # AdamW's on the dense parameters; None: the model's default
     dropout: float | None = None  # after each hidden layer of the DNN (DeepFM) / OverArch (DIN); None: default
+    mba_lambda: float | None = None  # DeepFM, DIN: mini-batch aware L2 on the user/item rows (0 off); None: default
     patience: int = 2
     seed: int = 0
     lr_schedule: str = "warmup_cosine"
@@ -93,8 +95,13 @@ class TrainOptions:
             unset = getattr(self, name) is None or (getattr(self, name) == 0 and name not in _ZERO_IS_A_VALUE)
             if unset:
                 object.__setattr__(self, name, value)
+        if self.mba_lambda is None:  # item2vec has no default: it has no such penalty
+            object.__setattr__(self, "mba_lambda", 0.0)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1")
+        if self.mba_lambda < 0 or (self.mba_lambda > 0 and self.model not in CTR_MODELS):
+            raise ValueError(f"mba_lambda must be >= 0 and is used by {CTR_MODELS} only, got {self.mba_lambda} "
+                             f"for {self.model}")
         LRSchedule(self.lr_schedule, 1, self.warmup_frac, self.min_lr_factor)  # validates the schedule
 
 
@@ -307,6 +314,94 @@ def _ctr_model(opts: TrainOptions, vocab: dict):
     return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
 
 
+#: The id tables the mini-batch aware penalty covers and the KJT features that read them (DIN's history shares
+#: the item table with the candidate).
+MBA_TABLES = {"deepfm": {"t_user": ("user_idx",), "t_item": ("item_idx",)},
+              "din": {"t_user": ("user_idx",), "t_item": ("item_idx", "hist_item_idx")}}
+
+
+def mba_counts(shard, model: str, vocab: dict, max_history: int) -> dict[str, np.ndarray]:
+    """``{table: (V,) n_j}`` for ``MBA_TABLES[model]``: in how many of ``shard``'s samples (a ``CtrShard``) each
+    user / item id occurs (DIN: as the candidate or among the first ``max_history`` history ids, once per
+    sample); ``training.modules.regularization.sample_counts``."""
+    from training.modules.regularization import sample_counts
+
+    sizes = {"t_user": vocab["user"], "t_item": vocab["item"]}
+    return {table: sample_counts(sizes[table], [shard.ids[f] for f in feats if f in shard.ids],
+                                 [(shard.values[f], shard.offsets[f], max_history) for f in feats
+                                  if f in shard.values])
+            for table, feats in MBA_TABLES[model].items()}
+
+
+class CtrObjective:
+    """What DeepFM and DIN minimise on one batch: the weighted mean of ``BCEWithLogitsLoss`` over the batch's real
+    rows (``weight`` 0 = padding) plus, when ``lam > 0``, the mini-batch aware L2 penalty (Zhou et al. 2018,
+    section 4.2; ``training.modules.regularization.MiniBatchAwareL2``) on the user and item rows the batch looked
+    up. The penalty is taken from the rows the model's ``sparse_arch`` returned in this very forward (a forward
+    hook), so that with fused optimizer-in-backward tables its gradient ``lam * w_j / n_j`` reaches the kernel
+    with the data gradient in the one backward.
+
+    Args:
+        model: DeepFM or DIN, plain or wrapped by DistributedModelParallel.
+        kind: ``deepfm`` or ``din``.
+        counts: ``{table: (V,) n_j}`` over the whole train split (``mba_counts``, summed over the ranks); unused
+            when ``lam`` is 0.
+        lam: lambda; 0 adds nothing (no hook): the objective is the data loss itself.
+        world_size: ranks; TorchRec divides the tables' gradients by it (as DDP averages the dense ones), so the
+            penalty is multiplied by it: a row in one rank's batch gets exactly ``lam * w_j / n_j`` (a row in the
+            batches of k ranks gets k times that: each rank's batch is a mini-batch of the paper).
+
+    Call: ``__call__(batch: CtrBatch with B rows) -> (objective, data loss, penalty or None)``, scalar tensors.
+    """
+
+    def __init__(self, model, kind: str, counts: dict | None, lam: float, world_size: int = 1,
+                 device=None) -> None:
+        import torch
+        from torchrec.distributed.model_parallel import get_unwrapped_module
+
+        from training.modules.regularization import MiniBatchAwareL2
+
+        self.model, self.kind = model, kind
+        self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+        self.penalty, self._seen = None, None
+        if lam > 0:
+            sparse_arch = get_unwrapped_module(model).sparse_arch
+            self.names = (sparse_arch.pooled if kind == "din" else sparse_arch).feature_names
+            self.penalty = MiniBatchAwareL2({t: torch.as_tensor(n) for t, n in counts.items()},
+                                            lam * world_size).to(device or torch.device("cpu"))
+            sparse_arch.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, out) -> None:
+        self._seen = (args[0], out)  # the KJT the sparse arch read, what it returned
+
+    def _lookups(self, real) -> dict:
+        """``{table: [(ids (N,), rows (N, D)), ...]}`` of the last forward's user and item lookups, for the rows
+        ``real`` (B,) bool (the padding rows of a last batch repeat real ones and are left out)."""
+        import torch
+
+        features, out = self._seen
+        user, item = features["user_idx"].values()[real], features["item_idx"].values()[real]  # one id per sample
+        if self.kind == "deepfm":  # out: (B, F, D)
+            return {"t_user": [(user, out[real, self.names.index("user_idx")])],
+                    "t_item": [(item, out[real, self.names.index("item_idx")])]}
+        side, candidate, history, mask = out  # (B, F, D), (B, D), (B, L, D), (B, L)
+        hist = features["hist_item_idx"]
+        slots = hist.offsets()[:-1].unsqueeze(1) + torch.arange(history.shape[1], device=mask.device)  # (B, L)
+        looked_up = mask & real.unsqueeze(1)  # (B, L)
+        return {"t_user": [(user, side[real, self.names.index("user_idx")])],
+                "t_item": [(item, candidate[real]),
+                           (hist.values()[slots[looked_up]], history[looked_up])]}  # first L ids, row-major
+
+    def __call__(self, batch):
+        data = (self.loss_fn(self.model(batch.features), batch.label) * batch.weight).sum() \
+            / batch.weight.sum().clamp_min(1.0)
+        if self.penalty is None:
+            return data, data, None
+        penalty = self.penalty(self._lookups(batch.weight > 0))
+        self._seen = None
+        return data + penalty, data, penalty
+
+
 def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) -> None:
     """DeepFM or DIN on the CTR samples, on ``device``: early stopping on valid AUC, dense lr schedule, resume
     after failure."""
@@ -325,8 +420,12 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     steps = num_batches(int(n_train), world_size, local_bs)
     schedule = LRSchedule(opts.lr_schedule, steps * opts.epochs, opts.warmup_frac, opts.min_lr_factor)
 
+    counts = None
+    if opts.mba_lambda > 0:  # n_j over the whole train split: each rank counts its rows, the counts are summed
+        local = mba_counts(train, opts.model, vocab, getattr(config, "max_history", 0))
+        counts = {t: _all_reduce_sum(torch.from_numpy(n), device) for t, n in local.items()}
     dmp, where, dense_opt = _build(model, opts, world_size, rank, device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    objective = CtrObjective(dmp, opts.model, counts, opts.mba_lambda, world_size, device)
     stopping, best, train_time, best_state, first_epoch = EarlyStopping(opts.patience), {}, 0.0, None, 0
     resumed = _resume(dmp, rank)
     if resumed is not None:
@@ -348,10 +447,10 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
             for group in dense_opt.param_groups:
                 group["lr"] = opts.lr_dense * schedule.factor(epoch * steps + i)
             dense_opt.zero_grad()
-            loss = (loss_fn(dmp(b.features), b.label) * b.weight).sum() / b.weight.sum().clamp_min(1.0)
+            loss, data_loss, _ = objective(b)  # data loss (+ the mini-batch aware penalty when mba_lambda > 0)
             loss.backward()  # the tables' fused Adagrad steps inside backward
             dense_opt.step()
-            total += float(loss)
+            total += float(data_loss)
             if i % 5 == 0:
                 _write_progress(opts, rank, epoch, i)
         train_time += time.perf_counter() - t0
@@ -587,8 +686,8 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
         out = {k: m[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s")}
         out.update(common, best_epoch=m["best_epoch"], resumed_from_epoch=m["resumed_from_epoch"],
                    training={k: getattr(opts, k) for k in ("batch_size", "embedding_dim", "lr_sparse", "lr_dense",
-                                                           "weight_decay", "dropout", "lr_schedule", "warmup_frac",
-                                                           "min_lr_factor", "patience", "seed")}
+                                                           "weight_decay", "dropout", "mba_lambda", "lr_schedule",
+                                                           "warmup_frac", "min_lr_factor", "patience", "seed")}
                    | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
         write_stage_result(cfg, f"train_{opts.model}", out)
     else:
@@ -612,13 +711,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="warmup_cosine", help="dense learning-rate schedule")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--mba-lambda", type=float, default=None,
+                   help="DeepFM, DIN: mini-batch aware L2 on the user/item embeddings (Zhou et al. 2018); 0: off")
     p.add_argument("--use-gpu", action="store_true",
                    help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     a = p.parse_args(argv)
     opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
                         seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
-                        dropout=a.dropout)
+                        dropout=a.dropout, mba_lambda=a.mba_lambda)
     cfg = load_config()
     if a.use_gpu:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})
