@@ -421,7 +421,9 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
         what = (f"grid {' | '.join(' x '.join(f'{k} {_list_g(v)}' for k, v in g.items()) for g in r['grid'])}: "
                 f"{len(r['trials']) - 1} configurations + the defaults" if r.get("grid") else
                 f"{len(r['trials']) - 1} random trials + the defaults, search seed {r['search_seed']}")
-        parts.append(f"**{model}, {impl}** ({what}, top {r['top']} re-run{when}):\n\n{head}\n" + "\n".join(rows))
+        note = f" {r['note']}" if r.get("note") else ""  # what did not run as planned, set by hand in tune.json
+        parts.append(f"**{model}, {impl}** ({what}, top {r['top']} re-run{when}):{note}\n\n{head}\n"
+                     + "\n".join(rows))
         by = {t["name"]: t for t in r["trials"]}
         for name in dict.fromkeys(("defaults", r["chosen"])):
             t = by[name]
