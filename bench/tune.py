@@ -4,6 +4,7 @@
                          [--peer-seeds] [--no-write]                                               (make tune)
     python -m bench.tune --models "" [--peer-seeds]      (only the peers' seeds / re-render from <work>/tune.json)
     python -m bench.tune --models deepfm,din --grid "mba_lambda=0.001,0.1" [--grid "..."]    (a grid, not random)
+        [--work /tmp/other --section tuning-other]            (its own tune.json and BENCHMARKS.md section)
 
 For each model, on a scratch copy of the lake's exports (``--work``; ``data/`` and ``artifacts/`` are never
 written), every trial is one ``training.train.train`` run (Ray Train, 1 worker, the same early stopping as
@@ -63,6 +64,8 @@ SPACE: dict[str, tuple] = {
     "min_lr_factor": (0.01, 0.1, 1.0),
     # the mini-batch aware L2 on the user/item rows (Zhou et al. 2018, 4.2); added after the first searches
     "mba_lambda": (0.0, 1e-3, 1e-2, 1e-1, 1.0),
+    # id dropout with cold ids read as the OOV row (training.modules.cold_ids); added after the mba_lambda grid
+    "id_dropout": (0.0, 0.1, 0.2, 0.3, 0.5),
 }
 KNOBS = tuple(SPACE)
 
@@ -511,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", type=Path, nargs="*", default=[], help="other tune.json files to report with")
     p.add_argument("--peer-seeds", action="store_true", help="also run the peers at their defaults at every seed")
     p.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md or the plot")
+    p.add_argument("--section", default="tuning", help="the BENCHMARKS.md section (and docs/<section>_valid_auc.png "
+                   "plot) to write: another name keeps a search with its own --work out of the main section")
     p.add_argument("--grid", action="append", default=[], help='a grid around the defaults instead of the random '
                    'trials, e.g. "mba_lambda=0.001,0.01 lr_sparse=0.05" (a product; repeat for a union)')
     a = p.parse_args(argv)
@@ -553,8 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     body = render(state["results"], state["peers"], load0, _commit())
     console.print(body)
     if not a.no_write:
-        plot(state["results"], PLOT)
-        write_section("tuning", body, command=COMMAND)
+        plot(state["results"], PLOT if a.section == "tuning" else PLOT.with_name(f"{a.section}_valid_auc.png"))
+        command = COMMAND if a.section == "tuning" else "python -m bench.tune " + " ".join(
+            f"'{x}'" if " " in x else x for x in (argv if argv is not None else sys.argv[1:]))
+        write_section(a.section, body, command=command)
     return 0
 
 

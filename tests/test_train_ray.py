@@ -1,5 +1,6 @@
 """Ray Train end to end on a small synthetic lake: 2 TorchTrainer workers (gloo, CPU) train sharded DeepFM for
-one epoch, report a checkpoint holding both ranks' shards, and rank 0 writes the unsharded artifacts."""
+one epoch, report a checkpoint holding both ranks' shards, and rank 0 writes the unsharded artifacts; with id
+dropout, the saved tables read every id without a train sample as the OOV row."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -61,8 +63,14 @@ def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     # a lake of its own, so that other tests' exports in the session lake are never touched
     local = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts", train=cfg.train)
     vocab = write_synthetic_lake(local.lake_dir, {"train": 600, "valid": 150, "test": 150})
+    train_file = Path(parquet_export(CTR_SAMPLES, local.lake_dir)) / "split=train" / "part-0.parquet"
+    rows = pq.read_table(train_file)
+    rows = rows.filter(pc.and_(pc.less(rows["user_idx"], 20), pc.less(rows["item_idx"], 30)))
+    pq.write_table(rows, train_file)  # users 20.. and items 30.. only in valid/test: cold rows
+    cold_users = sorted(set(range(1, vocab["user"])) - set(rows["user_idx"].to_pylist()))
+    cold_items = sorted(set(range(1, vocab["item"])) - set(rows["item_idx"].to_pylist()))
 
-    result = train(local, TrainOptions(model="deepfm", epochs=1, batch_size=128))
+    result = train(local, TrainOptions(model="deepfm", epochs=1, batch_size=128, id_dropout=0.2))
 
     assert result["epochs"] == 1 and 0.0 <= result["test_auc"] <= 1.0
     assert result == read_stage_result(local, "train_deepfm")
@@ -82,3 +90,13 @@ def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     model.load_state_dict(torch.load(model_dir / "model.pt"))
     table = model.sparse_arch.embedding_bag_collection.embedding_bags["t_item"].weight.detach().numpy()
     np.testing.assert_array_equal(table, emb)
+    # id dropout: every cold row of the saved tables (embedding and first order) is the trained OOV row
+    assert result["training"]["id_dropout"] == 0.2
+    assert meta["metrics"]["cold_rows_as_oov"] == {"t_user": len(cold_users), "t_item": len(cold_items)}
+    assert len(cold_users) >= 10 and len(cold_items) >= 10
+    state = torch.load(model_dir / "model.pt")
+    for table_name, cold in (("t_user", cold_users), ("t_item", cold_items)):
+        for key in [k for k in state if k.endswith(f".{table_name}.weight")]:
+            w = state[key]
+            assert torch.equal(w[cold], w[0].expand(len(cold), -1)), key
+            assert not torch.equal(w[1], w[0]) or "first_order" in key, key

@@ -29,10 +29,13 @@ from features.definitions import SPARSE_FEATURES, SparseFeature
 from features.errors import TableNotFoundError
 from features.tables import (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, TableSpec, export_versions_path,
                              parquet_export, vocab_sizes_path)
+from training.modules.cold_ids import drop_ids
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "the features stage (spark-submit pipelines/features_batch.py)"
+#: The one-hot id features id dropout replaces by the OOV row: the user and the candidate item.
+ID_DROPOUT_FEATURES = ("user_idx", "item_idx")
 
 #: The tables (their Parquet exports) each model is trained on; the item vocabulary numbers the embedding rows.
 TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
@@ -181,11 +184,15 @@ class CtrBatch:
 
 
 def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
-                features: Sequence[SparseFeature] = SPARSE_FEATURES) -> Iterator[CtrBatch]:
+                features: Sequence[SparseFeature] = SPARSE_FEATURES, id_dropout: float = 0.0,
+                dropped: Sequence[str] = ID_DROPOUT_FEATURES) -> Iterator[CtrBatch]:
     """Exactly ``n_batches`` batches of exactly ``batch_size`` rows; rows beyond the shard are padding (weight 0).
 
+    With ``id_dropout`` > 0, each row's ids of the one-hot features ``dropped`` are replaced by the OOV row with
+    that probability, drawn from ``seed`` (``training.modules.cold_ids.drop_ids``; the row order does not change).
+
     Raises:
-        ValueError: the shard is empty (nothing to pad with).
+        ValueError: the shard is empty (nothing to pad with), or ``id_dropout`` is outside [0, 1).
     """
     n = len(shard)
     if n == 0:
@@ -194,6 +201,7 @@ def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool 
     total = n_batches * batch_size
     index = np.resize(order, total)  # repeats rows to fill the padding
     weight = (np.arange(total) < n).astype(np.float32)
+    drop_rng = np.random.default_rng([seed, 1])  # its own stream: the order is the same with and without dropout
     for b in range(n_batches):
         rows = index[b * batch_size:(b + 1) * batch_size]
         values, lengths = [], []
@@ -206,7 +214,8 @@ def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool 
                               if len(rows) else np.zeros(0, np.int64))
             else:
                 lengths.append(np.ones(len(rows), np.int64))
-                values.append(shard.ids[f.name][rows])
+                ids = shard.ids[f.name][rows]
+                values.append(drop_ids(ids, id_dropout, drop_rng) if f.name in dropped else ids)
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=[f.name for f in features],
             values=torch.from_numpy(np.concatenate(values).astype(np.int64)),

@@ -14,7 +14,10 @@ backward; its CPU kernels have no Adam), dense layers with AdamW. Metrics are co
 scores; ``model.pt`` and the train state are saved from CPU tensors, so what a GPU run writes loads on CPU. Every
 epoch each rank writes its shards with ``torch.distributed.checkpoint`` and all report one ``ray.train.Checkpoint``
 (stored under ``cfg.checkpoint_dir``). DeepFM stops early on validation AUC. With ``mba_lambda`` > 0 the loss
-adds the DIN paper's mini-batch aware L2 on the user and item rows of each batch (``CtrObjective``).
+adds the DIN paper's mini-batch aware L2 on the user and item rows of each batch (``CtrObjective``). With
+``id_dropout`` > 0 a train sample's user / item id is read as the OOV row with that probability, and every id
+without a train sample is read as that OOV row in evaluation and in the saved model
+(``training.modules.cold_ids``).
 
 Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
 ``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json`` (with
@@ -57,7 +60,7 @@ ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_i
 
 
 #: Options for which 0 is a real value (no decay, no dropout): only None takes the model's default.
-_ZERO_IS_A_VALUE = ("weight_decay", "dropout", "mba_lambda")
+_ZERO_IS_A_VALUE = ("weight_decay", "dropout", "mba_lambda", "id_dropout")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class TrainOptions:
     weight_decay: float | None = None  # AdamW's on the dense parameters; None: the model's default
     dropout: float | None = None  # after each hidden layer of the DNN (DeepFM) / OverArch (DIN); None: default
     mba_lambda: float | None = None  # DeepFM, DIN: mini-batch aware L2 on the user/item rows (0 off); None: default
+    # DeepFM, DIN: probability that a train sample's user / item id is read as the OOV row; > 0 also reads ids with
+    # no train sample as the OOV row (training.modules.cold_ids); 0: off, every id its own row; None: default
+    id_dropout: float | None = None
     patience: int = 2
     seed: int = 0
     lr_schedule: str = "warmup_cosine"
@@ -95,13 +101,17 @@ class TrainOptions:
             unset = getattr(self, name) is None or (getattr(self, name) == 0 and name not in _ZERO_IS_A_VALUE)
             if unset:
                 object.__setattr__(self, name, value)
-        if self.mba_lambda is None:  # item2vec has no default: it has no such penalty
-            object.__setattr__(self, "mba_lambda", 0.0)
+        for name in ("mba_lambda", "id_dropout"):  # item2vec has no default: it has no such penalty / dropout
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, 0.0)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1")
         if self.mba_lambda < 0 or (self.mba_lambda > 0 and self.model not in CTR_MODELS):
             raise ValueError(f"mba_lambda must be >= 0 and is used by {CTR_MODELS} only, got {self.mba_lambda} "
                              f"for {self.model}")
+        if not 0 <= self.id_dropout < 1 or (self.id_dropout > 0 and self.model not in CTR_MODELS):
+            raise ValueError(f"id_dropout must be in [0, 1) and is used by {CTR_MODELS} only, got "
+                             f"{self.id_dropout} for {self.model}")
         LRSchedule(self.lr_schedule, 1, self.warmup_frac, self.min_lr_factor)  # validates the schedule
 
 
@@ -333,6 +343,21 @@ def mba_counts(shard, model: str, vocab: dict, max_history: int) -> dict[str, np
             for table, feats in MBA_TABLES[model].items()}
 
 
+def read_cold_as_oov(shard, model: str, counts: dict[str, np.ndarray]) -> None:
+    """Map, in place, every id of ``shard`` (a ``CtrShard``) whose table row has no train sample (``counts``,
+    ``mba_counts``' tables) to the OOV row (``training.modules.cold_ids.cold_remap``); ``shard.user``, the GAUC
+    key, keeps the real user."""
+    from training.modules.cold_ids import cold_remap
+
+    for table, feats in MBA_TABLES[model].items():
+        remap = cold_remap(counts[table])
+        for f in feats:
+            if f in shard.ids:
+                shard.ids[f] = remap[shard.ids[f]]
+            if f in shard.values:
+                shard.values[f] = remap[shard.values[f]]
+
+
 class CtrObjective:
     """What DeepFM and DIN minimise on one batch: the weighted mean of ``BCEWithLogitsLoss`` over the batch's real
     rows (``weight`` 0 = padding) plus, when ``lam > 0``, the mini-batch aware L2 penalty (Zhou et al. 2018,
@@ -409,6 +434,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
 
     from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes
     from training.distributed import gather_full_state_dict
+    from training.modules.cold_ids import fill_cold_rows
 
     lake = c["lake_dir"]
     vocab = read_vocab_sizes(lake)
@@ -421,9 +447,15 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     schedule = LRSchedule(opts.lr_schedule, steps * opts.epochs, opts.warmup_frac, opts.min_lr_factor)
 
     counts = None
-    if opts.mba_lambda > 0:  # n_j over the whole train split: each rank counts its rows, the counts are summed
-        local = mba_counts(train, opts.model, vocab, getattr(config, "max_history", 0))
-        counts = {t: _all_reduce_sum(torch.from_numpy(n), device) for t, n in local.items()}
+    if opts.mba_lambda > 0 or opts.id_dropout > 0:  # n_j over the whole train split: each rank counts its rows,
+        local = mba_counts(train, opts.model, vocab, getattr(config, "max_history", 0))  # the counts are summed
+        counts = {t: _all_reduce_sum(torch.from_numpy(n), device).cpu().numpy() for t, n in local.items()}
+    cold = {}
+    if opts.id_dropout > 0:  # ids without a train sample are read as the OOV row the id dropout trains
+        for shard in (valid, test):
+            read_cold_as_oov(shard, opts.model, counts)
+        cold = {t: int((n[1:] == 0).sum()) for t, n in counts.items()}
+        _log(rank, f"id dropout {opts.id_dropout}: cold rows read as OOV {cold}")
     dmp, where, dense_opt = _build(model, opts, world_size, rank, device)
     objective = CtrObjective(dmp, opts.model, counts, opts.mba_lambda, world_size, device)
     stopping, best, train_time, best_state, first_epoch = EarlyStopping(opts.patience), {}, 0.0, None, 0
@@ -441,7 +473,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
         dmp.train()
         t0, total = time.perf_counter(), 0.0
         batches = ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank,
-                              features=features)
+                              features=features, id_dropout=opts.id_dropout)
         for i, b in enumerate(batches):
             b = b.to(device)
             for group in dense_opt.param_groups:
@@ -479,8 +511,10 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
         if last:
             break
     if rank == 0:
+        if opts.id_dropout > 0:  # the saved model reads a cold id as its OOV row with no remap of its own
+            fill_cold_rows(best_state, counts)
         model_config = {**asdict(config), "features": type(model).__module__}
-        _write_artifacts(c, opts, best_state, model_config, vocab, where, best)
+        _write_artifacts(c, opts, best_state, model_config, vocab, where, best | {"cold_rows_as_oov": cold})
 
 
 def _train_item2vec(c: dict, opts: TrainOptions, rank: int, world_size: int, device) -> None:
@@ -686,7 +720,8 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
         out = {k: m[k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s")}
         out.update(common, best_epoch=m["best_epoch"], resumed_from_epoch=m["resumed_from_epoch"],
                    training={k: getattr(opts, k) for k in ("batch_size", "embedding_dim", "lr_sparse", "lr_dense",
-                                                           "weight_decay", "dropout", "mba_lambda", "lr_schedule",
+                                                           "weight_decay", "dropout", "mba_lambda", "id_dropout",
+                                                           "lr_schedule",
                                                            "warmup_frac", "min_lr_factor", "patience", "seed")}
                    | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
         write_stage_result(cfg, f"train_{opts.model}", out)
@@ -713,13 +748,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--mba-lambda", type=float, default=None,
                    help="DeepFM, DIN: mini-batch aware L2 on the user/item embeddings (Zhou et al. 2018); 0: off")
+    p.add_argument("--id-dropout", type=float, default=None,
+                   help="DeepFM, DIN: train ids read as the OOV row with this probability, and ids never trained "
+                        "read as it (training.modules.cold_ids); 0: off")
     p.add_argument("--use-gpu", action="store_true",
                    help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     a = p.parse_args(argv)
     opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
                         seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
-                        dropout=a.dropout, mba_lambda=a.mba_lambda)
+                        dropout=a.dropout, mba_lambda=a.mba_lambda, id_dropout=a.id_dropout)
     cfg = load_config()
     if a.use_gpu:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})
