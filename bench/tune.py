@@ -66,6 +66,8 @@ SPACE: dict[str, tuple] = {
     "mba_lambda": (0.0, 1e-3, 1e-2, 1e-1, 1.0),
     # id dropout with cold ids read as the OOV row (training.modules.cold_ids); added after the mba_lambda grid
     "id_dropout": (0.0, 0.1, 0.2, 0.3, 0.5),
+    # time-decayed sample weights (training.data.recency_weights), half-life in days; 0 off
+    "recency_half_life_days": (0.0, 15.0, 30.0, 60.0, 120.0),
 }
 KNOBS = tuple(SPACE)
 
@@ -384,7 +386,7 @@ def _num(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
+def render(results: dict, peers: list[dict], load0: float, commit: str, plot_path: Path = PLOT) -> str:
     """The ``tuning`` section (Markdown): the trials of each search, then per model the test figures (mean ±
     sample std over the seeds) of the defaults and of the chosen configuration, and the peers' seed runs."""
     def space(sp: dict) -> str:
@@ -404,7 +406,8 @@ def render(results: dict, peers: list[dict], load0: float, commit: str) -> str:
         f"Load average (1 min) {load0:.1f} when this invocation started, {os.getloadavg()[0]:.1f} when written; the "
         f"searches ran with `/work/heavy` (one of two CPU slots) while other work shared the 2 cores, so the seconds "
         f"here are not benchmarks (see `models`); written at commit {commit}. Plot of the valid "
-        "AUC per trial: [docs/tuning_valid_auc.png](docs/tuning_valid_auc.png)."]
+        "AUC per trial: "
+        f"[{plot_path.relative_to(ROOT)}]({plot_path.relative_to(ROOT)})."]
     summary: dict[str, list[str]] = {}
     tests: dict[str, list[tuple[str, list[float]]]] = {}  # model -> (run, test AUC per seed) of the final runs
     for key, r in results.items():
@@ -555,12 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = json.loads(other.read_text())
         state["results"].update(extra.get("results", {}))
         state["peers"] += extra.get("peers", [])
-    body = render(state["results"], state["peers"], load0, _commit())
+    plot_path = PLOT if a.section == "tuning" else PLOT.with_name(f"{a.section}_valid_auc.png")
+    body = render(state["results"], state["peers"], load0, _commit(), plot_path)
     console.print(body)
     if not a.no_write:
-        plot(state["results"], PLOT if a.section == "tuning" else PLOT.with_name(f"{a.section}_valid_auc.png"))
+        plot(state["results"], plot_path)
         command = COMMAND if a.section == "tuning" else "python -m bench.tune " + " ".join(
-            f"'{x}'" if " " in x else x for x in (argv if argv is not None else sys.argv[1:]))
+            f"'{x}'" if " " in x or not x else x for x in (argv if argv is not None else sys.argv[1:]))
         write_section(a.section, body, command=command)
     return 0
 

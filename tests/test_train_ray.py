@@ -70,7 +70,9 @@ def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     cold_users = sorted(set(range(1, vocab["user"])) - set(rows["user_idx"].to_pylist()))
     cold_items = sorted(set(range(1, vocab["item"])) - set(rows["item_idx"].to_pylist()))
 
-    result = train(local, TrainOptions(model="deepfm", epochs=1, batch_size=128, id_dropout=0.2))
+    # id dropout and time-decayed sample weights (their half-life counted from the last train event over both ranks)
+    result = train(local, TrainOptions(model="deepfm", epochs=1, batch_size=128, id_dropout=0.2,
+                                       recency_half_life_days=1e-3))
 
     assert result["epochs"] == 1 and 0.0 <= result["test_auc"] <= 1.0
     assert result == read_stage_result(local, "train_deepfm")
@@ -91,7 +93,7 @@ def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     table = model.sparse_arch.embedding_bag_collection.embedding_bags["t_item"].weight.detach().numpy()
     np.testing.assert_array_equal(table, emb)
     # id dropout: every cold row of the saved tables (embedding and first order) is the trained OOV row
-    assert result["training"]["id_dropout"] == 0.2
+    assert result["training"]["id_dropout"] == 0.2 and result["training"]["recency_half_life_days"] == 1e-3
     assert meta["metrics"]["cold_rows_as_oov"] == {"t_user": len(cold_users), "t_item": len(cold_items)}
     assert len(cold_users) >= 10 and len(cold_items) >= 10
     state = torch.load(model_dir / "model.pt")

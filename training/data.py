@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 from torchrec import KeyedJaggedTensor
@@ -89,7 +90,8 @@ class CtrShard:
     """One rank's rows of a CTR split, column-wise.
 
     ``ids[name]`` is (N,) int64 for a one-hot feature; a multi-hot feature has ``values[name]`` (total ids,) and
-    ``offsets[name]`` (N + 1,). ``label`` (N,) float32, ``user`` (N,) int64 for GAUC.
+    ``offsets[name]`` (N + 1,). ``label`` (N,) float32, ``user`` (N,) int64 for GAUC, ``time`` (N,) float64 event
+    time in seconds since the epoch (None when not read).
     """
 
     ids: dict[str, np.ndarray]
@@ -97,6 +99,7 @@ class CtrShard:
     offsets: dict[str, np.ndarray]
     label: np.ndarray
     user: np.ndarray
+    time: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
@@ -112,7 +115,7 @@ def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: 
     path = Path(parquet_export(CTR_SAMPLES, lake_dir)) / f"split={split}"
     if not path.exists() or not any(path.glob("*.parquet")):
         raise TableNotFoundError(f"{CTR_SAMPLES.name} split={split}", str(path), PRODUCER)
-    columns = sorted({f.name for f in features} | {"label", "user_idx"})
+    columns = sorted({f.name for f in features} | {"label", "user_idx", "event_time"})
     table = ds.dataset(str(path), format="parquet").to_table(columns=columns)
     table = table.take(np.arange(rank, table.num_rows, world_size))
     ids, values, offsets = {}, {}, {}
@@ -126,7 +129,30 @@ def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: 
             ids[f.name] = col.fill_null(0).to_numpy().astype(np.int64)
     label = table.column("label").to_numpy().astype(np.float32)
     user = table.column("user_idx").to_numpy().astype(np.int64)
-    return CtrShard(ids, values, offsets, label, user)
+    time = table.column("event_time").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy() / 1e6
+    return CtrShard(ids, values, offsets, label, user, time)
+
+
+def recency_weights(time: np.ndarray, half_life_s: float, now: float) -> np.ndarray:
+    """Sample weights that halve every ``half_life_s`` seconds before ``now``, scaled to mean 1: ``w_i =
+    2 ** -((now - t_i) / half_life_s) / mean(w)``. The training loss is the weighted mean over a batch, so recent
+    samples count more (time-decayed training, as for non-stationary click logs).
+
+    Args:
+        time: (N,) event times in seconds.
+        half_life_s: > 0.
+        now: the time the decay counts back from (the train split's last event).
+
+    Raises:
+        ValueError: ``half_life_s`` <= 0.
+
+    >>> [round(float(w), 3) for w in recency_weights(np.array([0.0, 10.0, 20.0]), 10.0, 20.0)]  # 1/4 : 1/2 : 1
+    [0.429, 0.857, 1.714]
+    """
+    if half_life_s <= 0:
+        raise ValueError(f"half-life must be > 0 s, got {half_life_s}")
+    w = np.exp2(-(now - np.asarray(time, np.float64)) / half_life_s)
+    return (w / w.mean()).astype(np.float32)
 
 
 def num_batches(total_rows: int, world_size: int, batch_size: int) -> int:
@@ -185,11 +211,13 @@ class CtrBatch:
 
 def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
                 features: Sequence[SparseFeature] = SPARSE_FEATURES, id_dropout: float = 0.0,
-                dropped: Sequence[str] = ID_DROPOUT_FEATURES) -> Iterator[CtrBatch]:
+                dropped: Sequence[str] = ID_DROPOUT_FEATURES,
+                sample_weight: np.ndarray | None = None) -> Iterator[CtrBatch]:
     """Exactly ``n_batches`` batches of exactly ``batch_size`` rows; rows beyond the shard are padding (weight 0).
 
     With ``id_dropout`` > 0, each row's ids of the one-hot features ``dropped`` are replaced by the OOV row with
     that probability, drawn from ``seed`` (``training.modules.cold_ids.drop_ids``; the row order does not change).
+    ``sample_weight`` (N,) multiplies each real row's weight (e.g. ``recency_weights``).
 
     Raises:
         ValueError: the shard is empty (nothing to pad with), or ``id_dropout`` is outside [0, 1).
@@ -201,6 +229,8 @@ def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool 
     total = n_batches * batch_size
     index = np.resize(order, total)  # repeats rows to fill the padding
     weight = (np.arange(total) < n).astype(np.float32)
+    if sample_weight is not None:
+        weight = weight * np.asarray(sample_weight, np.float32)[index]
     drop_rng = np.random.default_rng([seed, 1])  # its own stream: the order is the same with and without dropout
     for b in range(n_batches):
         rows = index[b * batch_size:(b + 1) * batch_size]

@@ -60,7 +60,7 @@ ITEM_TABLE = {"deepfm": "sparse_arch.embedding_bag_collection.embedding_bags.t_i
 
 
 #: Options for which 0 is a real value (no decay, no dropout): only None takes the model's default.
-_ZERO_IS_A_VALUE = ("weight_decay", "dropout", "mba_lambda", "id_dropout")
+_ZERO_IS_A_VALUE = ("weight_decay", "dropout", "mba_lambda", "id_dropout", "recency_half_life_days")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,9 @@ class TrainOptions:
     # DeepFM, DIN: probability that a train sample's user / item id is read as the OOV row; > 0 also reads ids with
     # no train sample as the OOV row (training.modules.cold_ids); 0: off, every id its own row; None: default
     id_dropout: float | None = None
+    # DeepFM, DIN: a train sample's loss weight halves every this many days before the train split's last event
+    # (training.data.recency_weights); 0: off, every sample weight 1; None: the model's default
+    recency_half_life_days: float | None = None
     patience: int = 2
     seed: int = 0
     lr_schedule: str = "warmup_cosine"
@@ -101,7 +104,7 @@ class TrainOptions:
             unset = getattr(self, name) is None or (getattr(self, name) == 0 and name not in _ZERO_IS_A_VALUE)
             if unset:
                 object.__setattr__(self, name, value)
-        for name in ("mba_lambda", "id_dropout"):  # item2vec has no default: it has no such penalty / dropout
+        for name in ("mba_lambda", "id_dropout", "recency_half_life_days"):  # item2vec has none of these
             if getattr(self, name) is None:
                 object.__setattr__(self, name, 0.0)
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -112,6 +115,9 @@ class TrainOptions:
         if not 0 <= self.id_dropout < 1 or (self.id_dropout > 0 and self.model not in CTR_MODELS):
             raise ValueError(f"id_dropout must be in [0, 1) and is used by {CTR_MODELS} only, got "
                              f"{self.id_dropout} for {self.model}")
+        if self.recency_half_life_days < 0 or (self.recency_half_life_days > 0 and self.model not in CTR_MODELS):
+            raise ValueError(f"recency_half_life_days must be >= 0 and is used by {CTR_MODELS} only, got "
+                             f"{self.recency_half_life_days} for {self.model}")
         LRSchedule(self.lr_schedule, 1, self.warmup_frac, self.min_lr_factor)  # validates the schedule
 
 
@@ -208,6 +214,15 @@ def _all_reduce_sum(t, device):
 
     t = _to_device(t, device)
     dist.all_reduce(t)
+    return t.cpu()
+
+
+def _all_reduce_max(t, device):
+    """``t``'s element-wise maximum over the ranks, as a CPU tensor (the collective on ``device``)."""
+    import torch.distributed as dist
+
+    t = _to_device(t, device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu()
 
 
@@ -432,7 +447,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     after failure."""
     import torch
 
-    from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes
+    from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes, recency_weights
     from training.distributed import gather_full_state_dict
     from training.modules.cold_ids import fill_cold_rows
 
@@ -450,6 +465,10 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     if opts.mba_lambda > 0 or opts.id_dropout > 0:  # n_j over the whole train split: each rank counts its rows,
         local = mba_counts(train, opts.model, vocab, getattr(config, "max_history", 0))  # the counts are summed
         counts = {t: _all_reduce_sum(torch.from_numpy(n), device).cpu().numpy() for t, n in local.items()}
+    sample_weight = None
+    if opts.recency_half_life_days > 0:  # counted back from the whole train split's last event, on every rank
+        now = float(_all_reduce_max(torch.tensor([train.time.max()], dtype=torch.float64), device))
+        sample_weight = recency_weights(train.time, opts.recency_half_life_days * 86400.0, now)
     cold = {}
     if opts.id_dropout > 0:  # ids without a train sample are read as the OOV row the id dropout trains
         for shard in (valid, test):
@@ -473,7 +492,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
         dmp.train()
         t0, total = time.perf_counter(), 0.0
         batches = ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank,
-                              features=features, id_dropout=opts.id_dropout)
+                              features=features, id_dropout=opts.id_dropout, sample_weight=sample_weight)
         for i, b in enumerate(batches):
             b = b.to(device)
             for group in dense_opt.param_groups:
@@ -721,7 +740,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
         out.update(common, best_epoch=m["best_epoch"], resumed_from_epoch=m["resumed_from_epoch"],
                    training={k: getattr(opts, k) for k in ("batch_size", "embedding_dim", "lr_sparse", "lr_dense",
                                                            "weight_decay", "dropout", "mba_lambda", "id_dropout",
-                                                           "lr_schedule",
+                                                           "recency_half_life_days", "lr_schedule",
                                                            "warmup_frac", "min_lr_factor", "patience", "seed")}
                    | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
         write_stage_result(cfg, f"train_{opts.model}", out)
@@ -751,13 +770,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id-dropout", type=float, default=None,
                    help="DeepFM, DIN: train ids read as the OOV row with this probability, and ids never trained "
                         "read as it (training.modules.cold_ids); 0: off")
+    p.add_argument("--recency-half-life-days", type=float, default=None,
+                   help="DeepFM, DIN: a train sample's loss weight halves every this many days before the last "
+                        "train event; 0: off")
     p.add_argument("--use-gpu", action="store_true",
                    help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     a = p.parse_args(argv)
     opts = TrainOptions(model=a.model, epochs=a.epochs, batch_size=a.batch_size, embedding_dim=a.embedding_dim,
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
                         seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
-                        dropout=a.dropout, mba_lambda=a.mba_lambda, id_dropout=a.id_dropout)
+                        dropout=a.dropout, mba_lambda=a.mba_lambda, id_dropout=a.id_dropout,
+                        recency_half_life_days=a.recency_half_life_days)
     cfg = load_config()
     if a.use_gpu:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})
