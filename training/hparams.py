@@ -14,6 +14,11 @@ from __future__ import annotations
 # against 0.6956 +- 0.0012 at 0 (inside the spread), lower from 0.1 up (0.6905 at seed 0; 0.6782 at 1); DIN at
 # seed 0 only (the search was stopped before its re-runs) 0.6932 / 0.6930 at 1e-3 / 1e-2 against 0.6919, 0.6905
 # at 0.1. See docs/tuning.md.
+# id_dropout (user/item ids read as the OOV row in training; cold ids as it in evaluation) and
+# recency_half_life_days (time-decayed sample weights) stay 0 = off: their grids (commits 0c3f489, 1c8e2a8) lowered
+# the mean valid AUC over seeds 0-2 at every value, monotonically in the strength: DeepFM 0.6945 / 0.6934 at
+# id_dropout 0.1 / 0.2 and 0.6901 / 0.6936 at half-lives 60 / 120 days against 0.6956; DIN 0.6905 / 0.6882 and
+# 0.6860 / 0.6892 against 0.6914. See docs/tuning.md, BENCHMARKS.md tuning-id-dropout and tuning-recency.
 MODEL_DEFAULTS: dict[str, dict[str, float | int]] = {
     # bench.tune trial t10 (search seed 2026): mean valid AUC 0.6952 +- 0.0012 over seeds 0-2 against 0.6947 +-
     # 0.0009 for the previous defaults (lr_sparse 0.02, lr_dense 1e-3, weight_decay 1e-4, dropout 0.2) -- a gain
