@@ -17,7 +17,8 @@ epoch each rank writes its shards with ``torch.distributed.checkpoint`` and all 
 adds the DIN paper's mini-batch aware L2 on the user and item rows of each batch (``CtrObjective``). With
 ``id_dropout`` > 0 a train sample's user / item id is read as the OOV row with that probability, and every id
 without a train sample is read as that OOV row in evaluation and in the saved model
-(``training.modules.cold_ids``).
+(``training.modules.cold_ids``). With ``recency_half_life_days`` > 0 each train sample's loss weight halves every
+that many days before the last train event (``training.data.recency_weights``). All three are off by default.
 
 Rank 0 then writes ``<run_dir>/models/<model>/``: ``item_embeddings.npy`` (float32, row = item_idx),
 ``model.pt`` (unsharded state dict of the best epoch, loadable by the model class) and ``meta.json`` (with
