@@ -4,6 +4,7 @@ train shard carries its event times, and ctr_batches multiplies the padding mask
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from test_train_ray import write_synthetic_lake
@@ -36,6 +37,14 @@ def test_batches_carry_the_weights_of_their_rows(tmp_path):
     assert np.all(got[50:] == 0)  # padding stays 0
     for a, b in zip(plain, weighted):  # the same rows, only the weights differ
         assert (a.label == b.label).all() and (a.features.values() == b.features.values()).all()
+
+
+def test_an_export_without_event_time_reads_without_times(tmp_path):
+    write_synthetic_lake(tmp_path, {"train": 20})
+    part = next(tmp_path.glob("export/ctr_samples/split=train/*.parquet"))
+    pq.write_table(pq.read_table(part).drop_columns(["event_time"]), part)
+    shard = read_ctr_shard(tmp_path, "train")
+    assert shard.time is None and len(shard) == 20
 
 
 def test_train_options_check_recency_half_life():

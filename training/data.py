@@ -91,7 +91,8 @@ class CtrShard:
 
     ``ids[name]`` is (N,) int64 for a one-hot feature; a multi-hot feature has ``values[name]`` (total ids,) and
     ``offsets[name]`` (N + 1,). ``label`` (N,) float32, ``user`` (N,) int64 for GAUC, ``time`` (N,) float64 event
-    time in seconds since the epoch (None when not read).
+    time in seconds since the epoch (None when the export has no ``event_time``, e.g. ``bench.models``'
+    generated data).
     """
 
     ids: dict[str, np.ndarray]
@@ -115,8 +116,10 @@ def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: 
     path = Path(parquet_export(CTR_SAMPLES, lake_dir)) / f"split={split}"
     if not path.exists() or not any(path.glob("*.parquet")):
         raise TableNotFoundError(f"{CTR_SAMPLES.name} split={split}", str(path), PRODUCER)
-    columns = sorted({f.name for f in features} | {"label", "user_idx", "event_time"})
-    table = ds.dataset(str(path), format="parquet").to_table(columns=columns)
+    dataset = ds.dataset(str(path), format="parquet")
+    timed = "event_time" in dataset.schema.names  # an export written without it (e.g. bench's generated) has none
+    columns = sorted({f.name for f in features} | {"label", "user_idx"} | ({"event_time"} if timed else set()))
+    table = dataset.to_table(columns=columns)
     table = table.take(np.arange(rank, table.num_rows, world_size))
     ids, values, offsets = {}, {}, {}
     for f in features:
@@ -129,7 +132,7 @@ def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: 
             ids[f.name] = col.fill_null(0).to_numpy().astype(np.int64)
     label = table.column("label").to_numpy().astype(np.float32)
     user = table.column("user_idx").to_numpy().astype(np.int64)
-    time = table.column("event_time").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy() / 1e6
+    time = table.column("event_time").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy() / 1e6 if timed else None
     return CtrShard(ids, values, offsets, label, user, time)
 
 

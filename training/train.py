@@ -468,6 +468,9 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
         counts = {t: _all_reduce_sum(torch.from_numpy(n), device).cpu().numpy() for t, n in local.items()}
     sample_weight = None
     if opts.recency_half_life_days > 0:  # counted back from the whole train split's last event, on every rank
+        if train.time is None:
+            raise ValueError("recency_half_life_days needs the event_time column, which this export of "
+                             "ctr_samples lacks")
         now = float(_all_reduce_max(torch.tensor([train.time.max()], dtype=torch.float64), device))
         sample_weight = recency_weights(train.time, opts.recency_half_life_days * 86400.0, now)
     cold = {}
