@@ -92,6 +92,24 @@ def test_activation_unit_by_hand():
     torch.testing.assert_close(interest, torch.tensor([[113.0]]))
 
 
+def test_activation_unit_equals_the_mlp_over_the_concatenation():
+    """The factorised first layer is the paper's MLP over [h, c, h - c, h * c], values and gradients."""
+    torch.manual_seed(3)
+    unit = ActivationUnit(8, (12, 6))
+    history = torch.randn(5, 7, 8, requires_grad=True)
+    candidate = torch.randn(5, 8, requires_grad=True)
+    got = unit(history, candidate)
+    cand = candidate.unsqueeze(1).expand_as(history)
+    x = torch.cat([history, cand, history - cand, history * cand], dim=-1)  # (B, L, 4D)
+    want = unit.mlp(x.reshape(35, 32)).reshape(5, 7)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(5, 7)
+    grads = torch.autograd.grad((got * g).sum(), [history, candidate, *unit.parameters()])
+    wants = torch.autograd.grad((want * g).sum(), [history, candidate, *unit.parameters()])
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------------------------------ sharded vs unsharded
 WORLD, BATCH, LR = 2, 6, 0.5
 
