@@ -11,9 +11,9 @@ from __future__ import annotations
 
 # mba_lambda (the DIN paper's mini-batch aware L2 on the user/item rows) stays 0 = off: bench.tune's grid (commit
 # 2417c37) gave DeepFM a mean valid AUC over seeds 0-2 of 0.6957 +- 0.0012 at 1e-3 and 0.6961 +- 0.0017 at 1e-2
-# against 0.6956 +- 0.0012 at 0 (inside the spread), lower from 0.1 up (0.6905 at seed 0; 0.6782 at 1); DIN at
-# seed 0 only (the search was stopped before its re-runs) 0.6932 / 0.6930 at 1e-3 / 1e-2 against 0.6919, 0.6905
-# at 0.1. See docs/tuning.md.
+# against 0.6956 +- 0.0012 at 0 (inside the spread), lower from 0.1 up (0.6905 at seed 0; 0.6782 at 1); DIN
+# (grid finished at commit cdf6c9d) 0.6927 +- 0.0022 / 0.6934 +- 0.0027 at 1e-3 / 1e-2 against 0.6914 +- 0.0019,
+# with a lower test AUC at 1e-2 (0.7140 +- 0.0033 vs 0.7147 +- 0.0006). See docs/tuning.md.
 # id_dropout (user/item ids read as the OOV row in training; cold ids as it in evaluation) and
 # recency_half_life_days (time-decayed sample weights) stay 0 = off: their grids (commits 0c3f489, 1c8e2a8) lowered
 # the mean valid AUC over seeds 0-2 at every value, monotonically in the strength: DeepFM 0.6945 / 0.6934 at
