@@ -340,14 +340,14 @@ def _ctr_model(opts: TrainOptions, vocab: dict):
     return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
 
 
-#: The id tables the mini-batch aware penalty covers and the KJT features that read them (DIN's history shares
-#: the item table with the candidate).
-MBA_TABLES = {"deepfm": {"t_user": ("user_idx",), "t_item": ("item_idx",)},
+#: The id tables and the KJT features that read them (DIN's history shares the item table with the candidate):
+#: what the mini-batch aware penalty covers and what id dropout's cold rows are counted over.
+ID_TABLES = {"deepfm": {"t_user": ("user_idx",), "t_item": ("item_idx",)},
               "din": {"t_user": ("user_idx",), "t_item": ("item_idx", "hist_item_idx")}}
 
 
-def mba_counts(shard, model: str, vocab: dict, max_history: int) -> dict[str, np.ndarray]:
-    """``{table: (V,) n_j}`` for ``MBA_TABLES[model]``: in how many of ``shard``'s samples (a ``CtrShard``) each
+def id_sample_counts(shard, model: str, vocab: dict, max_history: int) -> dict[str, np.ndarray]:
+    """``{table: (V,) n_j}`` for ``ID_TABLES[model]``: in how many of ``shard``'s samples (a ``CtrShard``) each
     user / item id occurs (DIN: as the candidate or among the first ``max_history`` history ids, once per
     sample); ``training.modules.regularization.sample_counts``."""
     from training.modules.regularization import sample_counts
@@ -356,16 +356,16 @@ def mba_counts(shard, model: str, vocab: dict, max_history: int) -> dict[str, np
     return {table: sample_counts(sizes[table], [shard.ids[f] for f in feats if f in shard.ids],
                                  [(shard.values[f], shard.offsets[f], max_history) for f in feats
                                   if f in shard.values])
-            for table, feats in MBA_TABLES[model].items()}
+            for table, feats in ID_TABLES[model].items()}
 
 
 def read_cold_as_oov(shard, model: str, counts: dict[str, np.ndarray]) -> None:
     """Map, in place, every id of ``shard`` (a ``CtrShard``) whose table row has no train sample (``counts``,
-    ``mba_counts``' tables) to the OOV row (``training.modules.cold_ids.cold_remap``); ``shard.user``, the GAUC
+    ``id_sample_counts``' tables) to the OOV row (``training.modules.cold_ids.cold_remap``); ``shard.user``, the GAUC
     key, keeps the real user."""
     from training.modules.cold_ids import cold_remap
 
-    for table, feats in MBA_TABLES[model].items():
+    for table, feats in ID_TABLES[model].items():
         remap = cold_remap(counts[table])
         for f in feats:
             if f in shard.ids:
@@ -385,7 +385,7 @@ class CtrObjective:
     Args:
         model: DeepFM or DIN, plain or wrapped by DistributedModelParallel.
         kind: ``deepfm`` or ``din``.
-        counts: ``{table: (V,) n_j}`` over the whole train split (``mba_counts``, summed over the ranks); unused
+        counts: ``{table: (V,) n_j}`` over the whole train split (``id_sample_counts``, summed over the ranks); unused
             when ``lam`` is 0.
         lam: lambda; 0 adds nothing (no hook): the objective is the data loss itself.
         world_size: ranks; TorchRec divides the tables' gradients by it (as DDP averages the dense ones), so the
@@ -463,9 +463,9 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     schedule = LRSchedule(opts.lr_schedule, steps * opts.epochs, opts.warmup_frac, opts.min_lr_factor)
 
     counts = None
-    if opts.mba_lambda > 0 or opts.id_dropout > 0:  # n_j over the whole train split: each rank counts its rows,
-        local = mba_counts(train, opts.model, vocab, getattr(config, "max_history", 0))  # the counts are summed
-        counts = {t: _all_reduce_sum(torch.from_numpy(n), device).cpu().numpy() for t, n in local.items()}
+    if opts.mba_lambda > 0 or opts.id_dropout > 0:  # n_j over the whole train split: each rank counts its own rows
+        local = id_sample_counts(train, opts.model, vocab, getattr(config, "max_history", 0))  # ... summed here
+        counts = {t: _all_reduce_sum(torch.from_numpy(n), device).numpy() for t, n in local.items()}
     sample_weight = None
     if opts.recency_half_life_days > 0:  # counted back from the whole train split's last event, on every rank
         if train.time is None:
