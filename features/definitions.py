@@ -62,6 +62,64 @@ HISTORY_FEATURE = SparseFeature("hist_item_idx", "t_item", "item", multi_hot=Tru
 #: L, the longest history kept per sample (most recent items).
 MAX_HISTORY = 50
 
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    """A numeric feature: a column of ``gold.ctr_samples`` computed point-in-time (from the entity's events at Unix
+    seconds strictly before the sample's), and how a model reads it (:func:`dense_inputs`).
+
+    Args:
+        name: column in ``gold.ctr_samples``; null when the entity has no earlier event.
+        kind: ``count`` (events; read as ``log1p(n)``) or ``rating`` (mean stars; read as ``mean - RATING_CENTER``,
+            0 when null).
+    """
+
+    name: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("count", "rating"):
+            raise ValueError(f"dense feature {self.name!r}: kind must be 'count' or 'rating', not {self.kind!r}")
+
+
+#: The point-in-time counters of the user and the item: how many events each had strictly before the sample's
+#: time and their mean rating. Most valid/test users are new (they arrive after the train period), so their rows
+#: in the user table are untrained; these tell a model how this user rates and how this item is rated so far.
+DENSE_FEATURES: tuple[DenseFeature, ...] = (
+    DenseFeature("user_prior_events", "count"),
+    DenseFeature("user_prior_rating", "rating"),
+    DenseFeature("item_prior_events", "count"),
+    DenseFeature("item_prior_rating", "rating"),
+)
+#: Stars subtracted from a mean rating feature (the middle of the 1-5 scale, near MovieLens' mean of 3.53).
+RATING_CENTER = 3.5
+
+
+def dense_inputs(columns, features=DENSE_FEATURES):
+    """The (N, F_dense) float32 model input of ``features`` from their raw columns.
+
+    Args:
+        columns: ``{name: (N,) array-like}``, None or NaN for null (no earlier event).
+        features: the dense features, in input order.
+
+    Raises:
+        KeyError: a feature's column is missing.
+
+    >>> dense_inputs({"user_prior_events": [0, 3], "user_prior_rating": [None, 4.5],
+    ...               "item_prior_events": [1, 0], "item_prior_rating": [2.0, None]}).astype(float).round(3).tolist()
+    [[0.0, 0.0, 0.693, -1.5], [1.386, 1.0, 0.0, 0.0]]
+    """
+    import numpy as np
+
+    out = []
+    for f in features:
+        x = np.asarray(columns[f.name], dtype=np.float64)  # None -> nan
+        x = np.where(np.isnan(x), 0.0, np.log1p(x) if f.kind == "count" else x - RATING_CENTER)
+        out.append(x)
+    return np.stack(out, axis=1).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
 #: Categorical side features with a ``category_vocab`` entry, in the order of ``SPARSE_FEATURES``.
 CATEGORY_FEATURES = ("age_bucket", "gender", "occupation", "zip_prefix", "genre")
 #: Age buckets (years, lower bound inclusive) as published for MovieLens-1M's user file.

@@ -378,10 +378,23 @@ def with_history(samples, max_history: int = MAX_HISTORY):
             .drop("_ts_s"))
 
 
+def with_prior_stats(samples):
+    """Add the point-in-time counters of ``DENSE_FEATURES``: per user and per item, the number of events at Unix
+    seconds strictly before the sample's (``<entity>_prior_events``) and their mean rating
+    (``<entity>_prior_rating``, null when there is none). The same frame as :func:`with_history`, so a counter
+    never includes the sample itself or anything of its own second."""
+    samples = samples.withColumn("_ts_s", F.unix_seconds("event_time"))
+    for entity, key in (("user", "user_id"), ("item", "item_id")):
+        before = Window.partitionBy(key).orderBy(F.col("_ts_s")).rangeBetween(Window.unboundedPreceding, -1)
+        samples = (samples.withColumn(f"{entity}_prior_events", F.count("rating").over(before).cast("int"))
+                   .withColumn(f"{entity}_prior_rating", F.avg("rating").over(before)))
+    return samples.drop("_ts_s")
+
+
 def build_samples(events, user_vocab, item_vocab, user_side, item_side, n: int,
                   user_spec: VocabSpec = USER_VOCAB_SPEC, item_spec: VocabSpec = ITEM_VOCAB_SPEC):
     """``gold.ctr_samples`` rows: one per bronze event, labelled, split, indexed (``index_column``: own index,
-    hashed bucket or OOV) and with its history."""
+    hashed bucket or OOV), with its history and its point-in-time counters."""
     labelled = with_split(events, n).withColumn("label", (F.col("rating") >= F.lit(POSITIVE_RATING)).cast("int"))
     samples = (index_column(item_vocab, index_column(user_vocab, labelled, user_spec), item_spec)
                .join(F.broadcast(user_side), "user_id", "left")
@@ -389,7 +402,7 @@ def build_samples(events, user_vocab, item_vocab, user_side, item_side, n: int,
     for c in ("user_idx", "item_idx", "age_idx", "gender_idx", "occupation_idx", "zip_idx"):
         samples = samples.withColumn(c, F.coalesce(F.col(c), F.lit(UNKNOWN_INDEX)))
     samples = samples.withColumn("genre_idx", F.coalesce(F.col("genre_idx"), F.array().cast("array<int>")))
-    return with_history(samples)
+    return with_prior_stats(with_history(samples))
 
 
 def build_item_sequences(samples):

@@ -233,6 +233,28 @@ def test_history_is_strictly_earlier_items_last_50(job):
 
 
 @pytest.mark.integration
+def test_prior_counters_are_strictly_earlier_events(job):
+    """user_/item_prior_events and _rating of every sample against a naive loop over the entity's events."""
+    for entity, key in (("user", "user_id"), ("item", "item_id")):
+        events = defaultdict(list)
+        for r in job.events.itertuples(index=False):
+            events[int(getattr(r, key))].append((int(r.timestamp), float(r.rating)))
+        for s in job.second.samples:
+            earlier = [rating for ts, rating in events[s[key]] if ts < s["ts"]]
+            assert s[f"{entity}_prior_events"] == len(earlier), (entity, s["event_id"])
+            if earlier:
+                mean = sum(earlier) / len(earlier)
+                assert s[f"{entity}_prior_rating"] == pytest.approx(mean), (entity, s["event_id"])
+            else:
+                assert s[f"{entity}_prior_rating"] is None, (entity, s["event_id"])
+    counts = [s["user_prior_events"] for s in job.second.samples]
+    assert min(counts) == 0 and max(counts) > MAX_HISTORY  # first events and long users both exercised
+    user = [s for s in job.second.samples if s["user_id"] == TIED_USER]
+    tied = [s for s in user if s["ts"] == min(u["ts"] for u in user)]
+    assert all(s["user_prior_events"] == 0 for s in tied)  # same-second events do not count each other
+
+
+@pytest.mark.integration
 def test_global_time_split_80_10_10_with_ties_in_event_id_order(job):
     order = naive_order(job.events)
     n = len(order)
