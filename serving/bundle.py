@@ -11,14 +11,16 @@ A bundle holds
 - the ranker, DeepFM (Guo et al. 2017), rebuilt unsharded from ``<run_dir>/models/deepfm/{model.pt, meta.json}``;
 - user profiles and item genres from the lake's Parquet export of ``gold.ctr_samples``: a user's side-feature
   indices from their latest sample, their items in time order (recent = the last ``recent_items``; seen = all);
+- the point-in-time counters the ranker reads as dense features (``features.definitions.DENSE_FEATURES``), as of
+  now: each user's and item's events in the export and their mean rating;
 - the popularity list (positive labels of the train split per item, most first; ties by item id): the fallback.
 
 Recommendation (``recommend``), per request:
 1. unknown user -> ``popularity`` fallback (the most popular items);
 2. candidates: the union, in order, of the ``per_item`` nearest items (ANN, cosine) of each recent item, minus the
    items the user has seen;
-3. rank the candidates with DeepFM on (user features, candidate item, its genres); score = sigmoid(logit), the
-   predicted probability of a rating >= 4; best first, ties by ``item_idx``;
+3. rank the candidates with DeepFM on (user features, candidate item, its genres, the user's and the item's
+   counters); score = sigmoid(logit), the predicted probability of a rating >= 4; best first, ties by ``item_idx``;
 4. fewer than ``k`` candidates -> the rest filled with unseen popular items (``source="popularity"``).
 
 Legend: N items in the index, D embedding dim, C candidates.
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from features.config import PlatformConfig
+from features.definitions import DENSE_FEATURES, dense_inputs
 from features.errors import PlatformError
 from features.tables import CTR_SAMPLES, parquet_export
 from serving.ann import HnswParams, ItemIndex
@@ -94,11 +97,13 @@ class BundleSpec:
 
 @dataclass(frozen=True)
 class UserProfile:
-    """A known user: ``features`` (the ``USER_FEATURES`` indices), ``items`` (item_idx in time order)."""
+    """A known user: ``features`` (the ``USER_FEATURES`` indices), ``items`` (item_idx in time order),
+    ``counters`` (``user_prior_events``, ``user_prior_rating``: their events so far and mean rating)."""
 
     features: dict
     items: tuple[int, ...]
     seen: frozenset = field(default=frozenset())
+    counters: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class ServingBundle:
     item_genres: dict                        # item_idx -> tuple of genre_idx
     ranker: object | None                    # DeepFM in eval mode, or None
     loaded_at: float = 0.0                   # unix seconds
+    item_counters: dict = field(default_factory=dict)  # item_idx -> {item_prior_events, item_prior_rating}
 
     @property
     def version(self) -> str:
@@ -176,8 +182,15 @@ class ServingBundle:
         from training.data import kjt_of_rows
 
         rows = [{**profile.features, "item_idx": c, "genre_idx": list(self.item_genres.get(c, ()))} for c in cand]
+        dense = None
+        names = self.ranker.config.dense_features
+        if names:  # None for an item with no event yet: read as 0, as a null counter in training
+            columns = {k: [profile.counters.get(k)] * len(cand) if k.startswith("user_")
+                       else [self.item_counters.get(c, {}).get(k) for c in cand] for k in names}
+            features = [f for k in names for f in DENSE_FEATURES if f.name == k]
+            dense = torch.from_numpy(dense_inputs(columns, features))  # (C, F_dense)
         with torch.no_grad():
-            return torch.sigmoid(self.ranker(kjt_of_rows(rows))).numpy().astype(np.float64)  # (C,)
+            return torch.sigmoid(self.ranker(kjt_of_rows(rows), dense)).numpy().astype(np.float64)  # (C,)
 
     def recommend(self, user_id: int, k: int) -> tuple[list[Scored], str | None]:
         """Top-``k`` items for ``user_id`` (see the module docstring) and the fallback used, if any."""
@@ -280,29 +293,38 @@ def _load_ranker(cfg: PlatformConfig, spec: BundleSpec):
     return model.eval(), str(meta["model_version"])
 
 
-def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple]:
-    """User profiles, item genres and popularity counts from the ``gold.ctr_samples`` Parquet export; empty when
-    the export is missing (every user is then unknown)."""
+def _counters(t, key: str, entity: str) -> dict:
+    """``{key value: {<entity>_prior_events, <entity>_prior_rating}}``: events and mean rating of each, as of now."""
+    g = t.groupby(key)["rating"]
+    return {int(k): {f"{entity}_prior_events": int(n), f"{entity}_prior_rating": float(m)}
+            for k, n, m in zip(g.size().index, g.size().to_numpy(), g.mean().to_numpy())}
+
+
+def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple, dict]:
+    """User profiles, item genres, popularity counts and the items' counters from the ``gold.ctr_samples`` Parquet
+    export; empty when the export is missing (every user is then unknown)."""
     import pyarrow.dataset as ds
 
     path = Path(parquet_export(CTR_SAMPLES, cfg.lake_dir))
     if not path.exists():
         log.warning("no %s: every user gets the popularity fallback", path)
-        return {}, {}, ()
+        return {}, {}, (), {}
     t = ds.dataset(path, format="parquet", partitioning="hive").to_table(
-        columns=["user_id", "item_id", "item_idx", "label", "event_time", "event_id", "split", "genre_idx",
-                 *USER_FEATURES]).to_pandas()
+        columns=["user_id", "item_id", "item_idx", "label", "rating", "event_time", "event_id", "split",
+                 "genre_idx", *USER_FEATURES]).to_pandas()
     t = t.sort_values(["event_time", "event_id"], kind="stable")
+    user_counters = _counters(t, "user_id", "user")
     users = {}
     for uid, g in t.groupby("user_id", sort=False):
         last = g.iloc[-1]
         items = tuple(int(i) for i in g["item_idx"])
-        users[int(uid)] = UserProfile({f: int(last[f]) for f in USER_FEATURES}, items, frozenset(items))
+        users[int(uid)] = UserProfile({f: int(last[f]) for f in USER_FEATURES}, items, frozenset(items),
+                                      user_counters[int(uid)])
     genres = {int(i): tuple(int(x) for x in gs) for i, gs in
               t.drop_duplicates("item_idx", keep="last")[["item_idx", "genre_idx"]].itertuples(index=False)}
     pos = t[(t["split"] == "train") & (t["label"] == 1)].groupby("item_id").size()
     popular = tuple(sorted(((int(i), int(c)) for i, c in pos.items()), key=lambda x: (-x[1], x[0])))
-    return users, genres, popular
+    return users, genres, popular, _counters(t, "item_idx", "item")
 
 
 def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> ServingBundle:
@@ -325,7 +347,7 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
         raise BundleError(f"{d}: {PARQUET_FILE} holds version {version!r} but the index "
                           f"{index.extra['model_version']!r}; wait for `python -m serving.export` to finish")
     ranker, ranker_version = _load_ranker(cfg, spec)
-    users, genres, popular = _load_lake(cfg)
+    users, genres, popular, item_counters = _load_lake(cfg)
     if not popular:  # no lake: every exported item, in id order, so the fallback is still defined
         popular = tuple((int(i), 0) for i in sorted(item_ids.tolist()))
     return ServingBundle(
@@ -334,7 +356,7 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
         row_of_id={int(i): r for r, i in enumerate(item_ids)},
         id_of_idx=dict(zip(item_idx.tolist(), item_ids.tolist())),
         row_of_idx={int(i): r for r, i in enumerate(item_idx)},
-        popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0)
+        popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0, item_counters=item_counters)
 
 
 # ----------------------------------------------------------------------------------------------- policy

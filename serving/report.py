@@ -83,20 +83,24 @@ def deepfm_test_predictions(cfg: PlatformConfig, batch_size: int = 4096) -> tupl
         raise FileNotFoundError(f"no DeepFM model at {d / 'model.pt'}; run `python -m training.train --model deepfm`")
     import torch
 
+    from features.definitions import DENSE_FEATURES
     from training.data import ctr_batches, num_batches, read_ctr_shard
     from training.models.deepfm import DeepFM, DeepFMConfig
 
     meta = json.loads((d / "meta.json").read_text())
     mc = meta["model_config"]
+    dense_names = tuple(mc.get("dense_features", ()))  # models saved before the dense features have none
     model = DeepFM(meta["vocab_sizes"], DeepFMConfig(embedding_dim=mc["embedding_dim"], hidden=tuple(mc["hidden"]),
-                                                     dropout=mc["dropout"], init_range=mc["init_range"]))
+                                                     dropout=mc["dropout"], init_range=mc["init_range"],
+                                                     dense_features=dense_names))
     model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
-    shard = read_ctr_shard(cfg.lake_dir, "test")
+    dense = [f for name in dense_names for f in DENSE_FEATURES if f.name == name]
+    shard = read_ctr_shard(cfg.lake_dir, "test", dense_features=dense)
     scores = []
     with torch.no_grad():
         for b in ctr_batches(shard, batch_size, num_batches(len(shard), 1, batch_size)):
-            scores.append(model(b.features)[b.weight > 0].numpy())
+            scores.append(model(b.features, b.dense)[b.weight > 0].numpy())
     return shard.label.astype(np.int64), np.concatenate(scores)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from features.config import ROOT, PlatformConfig
+from features.definitions import DENSE_FEATURES
 from serving.ann import HnswParams
 from serving.bundle import BundleSpec, VersionChangePolicy
 from serving.export import run_export
@@ -29,6 +31,7 @@ from training.models.deepfm import DeepFM, DeepFMConfig
 
 N_ITEMS, DIM, USERS = 39, 8, (1, 2, 3, 4, 5)   # item_idx 1..39 <-> item_id 100+idx; user_idx = user_id
 SPEC = BundleSpec(retrieval_model="item2vec", recent_items=3, per_item=4)
+DENSE_NAMES = tuple(f.name for f in DENSE_FEATURES)   # the ranker reads the counters, as a trained one does
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
@@ -43,21 +46,22 @@ def _write_item2vec(cfg: PlatformConfig, seed: int, version: str) -> np.ndarray:
 
 def _write_deepfm(cfg: PlatformConfig, seed: int, version: str) -> DeepFM:
     torch.manual_seed(seed)
-    conf = DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0, init_range=0.5)
+    conf = DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0, init_range=0.5, dense_features=DENSE_NAMES)
     model = DeepFM(synthetic_vocab_sizes(), conf).eval()
     d = cfg.run_dir / "models" / "deepfm"
     d.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), d / "model.pt")
     meta = {"model_version": version, "vocab_sizes": synthetic_vocab_sizes(),
             "model_config": {"embedding_dim": 8, "hidden": [16], "dropout": 0.0, "init_range": 0.5,
-                             "features": "training.models.deepfm"}}
+                             "dense_features": list(DENSE_NAMES), "features": "training.models.deepfm"}}
     (d / "meta.json").write_text(json.dumps(meta))
     return model
 
 
 def _write_lake(cfg: PlatformConfig) -> dict:
-    """ctr_samples export: user u rates items (7u + 3j) % 39 + 1 for j < 6 at times 10u + j; train split, label
-    1 for even j. Returns the reference's view: user -> (features, items in time order)."""
+    """ctr_samples export: user u rates items (7u + 3j) % 39 + 1 for j < 6 at times 10u + j with (u + j) % 5 + 1
+    stars; train split, label 1 for even j. Returns the reference's view: user -> (features, items in time order,
+    their ratings)."""
     vocab = cfg.lake_dir / "export" / "item_vocab"
     vocab.mkdir(parents=True, exist_ok=True)
     idx = list(range(1, N_ITEMS + 1))
@@ -70,9 +74,9 @@ def _write_lake(cfg: PlatformConfig) -> dict:
         items = [(7 * u + 3 * j) % N_ITEMS + 1 for j in range(6)]
         feats = {"user_idx": u, "age_idx": u % 7 + 1, "gender_idx": u % 2 + 1, "occupation_idx": u + 2,
                  "zip_idx": u + 1}
-        ref[u] = (feats, items)
+        ref[u] = (feats, items, [float((u + j) % 5 + 1) for j in range(6)])
         for j, it in enumerate(items):
-            rows.append({"event_id": f"e{u}-{j}", "user_id": u, "item_id": 100 + it, "rating": 4.0,
+            rows.append({"event_id": f"e{u}-{j}", "user_id": u, "item_id": 100 + it, "rating": ref[u][2][j],
                          "label": int(j % 2 == 0), "event_time": np.datetime64(10 * u + j, "s"), **feats,
                          "item_idx": it, "genre_idx": [it % 19 + 1], "hist_item_idx": items[:j], "hist_len": j})
     d = cfg.lake_dir / "export" / "ctr_samples" / "split=train"
@@ -139,15 +143,25 @@ def _cosine_top(table: np.ndarray, q: int, k: int) -> list[int]:
     return [int(i) + 1 for i in np.argsort(-sims, kind="stable")[:k]]
 
 
+def _reference_dense(ref, u: int, c: int) -> torch.Tensor:
+    """(1, 4) dense input by hand: log1p(events), mean rating - 3.5 (0 without events), user's then item's."""
+    item_ratings = [r for _, its, rs in ref.values() for i, r in zip(its, rs) if i == c]
+    user_ratings = ref[u][2]
+    mean = lambda rs: sum(rs) / len(rs) - 3.5 if rs else 0.0
+    return torch.tensor([[math.log1p(len(user_ratings)), mean(user_ratings),
+                          math.log1p(len(item_ratings)), mean(item_ratings)]])
+
+
 def _reference_recommend(table, model, ref, u: int, k: int) -> list[tuple[int, float]]:
-    feats, items = ref[u]
-    rated = {i for _, its in ref.values() for i in its}   # items with a sample: their genres are known
+    feats, items, _ = ref[u]
+    rated = {i for _, its, _ in ref.values() for i in its}   # items with a sample: their genres are known
     cand = []
     for q in items[-SPEC.recent_items:]:
         cand += [c for c in _cosine_top(table, q, SPEC.per_item) if c not in items and c not in cand]
     with torch.no_grad():
         probs = [float(torch.sigmoid(model(kjt_of_rows([{**feats, "item_idx": c,
-                                                         "genre_idx": [c % 19 + 1] if c in rated else []}])))[0])
+                                                         "genre_idx": [c % 19 + 1] if c in rated else []}]),
+                                           _reference_dense(ref, u, c)))[0])
                  for c in cand]                                       # one row at a time, not batched
     best = sorted(zip(cand, probs), key=lambda x: (-x[1], x[0]))[:k]
     return [(100 + c, p) for c, p in best]
@@ -181,7 +195,7 @@ def test_popularity_fallback_for_unknown_ids(client, world):
     # positives in train: label 1 for j = 0, 2, 4 of each user; count per item, most first, ties by item id
     _, ref, _, _ = world
     counts: dict[int, int] = {}
-    for _, items in ref.values():
+    for _, items, _ in ref.values():
         for j in (0, 2, 4):
             counts[100 + items[j]] = counts.get(100 + items[j], 0) + 1
     want = sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:4]

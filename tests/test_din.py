@@ -160,3 +160,18 @@ def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
 @pytest.mark.parametrize("strategy", ["planner", "row_wise"])
 def test_sharded_din_matches_unsharded(strategy, tmp_path):
     spawn_checked(_worker, (free_port(), strategy), WORLD, tmp_path)
+
+
+def test_din_reads_dense_features_in_its_over_arch():
+    torch.manual_seed(0)
+    model = DIN(synthetic_vocab_sizes(), DINConfig(embedding_dim=8, hidden=(16,), dropout=0.0,
+                                                   dense_features=("user_prior_rating",)))
+    kjt, dense = kjt_of_rows(_rows(4, seed=3), DIN_FEATURES), torch.randn(4, 1)  # (B, F_dense)
+    logits, weights = model.forward_with_weights(kjt, dense)
+    side, candidate, history, mask = model.sparse_arch(kjt)
+    interest, _ = model.interaction_arch(history, mask, candidate)
+    x = torch.cat([side.flatten(1), candidate, interest, dense], dim=1)  # (B, (F + 2) * D + 1)
+    torch.testing.assert_close(logits, model.over_arch(x).squeeze(1))
+    assert logits.shape == (4,) and weights.shape == (4, model.config.max_history)
+    with pytest.raises(ValueError, match="user_prior_rating"):
+        model(kjt)

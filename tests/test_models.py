@@ -111,3 +111,32 @@ def test_auc_logloss_gauc_by_hand_and_sklearn():
     assert gauc(users, y, s) == pytest.approx((3 * 0.75 + 2 * 1.0) / 5)
     with pytest.raises(ValueError):
         auc(np.array([1, 1]), np.array([0.1, 0.2]))
+
+
+def test_deepfm_reads_dense_features_in_its_linear_part_and_dnn():
+    torch.manual_seed(0)
+    names = ("user_prior_events", "item_prior_rating")
+    model = DeepFM(synthetic_vocab_sizes(), DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0,
+                                                         dense_features=names))
+    kjt, dense = kjt_of_rows(ROWS), torch.randn(3, 2)  # (B, F_dense)
+    logits = model(kjt, dense)
+    emb = model.sparse_arch(kjt)
+    first = model.interaction_arch.first_order(kjt) + model.dense_linear(dense).squeeze(1)
+    deep = model.over_arch(model.dense_arch(torch.cat([emb.flatten(1), dense], dim=1))).squeeze(1)
+    torch.testing.assert_close(logits, first + FactorizationMachine()(emb) + deep)
+    assert not torch.allclose(model(kjt, dense + 1.0), logits)  # the input is read
+    with pytest.raises(ValueError, match="dense features.*user_prior_events"):
+        model(kjt)
+    with pytest.raises(ValueError, match=r"\(3, 2\)"):
+        model(kjt, torch.zeros(3, 3))
+
+
+def test_dense_inputs_of_a_shard_follow_the_declared_transform():
+    from features.definitions import DENSE_FEATURES, RATING_CENTER, dense_inputs
+
+    raw = {"user_prior_events": [0, 9], "user_prior_rating": [None, 4.0], "item_prior_events": [3, 0],
+           "item_prior_rating": [2.5, float("nan")]}
+    got = dense_inputs(raw, DENSE_FEATURES)
+    want = [[0.0, 0.0, math.log1p(3), 2.5 - RATING_CENTER], [math.log1p(9), 4.0 - RATING_CENTER, 0.0, 0.0]]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.dtype == np.float32 and got.shape == (2, len(DENSE_FEATURES))

@@ -35,13 +35,15 @@ def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
     from training.distributed import plan_sharding, shard_model
     from training.models import DeepFM, DeepFMConfig
 
-    vocab, config = synthetic_vocab_sizes(), DeepFMConfig(embedding_dim=8, hidden=(16, 8), dropout=0.0)
+    vocab = synthetic_vocab_sizes()
+    config = DeepFMConfig(embedding_dim=8, hidden=(16, 8), dropout=0.0, dense_features=("a", "b", "c"))
     torch.manual_seed(0)
     reference = DeepFM(vocab, config)
     with torch.no_grad():  # non-zero first-order weights so that they are compared too
         for bag in reference.interaction_arch.first_order.weights.values():
             bag.weight.normal_(0, 0.1)
     rows = _rows(WORLD * BATCH, seed=1)
+    dense = torch.randn(WORLD * BATCH, 3, generator=torch.Generator().manual_seed(2))  # (B, F_dense)
     full_sd = {k: v.clone() for k, v in reference.state_dict().items()}
 
     sharded = DeepFM(vocab, config, sparse_device=torch.device("meta"))
@@ -65,14 +67,15 @@ def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
 
     # forward: this rank's rows through the sharded model == the same rows through the unsharded one
     local = rows[rank * BATCH:(rank + 1) * BATCH]
-    logits = dmp(kjt_of_rows(local))
-    expected = reference(kjt_of_rows(local))
+    local_dense = dense[rank * BATCH:(rank + 1) * BATCH]
+    logits = dmp(kjt_of_rows(local), local_dense)
+    expected = reference(kjt_of_rows(local), local_dense)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
 
     # backward: DDP averages dense gradients over ranks, and TorchRec's embedding all-to-all divides the tables'
     # gradients by the world size the same way (gradient division), so both see the mean over the ranks
     logits.sum().backward()
-    all_logits = reference(kjt_of_rows(rows))
+    all_logits = reference(kjt_of_rows(rows), dense)
     all_logits.sum().backward()
     dense_ref = dict(reference.named_parameters())
     for name, p in dmp.named_parameters():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from features.config import PlatformConfig
+from features.definitions import DENSE_FEATURES
 from features.results import read_stage_result
 from features.tables import CTR_SAMPLES, ITEM_SEQUENCES, parquet_export
 from training.data import synthetic_vocab_sizes
@@ -41,6 +42,11 @@ def write_synthetic_lake(lake: Path, rows: dict[str, int], seed: int = 0) -> dic
             "genre_idx": pa.array([[int(i % 19) + 1, int(i % 7) + 1] for i in item], pa.list_(pa.int32())),
             "hist_item_idx": pa.array(hist, pa.list_(pa.int32())),
             "hist_len": np.array([len(h) for h in hist], np.int32),
+            # point-in-time counters (features.definitions.DENSE_FEATURES); a mean is null without earlier events
+            **{f"{e}_prior_events": pa.array(rng.integers(0, 30, n), pa.int32()) for e in ("user", "item")},
+            **{f"{e}_prior_rating": pa.array([None if i % 5 == 0 else float(x) for i, x in
+                                              enumerate(rng.uniform(1, 5, n))], pa.float64())
+               for e in ("user", "item")},
         })
         out = Path(parquet_export(CTR_SAMPLES, lake)) / f"split={split}"
         out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,7 @@ def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     assert emb.shape == (vocab["item"], 16) and emb.dtype == np.float32
     meta = json.loads((model_dir / "meta.json").read_text())
     assert meta["model_version"] == result["model_version"] and meta["vocab_sizes"] == vocab
+    assert meta["model_config"]["dense_features"] == [f.name for f in DENSE_FEATURES]  # the export has them
     # the unsharded model loads the gathered state dict, and its item table is the exported one
     model = DeepFM(vocab, DeepFMConfig(**{k: (tuple(v) if k == "hidden" else v)
                                           for k, v in meta["model_config"].items() if k != "features"}))

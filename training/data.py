@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import torch
 from torchrec import KeyedJaggedTensor
 
-from features.definitions import SPARSE_FEATURES, SparseFeature
+from features.definitions import DENSE_FEATURES, SPARSE_FEATURES, DenseFeature, SparseFeature, dense_inputs
 from features.errors import TableNotFoundError
 from features.tables import (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, TableSpec, export_versions_path,
                              parquet_export, vocab_sizes_path)
@@ -92,7 +92,8 @@ class CtrShard:
     ``ids[name]`` is (N,) int64 for a one-hot feature; a multi-hot feature has ``values[name]`` (total ids,) and
     ``offsets[name]`` (N + 1,). ``label`` (N,) float32, ``user`` (N,) int64 for GAUC, ``time`` (N,) float64 event
     time in seconds since the epoch (None when the export has no ``event_time``, e.g. ``bench.models``'
-    generated data).
+    generated data), ``dense`` (N, F_dense) float32 model input of the dense features
+    (``features.definitions.dense_inputs``; (N, 0) when none are read).
     """
 
     ids: dict[str, np.ndarray]
@@ -101,24 +102,43 @@ class CtrShard:
     label: np.ndarray
     user: np.ndarray
     time: np.ndarray | None = None
+    dense: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
 
 
+def exported_dense_features(lake_dir: str | Path,
+                            features: Sequence[DenseFeature] = DENSE_FEATURES) -> tuple[DenseFeature, ...]:
+    """``features`` if the ``ctr_samples`` export has all their columns, else () (an export written before the
+    features stage computed them, or ``bench.models``' generated data, which has no ratings history)."""
+    path = Path(parquet_export(CTR_SAMPLES, lake_dir))
+    files = sorted(path.glob("split=*/*.parquet"))
+    if not files:
+        return ()
+    names = set(ds.dataset(str(files[0]), format="parquet").schema.names)
+    return tuple(features) if all(f.name in names for f in features) else ()
+
+
 def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: int = 1,
-                   features: Sequence[SparseFeature] = SPARSE_FEATURES) -> CtrShard:
+                   features: Sequence[SparseFeature] = SPARSE_FEATURES,
+                   dense_features: Sequence[DenseFeature] = ()) -> CtrShard:
     """Rows ``rank::world_size`` of ``export/ctr_samples/split=<split>``.
 
     Raises:
         TableNotFoundError: the split has not been exported.
+        KeyError: a column of ``dense_features`` is not in the export (see :func:`exported_dense_features`).
     """
     path = Path(parquet_export(CTR_SAMPLES, lake_dir)) / f"split={split}"
     if not path.exists() or not any(path.glob("*.parquet")):
         raise TableNotFoundError(f"{CTR_SAMPLES.name} split={split}", str(path), PRODUCER)
     dataset = ds.dataset(str(path), format="parquet")
     timed = "event_time" in dataset.schema.names  # an export written without it (e.g. bench's generated) has none
-    columns = sorted({f.name for f in features} | {"label", "user_idx"} | ({"event_time"} if timed else set()))
+    missing = [f.name for f in dense_features if f.name not in dataset.schema.names]
+    if missing:
+        raise KeyError(f"{CTR_SAMPLES.name} split={split} at {path} has no column(s) {missing}; re-run {PRODUCER}")
+    columns = sorted({f.name for f in features} | {f.name for f in dense_features} | {"label", "user_idx"}
+                     | ({"event_time"} if timed else set()))
     table = dataset.to_table(columns=columns)
     table = table.take(np.arange(rank, table.num_rows, world_size))
     ids, values, offsets = {}, {}, {}
@@ -133,7 +153,9 @@ def read_ctr_shard(lake_dir: str | Path, split: str, rank: int = 0, world_size: 
     label = table.column("label").to_numpy().astype(np.float32)
     user = table.column("user_idx").to_numpy().astype(np.int64)
     time = table.column("event_time").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy() / 1e6 if timed else None
-    return CtrShard(ids, values, offsets, label, user, time)
+    dense = dense_inputs({f.name: table.column(f.name).to_numpy(zero_copy_only=False) for f in dense_features},
+                         dense_features) if dense_features else np.zeros((len(label), 0), np.float32)
+    return CtrShard(ids, values, offsets, label, user, time, dense)
 
 
 def recency_weights(time: np.ndarray, half_life_s: float, now: float) -> np.ndarray:
@@ -190,12 +212,14 @@ def kjt_of_rows(rows: Sequence[Mapping[str, int | Sequence[int]]],
 
 @dataclass
 class CtrBatch:
-    """``features`` KJT with B rows per key; ``label``, ``weight`` (0 = padding) (B,) float32; ``user`` (B,)."""
+    """``features`` KJT with B rows per key; ``label``, ``weight`` (0 = padding) (B,) float32; ``user`` (B,);
+    ``dense`` (B, F_dense) float32 (F_dense may be 0)."""
 
     features: KeyedJaggedTensor
     label: torch.Tensor
     weight: torch.Tensor
     user: torch.Tensor
+    dense: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> CtrBatch:
         """The batch for a model on ``device``: features, label and weight moved there; ``user`` (a GAUC key,
@@ -209,7 +233,8 @@ class CtrBatch:
         """
         if device.type == "cpu":
             return self
-        return CtrBatch(self.features.to(device), self.label.to(device), self.weight.to(device), self.user)
+        dense = None if self.dense is None else self.dense.to(device)
+        return CtrBatch(self.features.to(device), self.label.to(device), self.weight.to(device), self.user, dense)
 
 
 def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
@@ -235,6 +260,7 @@ def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool 
     if sample_weight is not None:
         weight = weight * np.asarray(sample_weight, np.float32)[index]
     drop_rng = np.random.default_rng([seed, 1])  # its own stream: the order is the same with and without dropout
+    dense = shard.dense if shard.dense is not None else np.zeros((n, 0), np.float32)  # (N, F_dense)
     for b in range(n_batches):
         rows = index[b * batch_size:(b + 1) * batch_size]
         values, lengths = [], []
@@ -255,7 +281,7 @@ def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool 
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
         yield CtrBatch(kjt, torch.from_numpy(shard.label[rows]),
                        torch.from_numpy(weight[b * batch_size:(b + 1) * batch_size]),
-                       torch.from_numpy(shard.user[rows]))
+                       torch.from_numpy(shard.user[rows]), torch.from_numpy(dense[rows]))
 
 
 # ------------------------------------------------------------------------------------------------- item2vec

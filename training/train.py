@@ -88,6 +88,9 @@ class TrainOptions:
     # DeepFM, DIN: a train sample's loss weight halves every this many days before the train split's last event
     # (training.data.recency_weights); 0: off, every sample weight 1; None: the model's default
     recency_half_life_days: float | None = None
+    # DeepFM, DIN: read the point-in-time counters (features.definitions.DENSE_FEATURES) as dense inputs when the
+    # ctr_samples export has them (training.data.exported_dense_features); False: sparse features only
+    dense_features: bool = True
     patience: int = 2
     seed: int = 0
     lr_schedule: str = "warmup_cosine"
@@ -318,25 +321,28 @@ def _evaluate(dmp, shard, batch_size: int, world_size: int, features, device) ->
     with torch.no_grad():
         for b in ctr_batches(shard, batch_size, num_batches(int(n), world_size, batch_size), features=features):
             keep = b.weight > 0
-            scores.append(dmp(b.to(device).features).cpu()[keep].numpy())
+            b = b.to(device)
+            scores.append(dmp(b.features, b.dense).cpu()[keep].numpy())
             labels.append(b.label[keep].numpy())
             users.append(b.user[keep].numpy())
     s, y, u = _all_gather_arrays(np.concatenate(scores), np.concatenate(labels), np.concatenate(users))
     return {"auc": auc(y, s), "logloss": logloss(y, 1.0 / (1.0 + np.exp(-s))), "gauc": gauc(u, y, s)}
 
 
-def _ctr_model(opts: TrainOptions, vocab: dict):
-    """(model on ``meta``, its config, the KJT features it reads)."""
+def _ctr_model(opts: TrainOptions, vocab: dict, dense_features=()):
+    """(model on ``meta``, its config, the KJT features it reads); ``dense_features``: the ``DenseFeature`` s it
+    reads as its (B, F_dense) input."""
     import torch
 
     from features.definitions import SPARSE_FEATURES
     from training.models import DIN, DIN_FEATURES, DeepFM, DeepFMConfig, DINConfig
 
     meta = torch.device("meta")
+    dense = tuple(f.name for f in dense_features)
     if opts.model == "din":
-        config = DINConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout)
+        config = DINConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout, dense_features=dense)
         return DIN(vocab, config, sparse_device=meta), config, DIN_FEATURES
-    config = DeepFMConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout)
+    config = DeepFMConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout, dense_features=dense)
     return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
 
 
@@ -434,7 +440,7 @@ class CtrObjective:
                            (hist.values()[slots[looked_up]], history[looked_up])]}  # first L ids, row-major
 
     def __call__(self, batch):
-        data = (self.loss_fn(self.model(batch.features), batch.label) * batch.weight).sum() \
+        data = (self.loss_fn(self.model(batch.features, batch.dense), batch.label) * batch.weight).sum() \
             / batch.weight.sum().clamp_min(1.0)
         if self.penalty is None:
             return data, data, None
@@ -448,15 +454,20 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     after failure."""
     import torch
 
-    from training.data import ctr_batches, num_batches, read_ctr_shard, read_vocab_sizes, recency_weights
+    from training.data import (ctr_batches, exported_dense_features, num_batches, read_ctr_shard, read_vocab_sizes,
+                               recency_weights)
     from training.distributed import gather_full_state_dict
     from training.modules.cold_ids import fill_cold_rows
 
     lake = c["lake_dir"]
     vocab = read_vocab_sizes(lake)
     torch.manual_seed(opts.seed)
-    model, config, features = _ctr_model(opts, vocab)
-    train, valid, test = (read_ctr_shard(lake, s, rank, world_size, features) for s in ("train", "valid", "test"))
+    dense_features = exported_dense_features(lake) if opts.dense_features else ()
+    if opts.dense_features and not dense_features:
+        _log(rank, "the ctr_samples export has no point-in-time counters (re-run the features stage): sparse only")
+    model, config, features = _ctr_model(opts, vocab, dense_features)
+    train, valid, test = (read_ctr_shard(lake, s, rank, world_size, features, dense_features)
+                          for s in ("train", "valid", "test"))
     n_train = _all_reduce_sum(torch.tensor([len(train)]), device)
     local_bs = max(1, opts.batch_size // world_size)
     steps = num_batches(int(n_train), world_size, local_bs)
@@ -704,7 +715,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from training.data import read_training_versions, read_vocab_sizes
+    from training.data import exported_dense_features, read_training_versions, read_vocab_sizes
 
     t0 = time.perf_counter()
     use_gpu, local = cfg.train.use_gpu, not cfg.train.ray_address
@@ -746,7 +757,9 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
                                                            "weight_decay", "dropout", "mba_lambda", "id_dropout",
                                                            "recency_half_life_days", "lr_schedule",
                                                            "warmup_frac", "min_lr_factor", "patience", "seed")}
-                   | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
+                   | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"},
+                   dense_features=[f.name for f in exported_dense_features(cfg.lake_dir)] if opts.dense_features
+                   else [])
         write_stage_result(cfg, f"train_{opts.model}", out)
     else:
         out = {"pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"],
@@ -777,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recency-half-life-days", type=float, default=None,
                    help="DeepFM, DIN: a train sample's loss weight halves every this many days before the last "
                         "train event; 0: off")
+    p.add_argument("--no-dense-features", action="store_true",
+                   help="DeepFM, DIN: sparse features only, without the point-in-time counters")
     p.add_argument("--use-gpu", action="store_true",
                    help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     a = p.parse_args(argv)
@@ -784,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
                         seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
                         dropout=a.dropout, mba_lambda=a.mba_lambda, id_dropout=a.id_dropout,
-                        recency_half_life_days=a.recency_half_life_days)
+                        recency_half_life_days=a.recency_half_life_days, dense_features=not a.no_dense_features)
     cfg = load_config()
     if a.use_gpu:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})

@@ -1,18 +1,21 @@
 """DeepFM (Guo et al. 2017, "DeepFM: A Factorization-Machine based Neural Network for CTR Prediction").
 
-    logit = first_order(x) + FM(V x) + DNN(concat(V x))
+    logit = first_order(x) + w_d . z + FM(V x) + DNN(concat(V x, z))
 
 One embedding layer (``SparseArch``) feeds both the FM interaction and the deep part; the first-order weights
-are separate 1-dim tables. The model returns logits; train it with ``BCEWithLogitsLoss`` (the sigmoid is applied
-once, inside the loss, and by the caller at prediction time).
+are separate 1-dim tables. Dense features ``z`` (the point-in-time counters of
+``features.definitions.DENSE_FEATURES``, when the config names them) enter the linear part and the DNN's input,
+as in DeepCTR's DeepFM; the FM term is over the sparse embeddings only. The model returns logits; train it with
+``BCEWithLogitsLoss`` (the sigmoid is applied once, inside the loss, and by the caller at prediction time).
 
 Parts, named as in TorchRec's rankers:
     SparseArch        KJT -> (B, F, D)            the shared embedding tables (sharded by DMP)
     InteractionArch   (B, F, D) + KJT -> (B,)     first-order + FM second-order term
-    DenseArch         (B, F*D) -> (B, H)          the deep part's hidden layers
+    DenseArch         (B, F*D + F_dense) -> (B, H) the deep part's hidden layers
     OverArch          (B, H) -> (B,)              the deep part's output unit
 
-Legend: B batch size, F number of features, D embedding dimension, H last hidden width.
+Legend: B batch size, F number of sparse features, F_dense dense features, D embedding dimension, H last hidden
+width.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from features.definitions import SPARSE_FEATURES, SparseFeature
-from training.modules import MLP, FactorizationMachine, FirstOrder, SparseArch, table_configs
+from training.modules import MLP, FactorizationMachine, FirstOrder, SparseArch, check_dense, table_configs
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,14 @@ class DeepFMConfig:
         hidden: widths of the DNN's hidden layers.
         dropout: dropout after each hidden layer.
         init_range: embedding weights start uniform in [-init_range, init_range].
+        dense_features: names of the ``DENSE_FEATURES`` read, in input order (the columns of ``dense``).
     """
 
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.2
     init_range: float = 0.02
+    dense_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
@@ -77,8 +82,10 @@ class DeepFM(nn.Module):
 
     Raises:
         VocabularyError: a feature's vocabulary is missing from ``vocab_sizes``.
+        ValueError (from ``forward``): ``dense`` is missing or not (B, len(config.dense_features)).
 
-    Call: ``forward(features: KeyedJaggedTensor with B rows per key) -> logits Tensor (B,)``.
+    Call: ``forward(features: KeyedJaggedTensor with B rows per key, dense: Tensor (B, F_dense) | None = None)
+    -> logits Tensor (B,)``; ``dense`` is required when ``config.dense_features`` is not empty.
 
     >>> from training.data import synthetic_vocab_sizes, kjt_of_rows
     >>> model = DeepFM(synthetic_vocab_sizes())
@@ -101,11 +108,17 @@ class DeepFM(nn.Module):
         self.sparse_arch = SparseArch(tables, device=sparse_device)
         num_features = len(self.sparse_arch.feature_names)
         self.interaction_arch = InteractionArch(FirstOrder(tables))
-        self.dense_arch = MLP(num_features * config.embedding_dim, config.hidden, config.dropout)
+        num_dense = len(config.dense_features)
+        self.dense_linear = nn.Linear(num_dense, 1, bias=False) if num_dense else None
+        self.dense_arch = MLP(num_features * config.embedding_dim + num_dense, config.hidden, config.dropout)
         self.over_arch = nn.Linear(config.hidden[-1], 1)
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         embeddings = self.sparse_arch(features)  # (B, F, D)
-        fm_logit = self.interaction_arch(features, embeddings)  # (B,)
-        hidden = self.dense_arch(embeddings.flatten(1))  # (B, F*D) -> (B, H)
-        return fm_logit + self.over_arch(hidden).squeeze(1)  # (B,)
+        logit = self.interaction_arch(features, embeddings)  # (B,)
+        x = embeddings.flatten(1)  # (B, F*D)
+        if self.dense_linear is not None:
+            dense = check_dense(dense, x.shape[0], self.config.dense_features)
+            logit = logit + self.dense_linear(dense).squeeze(1)
+            x = torch.cat([x, dense], dim=1)  # (B, F*D + F_dense)
+        return logit + self.over_arch(self.dense_arch(x)).squeeze(1)  # (B,)

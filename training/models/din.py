@@ -1,7 +1,7 @@
 """DIN (Zhou et al. 2018, "Deep Interest Network for Click-Through Rate Prediction").
 
     interest = sum_l a(h_l, c) * h_l            (activation unit a, no softmax, padding weighted 0)
-    logit    = OverArch(concat(side features, c, interest))
+    logit    = OverArch(concat(side features, c, interest, z))   (z: dense features, when the config names them)
 
 The user's behaviour sequence ``hist_item_idx`` (items rated strictly before the sample's time, most recent
 last; features.definitions.HISTORY_FEATURE) and the candidate ``item_idx`` are looked up unpooled in ONE item
@@ -12,9 +12,10 @@ sharded by DMP. The model returns logits (train with ``BCEWithLogitsLoss``).
 Parts, named as in TorchRec's rankers:
     SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L)
     InteractionArch   TargetAttention: history, mask, candidate -> interest (B, D)
-    OverArch          (B, (F + 2) * D) -> (B,)   MLP + output unit
+    OverArch          (B, (F + 2) * D + F_dense) -> (B,)   MLP + output unit
 
-Legend: B batch size, F pooled side features, D embedding dimension, L longest history (``MAX_HISTORY``).
+Legend: B batch size, F pooled side features, D embedding dimension, L longest history (``MAX_HISTORY``), F_dense
+dense features (the point-in-time counters of ``features.definitions.DENSE_FEATURES``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torchrec import KeyedJaggedTensor
 
 from features.definitions import HISTORY_FEATURE, MAX_HISTORY, SPARSE_FEATURES, SparseFeature
 from features.errors import VocabularyError
-from training.modules import MLP, SequenceEmbedding, SparseArch as PooledArch, TargetAttention, table_configs
+from training.modules import (MLP, SequenceEmbedding, SparseArch as PooledArch, TargetAttention, check_dense,
+                              table_configs)
 
 CANDIDATE = "item_idx"
 #: the KJT keys DIN reads: the declared sparse features plus the behaviour history.
@@ -46,6 +48,7 @@ class DINConfig:
         dropout: dropout after each OverArch hidden layer.
         max_history: L; longer histories keep their first L ids (the export keeps the most recent 50).
         init_range: embedding weights start uniform in [-init_range, init_range].
+        dense_features: names of the ``DENSE_FEATURES`` read, in input order (the columns of ``dense``).
     """
 
     embedding_dim: int = 16
@@ -54,6 +57,7 @@ class DINConfig:
     dropout: float = 0.2
     max_history: int = MAX_HISTORY
     init_range: float = 0.02
+    dense_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
@@ -109,9 +113,10 @@ class DIN(nn.Module):
 
     Raises:
         VocabularyError: a feature's vocabulary is missing from ``vocab_sizes``.
+        ValueError (from ``forward``): ``dense`` is missing or not (B, len(config.dense_features)).
 
-    Call: ``forward(features: KJT with keys DIN_FEATURES, B rows each) -> logits Tensor (B,)``;
-    ``forward_with_weights`` also returns the attention weights (B, L).
+    Call: ``forward(features: KJT with keys DIN_FEATURES, B rows each, dense: Tensor (B, F_dense) | None = None)
+    -> logits Tensor (B,)``; ``forward_with_weights`` also returns the attention weights (B, L).
 
     >>> from training.data import synthetic_vocab_sizes, kjt_of_rows
     >>> rows = [{"user_idx": 1, "item_idx": 2, "age_idx": 1, "gender_idx": 1, "occupation_idx": 3, "zip_idx": 4,
@@ -127,14 +132,17 @@ class DIN(nn.Module):
         self.config = config
         self.sparse_arch = SparseArch(vocab_sizes, side_features, config, sparse_device)
         self.interaction_arch = TargetAttention(config.embedding_dim, config.attention_hidden)
-        width = (len(side_features) + 2) * config.embedding_dim
+        width = (len(side_features) + 2) * config.embedding_dim + len(config.dense_features)
         self.over_arch = nn.Sequential(MLP(width, config.hidden, config.dropout), nn.Linear(config.hidden[-1], 1))
 
-    def forward_with_weights(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_weights(self, features: KeyedJaggedTensor,
+                             dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         side, candidate, history, mask = self.sparse_arch(features)
         interest, weights = self.interaction_arch(history, mask, candidate)  # (B, D), (B, L)
-        x = torch.cat([side.flatten(1), candidate, interest], dim=1)  # (B, (F + 2) * D)
-        return self.over_arch(x).squeeze(1), weights  # (B,), (B, L)
+        parts = [side.flatten(1), candidate, interest]  # (B, (F + 2) * D)
+        if self.config.dense_features:
+            parts.append(check_dense(dense, candidate.shape[0], self.config.dense_features))  # (B, F_dense)
+        return self.over_arch(torch.cat(parts, dim=1)).squeeze(1), weights  # (B,), (B, L)
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.forward_with_weights(features)[0]
+    def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_weights(features, dense)[0]

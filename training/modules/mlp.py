@@ -44,3 +44,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+def check_dense(dense: torch.Tensor | None, batch_size: int, names: tuple[str, ...]) -> torch.Tensor:
+    """``dense`` if it is the (B, F_dense) input a model configured with dense features ``names`` needs.
+
+    Raises:
+        ValueError: ``dense`` is None or not (``batch_size``, ``len(names)``).
+    """
+    want = (batch_size, len(names))
+    if dense is None or tuple(dense.shape) != want:
+        got = None if dense is None else tuple(dense.shape)
+        raise ValueError(f"the model reads dense features {list(names)}: pass dense of shape {want}, got {got}")
+    return dense
