@@ -263,14 +263,15 @@ def _cpu(r: dict) -> str:
 
 
 def ctr_table(rows: list[dict], refs: dict[str, float]) -> str:
-    head = ("| model | implementation | train samples/s | vs ours (1 worker) | test AUC | test logloss | "
-            "epochs (best) | peak RSS MiB (tree / largest process) | wall s | CPU s |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| model | implementation | dense features | train samples/s | vs ours (1 worker) | test AUC | "
+            "test logloss | epochs (best) | peak RSS MiB (tree / largest process) | wall s | CPU s |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         sps, ref = r.get("train_samples_per_s"), refs.get(r["model"])
         ratio = f"{sps / ref:.2f}x" if sps and ref else "n/a"
-        lines.append(f"| {r['model']} | {r['impl']} | {_f(sps)} | {ratio} | {_f(r.get('test_auc'), '.4f')} | "
+        dense = len(r["dense_features"]) if "dense_features" in r else "n/a"  # rows measured before they existed
+        lines.append(f"| {r['model']} | {r['impl']} | {dense} | {_f(sps)} | {ratio} | {_f(r.get('test_auc'), '.4f')} | "
                      f"{_f(r.get('test_logloss'), '.4f')} | {r.get('epochs', 'n/a')} ({r.get('best_epoch', 'n/a')}) | "
                      f"{_rss(r)} | "
                      f"{_f(r.get('wall_s'), '.1f')} | {_cpu(r)} |")
@@ -361,13 +362,18 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
                     f"{GENERATED['seed']}, {GENERATED['n_users']:,} users, {GENERATED['n_items']:,} items), split "
                     f"80/10/10 in time ({gen_info.get('rows', 'n/a')} rows); label = click; user and item ids plus "
                     f"the generator's fields c07 (age slot), c08 (gender), c05 (occupation), c03 (zip), c14 (genre) in "
-                    f"our feature slots, vocabularies from the generator's cardinalities. One epoch each (the full 10M "
-                    f"events would take ~10x longer per run on 2 cores), batch 2048, otherwise as above.\n\n"
+                    f"our feature slots, vocabularies from the generator's cardinalities, no dense features (this "
+                    f"export has none, so neither side reads them). One epoch each (the full 10M events would take "
+                    f"~10x longer per run on 2 cores), batch 2048, otherwise as above.\n\n"
                     f"{ctr_table(gen, refs)}\n\n")
     return (f"DeepFM on MovieLens-100K, global 80/10/10 time split of `export/ctr_samples` (80,000 / 10,000 / "
             f"10,000 rows); features user, item, age bucket, gender, occupation, zip prefix, genres (multi-hot, "
-            f"sum); embedding dim 16, MLP (128, 64) ReLU, at most 12 epochs, early stopping after 2 epochs without "
-            f"a higher valid AUC, test figures of the best epoch. Ours ({ours}; `training.hparams`, chosen on the "
+            f"sum) and, as dense inputs, the four point-in-time counters of `features.definitions.DENSE_FEATURES` "
+            f"(the user's and the item's events before the sample, read as log1p(n), and their mean rating, read "
+            f"as mean - 3.5), the same numbers for every implementation (DeepFM: linear part and DNN input, "
+            f"RecBole's DeepFM: its numerical-feature embedding; DIN: DNN input, for RecBole's DIN through a "
+            f"subclass in `bench/peers.py`, as its DIN reads only item features); embedding dim 16, MLP (128, 64) "
+            f"ReLU, at most 12 epochs, early stopping after 2 epochs without a higher valid AUC, test figures of the best epoch. Ours ({ours}; `training.hparams`, chosen on the "
             f"validation split by `bench.tune`, see `tuning`); peers: batch 2048, dropout 0.2, Adam 1e-3 on every "
             f"parameter (their defaults; DeepCTR-Torch also its L2 penalty on the embeddings, 1e-5 DeepFM, 1e-6 DIN), "
             f"one torch thread. One seed (0) per row here; the spread over seeds is in `tuning`. "

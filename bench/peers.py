@@ -4,19 +4,26 @@ Runs inside the peers' own virtual environment (``bench/requirements-peers.lock`
 ``bench.models``, so it imports nothing from the project (whose environment pins newer numpy/pyarrow than RecBole
 1.2.1 runs with) -- only numpy, pyarrow and the peer under test::
 
-    python bench/peers.py deepctr --lake <lake_dir> --out result.json [--model deepfm|din --epochs 12 ...]
-    python bench/peers.py recbole --lake <lake_dir> --out result.json --work <scratch dir> [--model deepfm|din]
+    python bench/peers.py deepctr --lake <lake_dir> --out result.json [--model deepfm|din --epochs 12 --no-dense ...]
+    python bench/peers.py recbole --lake <lake_dir> --out result.json --work <scratch dir> [--model deepfm|din ...]
     python bench/peers.py gensim  --lake <lake_dir> --out result.json --embeddings items.npy
 
 Every model reads the same time split (``export/ctr_samples/split=train|valid|test``, 80/10/10) and the same
-features as ours: user, item, age bucket, gender, occupation, zip prefix (one id each) and genres (multi-hot,
-sum-pooled), ids as exported (0 = unknown). DeepFM: embedding dim 16, MLP (128, 64) with ReLU and dropout 0.2,
-up to 12 epochs, early stopping after 2 epochs without a higher validation AUC, test figures of the best epoch.
-Training time counts only the optimisation passes (no evaluation), as ours does. One torch thread, as each of
-our Ray workers has.
+features as ours: user, item, age bucket, gender, occupation, zip prefix (one id each), genres (multi-hot,
+sum-pooled), ids as exported (0 = unknown), and the four point-in-time dense features (``DENSE``: the user's and the
+item's events before the sample, read as log1p(n), and their mean rating, read as mean - 3.5, 0 when none) as one
+(N, 4) float32 matrix, the numbers our models read. An export without the dense columns (``bench.models``'
+generated data), or ``--no-dense``, trains without them, as ours does. DeepCTR-Torch takes them as ``DenseFeat``
+(DeepFM: linear part and DNN input; DIN: DNN input); RecBole's DeepFM as float fields of the interactions embedded
+by ``numerical_features`` (value x a learned vector, in its linear part, FM and DNN); RecBole's DIN reads only user
+and item features, so ``run_recbole`` appends the raw values to its DNN input (as DeepCTR's DIN and ours).
+DeepFM: embedding dim 16, MLP (128, 64) with ReLU and dropout 0.2, up to 12 epochs, early stopping after 2 epochs
+without a higher validation AUC, test figures of the best epoch. Training time counts only the optimisation passes
+(no evaluation), as ours does. One torch thread, as each of our Ray workers has.
 
 The result JSON has ``train_samples_per_s`` (or ``pairs_per_s``), ``test_auc``, ``test_logloss``, ``valid_auc``,
-``best_epoch``, ``epochs``, ``train_s``.
+``best_epoch``, ``epochs``, ``train_s`` and (deepctr, recbole) ``dense_features``, the dense features used (in input
+order; empty when none).
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ VOCAB = {"user_idx": "user", "item_idx": "item", "age_idx": "age_bucket", "gende
 SPLITS = ("train", "valid", "test")
 #: DIN's behaviour sequence (features.definitions.HISTORY_FEATURE: most recent last, at most 50, table t_item).
 HISTORY, MAX_HISTORY = "hist_item_idx", 50
+#: The dense features, name -> kind, in input order (features.definitions.DENSE_FEATURES): a ``count`` is read as
+#: log1p(n), a ``rating`` as mean - RATING_CENTER; null (no earlier event) as 0.
+DENSE = {"user_prior_events": "count", "user_prior_rating": "rating",
+         "item_prior_events": "count", "item_prior_rating": "rating"}
+#: Stars subtracted from a mean rating (features.definitions.RATING_CENTER).
+RATING_CENTER = 3.5
 
 
 # ---------------------------------------------------------------------------------------- shared reading
@@ -52,17 +65,48 @@ def _padded(lists: list, width: int) -> np.ndarray:
     return out
 
 
-def read_split(lake: Path, split: str, history: bool = False) -> dict[str, np.ndarray]:
+def exported_dense(lake: Path) -> tuple[str, ...]:
+    """The names of ``DENSE`` if every split of ``export/ctr_samples`` has all their columns, else () (an export
+    written before the features stage computed them, or ``bench.models``' generated data). As
+    ``training.data.exported_dense_features``."""
+    root = lake / "export" / "ctr_samples"
+    names = [set(ds.dataset(str(root / f"split={s}"), format="parquet").schema.names) for s in SPLITS]
+    return tuple(DENSE) if all(set(DENSE) <= n for n in names) else ()
+
+
+def dense_inputs(t, names: tuple[str, ...]) -> np.ndarray:
+    """The (N, F) float32 model input of the dense features ``names`` from the columns of the Arrow table ``t``:
+    a count -> log1p(n), a rating -> mean - RATING_CENTER, null -> 0. The lines of
+    ``features.definitions.dense_inputs`` (which this environment cannot import), so the numbers are ours."""
+    out = []
+    for name in names:
+        x = np.asarray(t.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)  # null -> nan
+        x = np.where(np.isnan(x), 0.0, np.log1p(x) if DENSE[name] == "count" else x - RATING_CENTER)
+        out.append(x)
+    return np.stack(out, axis=1).astype(np.float32) if out else np.zeros((t.num_rows, 0), np.float32)
+
+
+def read_split(lake: Path, split: str, history: bool = False, dense: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """One split of ``export/ctr_samples`` as arrays, in file order: each one-hot feature (N,) int64, ``genre_idx``
-    (N, G) int64 right-padded with 0 (G = most genres of a row, at least 1), ``label`` (N,) float32; with
-    ``history`` also ``hist_item_idx`` (N, 50) right-padded with 0 and ``hist_len`` (N,)."""
+    (N, G) int64 right-padded with 0 (G = most genres of a row, at least 1), ``label`` (N,) float32, ``dense``
+    (N, F) float32 of the dense features named in ``dense`` (:func:`dense_inputs`; F = 0 when none); with
+    ``history`` also ``hist_item_idx`` (N, 50) right-padded with 0 and ``hist_len`` (N,).
+
+    Raises:
+        KeyError: a feature of ``dense`` is not in ``DENSE``.
+        pyarrow.ArrowInvalid: a column is not in the export (see :func:`exported_dense`).
+    """
+    unknown = [n for n in dense if n not in DENSE]
+    if unknown:
+        raise KeyError(f"unknown dense feature(s) {unknown}; known: {list(DENSE)}")
     path = lake / "export" / "ctr_samples" / f"split={split}"
-    columns = [*ONE_HOT, MULTI_HOT, "label", *([HISTORY] if history else [])]
+    columns = [*ONE_HOT, MULTI_HOT, "label", *dense, *([HISTORY] if history else [])]
     t = ds.dataset(str(path), format="parquet").to_table(columns=columns)
     out = {c: t.column(c).fill_null(0).to_numpy().astype(np.int64) for c in ONE_HOT}
     genres = [g or [] for g in t.column(MULTI_HOT).to_pylist()]
     out[MULTI_HOT] = _padded(genres, max(1, max(map(len, genres), default=1)))  # (N, G)
     out["label"] = t.column("label").to_numpy().astype(np.float32)
+    out["dense"] = dense_inputs(t, dense)  # (N, F)
     if history:
         hist = [h or [] for h in t.column(HISTORY).to_pylist()]
         out[HISTORY] = _padded(hist, MAX_HISTORY)  # (N, L), most recent last
@@ -77,11 +121,12 @@ def auc_logloss(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- DeepCTR
-def deepctr_columns(sizes: dict[str, int], genre_width: int, dim: int, history: bool = False) -> list:
+def deepctr_columns(sizes: dict[str, int], genre_width: int, dim: int, history: bool = False,
+                    dense: tuple[str, ...] = ()) -> list:
     """DeepCTR-Torch feature columns for our feature set: one ``SparseFeat`` per one-hot feature, genres as a
     sum-pooled ``VarLenSparseFeat`` (0 pads, masked); with ``history`` DIN's behaviour sequence, sharing the item
-    table (``embedding_name``) and masked by ``hist_len``."""
-    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+    table (``embedding_name``) and masked by ``hist_len``; a ``DenseFeat`` of dimension 1 per name in ``dense``."""
+    from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
 
     cols = [SparseFeat(c, vocabulary_size=sizes[VOCAB[c]], embedding_dim=dim) for c in ONE_HOT]
     cols.append(VarLenSparseFeat(SparseFeat(MULTI_HOT, vocabulary_size=sizes[VOCAB[MULTI_HOT]], embedding_dim=dim),
@@ -90,6 +135,7 @@ def deepctr_columns(sizes: dict[str, int], genre_width: int, dim: int, history: 
         cols.append(VarLenSparseFeat(SparseFeat(HISTORY, vocabulary_size=sizes["item"], embedding_dim=dim,
                                                 embedding_name="item_idx"), maxlen=MAX_HISTORY,
                                      length_name="hist_len"))
+    cols += [DenseFeat(name, 1) for name in dense]
     return cols
 
 
@@ -101,13 +147,15 @@ def run_deepctr(a: argparse.Namespace) -> dict:
     torch.manual_seed(a.seed)
     sizes = vocab_sizes(a.lake)
     din = a.model == "din"
-    data = {s: read_split(a.lake, s, history=din) for s in SPLITS}
+    dense = () if a.no_dense else exported_dense(a.lake)
+    data = {s: read_split(a.lake, s, history=din, dense=dense) for s in SPLITS}
     width = max(d[MULTI_HOT].shape[1] for d in data.values())
     for d in data.values():  # one width for every split (DeepCTR's VarLenSparseFeat has a fixed maxlen)
         d[MULTI_HOT] = np.pad(d[MULTI_HOT], ((0, 0), (0, width - d[MULTI_HOT].shape[1])))
-    cols = deepctr_columns(sizes, width, a.embedding_dim, history=din)
+    cols = deepctr_columns(sizes, width, a.embedding_dim, history=din, dense=dense)
     inputs = (*ONE_HOT, MULTI_HOT, *((HISTORY, "hist_len") if din else ()))
-    x = {s: {c: d[c] for c in inputs} for s, d in data.items()}
+    x = {s: {**{c: d[c] for c in inputs}, **{n: d["dense"][:, j] for j, n in enumerate(dense)}}
+         for s, d in data.items()}
     l2 = {} if a.l2_embedding is None else {"l2_reg_embedding": a.l2_embedding}  # else the library's default
     if din:  # activation unit as ours: one hidden layer of 36, PReLU, no softmax
         model = DIN(cols, ["item_idx"], dnn_hidden_units=tuple(a.hidden), dnn_dropout=a.dropout,
@@ -133,17 +181,20 @@ def run_deepctr(a: argparse.Namespace) -> dict:
                 break
     n = len(data["train"]["label"])
     return {**best, "epochs": epoch, "train_s": train_s, "train_samples_per_s": n * epoch / train_s,
-            "optimizer": f"Adam lr {a.lr} (all parameters)"}
+            "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense)}
 
 
 # ---------------------------------------------------------------------------------------------- RecBole
-def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", history: bool = False) -> dict[str, int]:
+def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", history: bool = False,
+                         dense: tuple[str, ...] = ()) -> dict[str, int]:
     """RecBole atomic files for our split, under ``out_dir/name/``: ``<name>.<split>.inter`` (one per split, rows
     in the export's order, read with ``benchmark_filename`` so RecBole keeps the split), ``<name>.user`` (age,
     gender, occupation, zip prefix) and ``<name>.item`` (genres as a token sequence). Tokens are our indices, so
     RecBole's features are exactly ours. With ``history`` the interactions also carry ``item_id_list`` (our
     point-in-time ``hist_item_idx``, oldest first, at most 50), which RecBole's sequential datasets take as the
-    behaviour sequence instead of rebuilding it. Returns the rows written per split.
+    behaviour sequence instead of rebuilding it. The dense features named in ``dense`` are float fields of the
+    interactions (they are point-in-time, not static), holding the model input already transformed
+    (:func:`dense_inputs`; 9 significant digits, which round-trip a float32). Returns the rows written per split.
 
     Raises:
         ValueError: a user or an item has different side features in different rows (the features are static).
@@ -154,14 +205,15 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
     items: dict[int, tuple] = {}
     counts = {}
     for split in SPLITS:
-        s = read_split(lake, split, history=history)
+        s = read_split(lake, split, history=history, dense=dense)
+        header = ["user_id:token", "item_id:token", "label:float", *(f"{n}:float" for n in dense)]
+        rows = [[str(u), str(i), f"{y:g}", *(f"{v:.9g}" for v in x)]
+                for u, i, y, x in zip(s["user_idx"], s["item_idx"], s["label"], s["dense"])]
         if history:
-            lines = ["user_id:token\titem_id:token\tlabel:float\titem_id_list:token_seq"]
-            lines += [f"{u}\t{i}\t{y:g}\t{' '.join(map(str, h[:n]))}" for u, i, y, h, n in
-                      zip(s["user_idx"], s["item_idx"], s["label"], s[HISTORY], s["hist_len"])]
-        else:
-            lines = ["user_id:token\titem_id:token\tlabel:float"]
-            lines += [f"{u}\t{i}\t{y:g}" for u, i, y in zip(s["user_idx"], s["item_idx"], s["label"])]
+            header.append("item_id_list:token_seq")
+            for row, h, n in zip(rows, s[HISTORY], s["hist_len"]):
+                row.append(" ".join(map(str, h[:n])))
+        lines = ["\t".join(header)] + ["\t".join(row) for row in rows]
         (d / f"{name}.{split}.inter").write_text("\n".join(lines) + "\n")
         counts[split] = len(s["label"])
         for r in range(len(s["label"])):
@@ -177,27 +229,72 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
     return counts
 
 
+def recbole_din_with_dense(dense: tuple[str, ...]) -> type:
+    """RecBole's DIN with the interactions' dense features ``dense`` (raw values, (B, F)) appended to the input of
+    its DNN, as DeepCTR-Torch's DIN and ours append them: RecBole 1.2.1's DIN embeds only user and item features
+    (``ContextSeqEmbLayer`` looks them up by id), so it would ignore point-in-time fields of the interactions.
+    RecBole's own ``forward`` runs unchanged; its DNN is wrapped to take the features of the batch."""
+    from recbole.model.layers import MLPLayers
+    from recbole.model.sequential_recommender import DIN
+    from torch import cat, nn, stack
+
+    class AppendDense(nn.Module):
+        def __init__(self, mlp: nn.Module):
+            super().__init__()
+            self.mlp, self.dense = mlp, None
+
+        def forward(self, din_in):  # (B, 3 * item features * D) -> (B, 3 * item features * D + F)
+            return self.mlp(cat([din_in, self.dense], dim=-1))
+
+    class DenseDIN(DIN):
+        def __init__(self, config, dataset):
+            super().__init__(config, dataset)
+            mlp = MLPLayers([self.dnn_list[0] + len(dense), *self.mlp_hidden_size], activation="Dice",
+                            dropout=self.dropout_prob, bn=True)
+            mlp.apply(self._init_weights)
+            self.dnn_mlp_layers = AppendDense(mlp)
+
+        def _with_dense(self, interaction):
+            self.dnn_mlp_layers.dense = stack([interaction[n] for n in dense], dim=1)  # (B, F)
+
+        def calculate_loss(self, interaction):
+            self._with_dense(interaction)
+            return super().calculate_loss(interaction)
+
+        def predict(self, interaction):
+            self._with_dense(interaction)
+            return super().predict(interaction)
+
+    return DenseDIN if dense else DIN
+
+
 def run_recbole(a: argparse.Namespace) -> dict:
     """RecBole's DeepFM (context-aware) or DIN (a sequential recommender in RecBole: its dataset takes our
     ``item_id_list`` as the history, ``alias_of_item_id`` maps those ids through the item vocabulary). RecBole's
     DIN reads the item features (id, genres) of the history and the candidate; as its docstring says, the user
-    features are embedded but not fed to its DNN, and its DNN is Dice + batch norm over (200, 80)."""
+    features are embedded but not fed to its DNN, and its DNN is Dice + batch norm over (200, 80). The dense
+    features: DeepFM embeds them as ``numerical_features`` (``FLEmbedding``: value x a learned vector per field, in
+    its first-order part, FM and DNN; no normalisation or discretisation, the values are already ours); DIN takes
+    them through :func:`recbole_din_with_dense`."""
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.model.context_aware_recommender import DeepFM
-    from recbole.model.sequential_recommender import DIN
     from recbole.trainer import Trainer
     from recbole.utils import init_seed
 
     torch.set_num_threads(1)
     name = "ml100k_lake"
     din = a.model == "din"
-    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din)
-    inter_cols = ["user_id", "item_id", "label", *(["item_id_list"] if din else [])]
+    dense = () if a.no_dense else exported_dense(a.lake)
+    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din, dense=dense)
+    inter_cols = ["user_id", "item_id", "label", *dense, *(["item_id_list"] if din else [])]
     config = Config(model="DIN" if din else "DeepFM", dataset=name, config_dict={
         "data_path": str(a.work / "atomic"), "checkpoint_dir": str(a.work / "saved"),
         **({"alias_of_item_id": ["item_id_list"], "MAX_ITEM_LIST_LENGTH": MAX_HISTORY} if din else {}),
+        # DIN reads the raw floats (recbole_din_with_dense); as numerical_features they would be (value, 1) pairs
+        "numerical_features": [] if din else list(dense), "normalize_field": None, "normalize_all": False,
+        "discretization": None,
         "benchmark_filename": list(SPLITS), "load_col": {"inter": inter_cols,
                                                           "user": ["user_id", "age", "gender", "occupation", "zip"],
                                                           "item": ["item_id", "genre"]},
@@ -218,7 +315,7 @@ def run_recbole(a: argparse.Namespace) -> dict:
     rows = {"train": len(train.dataset), "valid": len(valid.dataset), "test": len(test.dataset)}
     if rows != counts:
         raise RuntimeError(f"RecBole kept {rows} rows of the {counts} written: it changed the split")
-    model = (DIN if din else DeepFM)(config, train.dataset).to("cpu")
+    model = (recbole_din_with_dense(dense) if din else DeepFM)(config, train.dataset).to("cpu")
     trainer = Trainer(config, model)
     timed = {"s": 0.0, "epochs": 0}
     inner = trainer._train_epoch
@@ -248,9 +345,10 @@ def run_recbole(a: argparse.Namespace) -> dict:
     finally:
         torch.load = load
     return {"valid_auc": float(valid_result["auc"]), "test_auc": float(test_result["auc"]),
-            "test_logloss": float(test_result["logloss"]), "best_epoch": int(np.argmax(scores)) + 1, "epochs": timed["epochs"], "train_s": timed["s"],
+            "test_logloss": float(test_result["logloss"]), "best_epoch": int(np.argmax(scores)) + 1,
+            "epochs": timed["epochs"], "train_s": timed["s"],
             "train_samples_per_s": rows["train"] * timed["epochs"] / timed["s"],
-            "optimizer": f"Adam lr {a.lr} (all parameters)"}
+            "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense)}
 
 
 # ----------------------------------------------------------------------------------------------- gensim
@@ -298,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--l2-embedding", type=float, default=None,
                    help="deepctr: l2_reg_embedding (its default: DeepFM 1e-5, DIN 1e-6)")
+    p.add_argument("--no-dense", action="store_true",
+                   help="deepctr, recbole: train without the dense features (an ablation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negatives", type=int, default=5)
