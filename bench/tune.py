@@ -65,7 +65,7 @@ SPACE: dict[str, tuple] = {
     # the mini-batch aware L2 on the user/item rows (Zhou et al. 2018, 4.2); added after the first searches
     "mba_lambda": (0.0, 1e-3, 1e-2, 1e-1, 1.0),
     # id dropout with cold ids read as the OOV row (training.modules.cold_ids); added after the mba_lambda grid
-    "id_dropout": (0.0, 0.1, 0.2, 0.3, 0.5),
+    "id_dropout": (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99),
     # time-decayed sample weights (training.data.recency_weights), half-life in days; 0 off
     "recency_half_life_days": (0.0, 15.0, 30.0, 60.0, 120.0),
 }
@@ -372,14 +372,18 @@ def _valid_of(t: dict, seed) -> float | None:
 
 def _label(key: str) -> tuple[str, str]:
     """(model, implementation) of a ``tune.json`` results key: ``deepfm`` / ``din`` are ours (``<m>-grid`` ours
-    searched on a grid), ``deepctr-<m>`` DeepCTR-Torch's.
+    searched on a grid, ``<m>-grid-<tag>`` one of several grids merged into one report, keys renamed by hand),
+    ``deepctr-<m>`` DeepCTR-Torch's.
 
-    >>> _label("deepctr-din"), _label("din-grid"), _label("deepfm")
-    (('din', 'DeepCTR-Torch 0.3.0'), ('din', 'ours, grid'), ('deepfm', 'ours'))
+    >>> _label("deepctr-din"), _label("din-grid"), _label("deepfm"), _label("din-grid-user ids")
+    (('din', 'DeepCTR-Torch 0.3.0'), ('din', 'ours, grid'), ('deepfm', 'ours'), ('din', 'ours, grid user ids'))
     """
     if key.startswith("deepctr-"):
         return key.split("-", 1)[1], "DeepCTR-Torch 0.3.0"
-    return (key.removesuffix("-grid"), "ours, grid") if key.endswith("-grid") else (key, "ours")
+    model, grid, tag = key.partition("-grid")
+    if grid and (not tag or tag.startswith("-")):
+        return model, f"ours, grid {tag[1:]}".rstrip()
+    return key, "ours"
 
 
 def _num(v) -> str:

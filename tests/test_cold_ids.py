@@ -126,9 +126,27 @@ def test_fill_cold_rows_refuses_a_missing_table_or_other_sizes():
 
 
 def test_train_options_check_id_dropout():
-    assert TrainOptions(model="deepfm").id_dropout == 0.0 and TrainOptions(model="item2vec").id_dropout == 0.0
+    from training.hparams import MODEL_DEFAULTS
+
+    assert TrainOptions(model="deepfm").id_dropout == MODEL_DEFAULTS["deepfm"]["id_dropout"] > 0  # the tuned default
+    assert TrainOptions(model="item2vec").id_dropout == 0.0
     assert TrainOptions(model="din", id_dropout=0.2).id_dropout == 0.2
+    assert TrainOptions(model="din", id_dropout=0.0).id_dropout == 0.0  # 0 turns it off, it is not "unset"
     for bad in ({"model": "deepfm", "id_dropout": 1.0}, {"model": "din", "id_dropout": -0.1},
                 {"model": "item2vec", "id_dropout": 0.1}):
         with pytest.raises(ValueError, match="id_dropout"):
             TrainOptions(**bad)
+
+
+def test_din_drops_only_the_user_id():
+    """DIN's activation unit queries the history with the candidate item, so its id dropout leaves item_idx alone."""
+    from training.data import ID_DROPOUT_FEATURES
+
+    assert ID_DROPOUT_FEATURES["din"] == ("user_idx",)
+    assert set(ID_DROPOUT_FEATURES["deepfm"]) == {"user_idx", "item_idx"}
+    shard = _shard(300, seed=2, users=30, items=40, history=False)
+    plain = next(ctr_batches(shard, 256, 1, shuffle=True, seed=5))
+    dropped = next(ctr_batches(shard, 256, 1, shuffle=True, seed=5, id_dropout=0.5, dropped=ID_DROPOUT_FEATURES["din"]))
+    assert torch.equal(plain.features["item_idx"].values(), dropped.features["item_idx"].values())
+    users = dropped.features["user_idx"].values()
+    assert 0.4 < float((users == 0).float().mean()) < 0.6

@@ -35,8 +35,12 @@ from training.modules.cold_ids import drop_ids
 log = logging.getLogger(__name__)
 
 PRODUCER = "the features stage (spark-submit pipelines/features_batch.py)"
-#: The one-hot id features id dropout replaces by the OOV row: the user and the candidate item.
-ID_DROPOUT_FEATURES = ("user_idx", "item_idx")
+#: The one-hot id features id dropout replaces by the OOV row, per model: DeepFM the user and the candidate item;
+#: DIN the user only, since its activation unit weighs the history by the candidate item's embedding (an OOV
+#: candidate would blank the attention's query). bench.tune grids, mean valid AUC over seeds 0-2 (BENCHMARKS.md
+#: tuning-counters): DIN 0.7283 +- 0.0025 dropping the user at 0.9, 0.7265 +- 0.0025 dropping both at 0.99 (test
+#: 0.7386 +- 0.0006 against 0.7322 +- 0.0028); DeepFM 0.7313 +- 0.0028 both at 0.99, 0.7283 +- 0.0011 user at 0.9.
+ID_DROPOUT_FEATURES = {"deepfm": ("user_idx", "item_idx"), "din": ("user_idx",)}
 
 #: The tables (their Parquet exports) each model is trained on; the item vocabulary numbers the embedding rows.
 TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
@@ -239,7 +243,7 @@ class CtrBatch:
 
 def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
                 features: Sequence[SparseFeature] = SPARSE_FEATURES, id_dropout: float = 0.0,
-                dropped: Sequence[str] = ID_DROPOUT_FEATURES,
+                dropped: Sequence[str] = ID_DROPOUT_FEATURES["deepfm"],
                 sample_weight: np.ndarray | None = None) -> Iterator[CtrBatch]:
     """Exactly ``n_batches`` batches of exactly ``batch_size`` rows; rows beyond the shard are padding (weight 0).
 

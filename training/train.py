@@ -454,8 +454,8 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     after failure."""
     import torch
 
-    from training.data import (ctr_batches, exported_dense_features, num_batches, read_ctr_shard, read_vocab_sizes,
-                               recency_weights)
+    from training.data import (ID_DROPOUT_FEATURES, ctr_batches, exported_dense_features, num_batches,
+                               read_ctr_shard, read_vocab_sizes, recency_weights)
     from training.distributed import gather_full_state_dict
     from training.modules.cold_ids import fill_cold_rows
 
@@ -464,7 +464,9 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
     torch.manual_seed(opts.seed)
     dense_features = exported_dense_features(lake) if opts.dense_features else ()
     if opts.dense_features and not dense_features:
-        _log(rank, "the ctr_samples export has no point-in-time counters (re-run the features stage): sparse only")
+        _log(rank, "the ctr_samples export has no point-in-time counters (re-run the features stage): sparse only"
+                   + (f"; id dropout {opts.id_dropout} was chosen with them and lowers AUC without them (pass "
+                      "--id-dropout 0)" if opts.id_dropout > 0 else ""))
     model, config, features = _ctr_model(opts, vocab, dense_features)
     train, valid, test = (read_ctr_shard(lake, s, rank, world_size, features, dense_features)
                           for s in ("train", "valid", "test"))
@@ -507,7 +509,8 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
         dmp.train()
         t0, total = time.perf_counter(), 0.0
         batches = ctr_batches(train, local_bs, steps, shuffle=True, seed=opts.seed * 1000 + epoch * 10 + rank,
-                              features=features, id_dropout=opts.id_dropout, sample_weight=sample_weight)
+                              features=features, id_dropout=opts.id_dropout,
+                              dropped=ID_DROPOUT_FEATURES[opts.model], sample_weight=sample_weight)
         for i, b in enumerate(batches):
             b = b.to(device)
             for group in dense_opt.param_groups:
