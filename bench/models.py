@@ -310,7 +310,8 @@ def _ours_training(ctr: list[dict]) -> str:
                        f"AdamW lr {t.get('lr_dense', 1e-3):g} weight decay {t.get('weight_decay', 1e-4):g} on the "
                        f"dense layers, dropout {t.get('dropout', 0.2):g}, {t.get('lr_schedule', 'warmup_cosine')} "
                        f"dense lr (warm-up {t.get('warmup_frac', 0.05):g} of the steps, down to "
-                       f"{t.get('min_lr_factor', 0.1):g}x)")
+                       f"{t.get('min_lr_factor', 0.1):g}x), id dropout {t.get('id_dropout', 0):g}"
+                       + (" (user id)" if model == "DIN" else " (user and item ids)"))
     return "; ".join(out) or "n/a"
 
 
