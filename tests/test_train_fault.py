@@ -68,8 +68,10 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, cfg, tmp_path):
 
     def run(name: str, progress: str = "") -> dict:
         local = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / name, train=cfg.train)
+        # id dropout 0.3, not the MovieLens default: this lake's label is a function of the ids alone, and the
+        # resumed run must redraw the same dropped ids as the clean one
         opts = TrainOptions(model="deepfm", epochs=EPOCHS, batch_size=256, patience=EPOCHS, seed=7,
-                            lr_sparse=0.05, progress_dir=progress)
+                            lr_sparse=0.05, id_dropout=0.3, progress_dir=progress)
         return train(local, opts)
 
     lake = PlatformConfig(data_dir=tmp_path / "data").lake_dir
