@@ -96,6 +96,22 @@ DENSE_FEATURES: tuple[DenseFeature, ...] = (
 RATING_CENTER = 3.5
 
 
+def dense_features_named(names) -> tuple[DenseFeature, ...]:
+    """The ``DENSE_FEATURES`` called ``names``, in that order (a saved model's config records names).
+
+    Raises:
+        KeyError: a name that is not a declared dense feature.
+
+    >>> [f.kind for f in dense_features_named(["item_prior_rating", "user_prior_events"])]
+    ['rating', 'count']
+    """
+    declared = {f.name: f for f in DENSE_FEATURES}
+    unknown = [n for n in names if n not in declared]
+    if unknown:
+        raise KeyError(f"unknown dense feature(s) {unknown}; declared: {list(declared)}")
+    return tuple(declared[n] for n in names)
+
+
 def dense_inputs(columns, features=DENSE_FEATURES):
     """The (N, F_dense) float32 model input of ``features`` from their raw columns.
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from features.config import PlatformConfig
-from features.definitions import DENSE_FEATURES, dense_inputs
+from features.definitions import dense_features_named, dense_inputs
 from features.errors import PlatformError
 from features.tables import CTR_SAMPLES, parquet_export
 from serving.ann import HnswParams, ItemIndex
@@ -187,8 +187,7 @@ class ServingBundle:
         if names:  # None for an item with no event yet: read as 0, as a null counter in training
             columns = {k: [profile.counters.get(k)] * len(cand) if k.startswith("user_")
                        else [self.item_counters.get(c, {}).get(k) for c in cand] for k in names}
-            features = [f for k in names for f in DENSE_FEATURES if f.name == k]
-            dense = torch.from_numpy(dense_inputs(columns, features))  # (C, F_dense)
+            dense = torch.from_numpy(dense_inputs(columns, dense_features_named(names)))  # (C, F_dense)
         with torch.no_grad():
             return torch.sigmoid(self.ranker(kjt_of_rows(rows), dense)).numpy().astype(np.float64)  # (C,)
 
@@ -295,9 +294,9 @@ def _load_ranker(cfg: PlatformConfig, spec: BundleSpec):
 
 def _counters(t, key: str, entity: str) -> dict:
     """``{key value: {<entity>_prior_events, <entity>_prior_rating}}``: events and mean rating of each, as of now."""
-    g = t.groupby(key)["rating"]
+    stats = t.groupby(key)["rating"].agg(["size", "mean"])
     return {int(k): {f"{entity}_prior_events": int(n), f"{entity}_prior_rating": float(m)}
-            for k, n, m in zip(g.size().index, g.size().to_numpy(), g.mean().to_numpy())}
+            for k, n, m in stats.itertuples()}
 
 
 def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple, dict]:

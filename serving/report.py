@@ -83,7 +83,7 @@ def deepfm_test_predictions(cfg: PlatformConfig, batch_size: int = 4096) -> tupl
         raise FileNotFoundError(f"no DeepFM model at {d / 'model.pt'}; run `python -m training.train --model deepfm`")
     import torch
 
-    from features.definitions import DENSE_FEATURES
+    from features.definitions import dense_features_named
     from training.data import ctr_batches, num_batches, read_ctr_shard
     from training.models.deepfm import DeepFM, DeepFMConfig
 
@@ -95,8 +95,7 @@ def deepfm_test_predictions(cfg: PlatformConfig, batch_size: int = 4096) -> tupl
                                                      dense_features=dense_names))
     model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
-    dense = [f for name in dense_names for f in DENSE_FEATURES if f.name == name]
-    shard = read_ctr_shard(cfg.lake_dir, "test", dense_features=dense)
+    shard = read_ctr_shard(cfg.lake_dir, "test", dense_features=dense_features_named(dense_names))
     scores = []
     with torch.no_grad():
         for b in ctr_batches(shard, batch_size, num_batches(len(shard), 1, batch_size)):
