@@ -61,6 +61,11 @@ SPARSE_FEATURES: tuple[SparseFeature, ...] = (
 HISTORY_FEATURE = SparseFeature("hist_item_idx", "t_item", "item", multi_hot=True)
 #: L, the longest history kept per sample (most recent items).
 MAX_HISTORY = 50
+#: The rating the user gave each behaviour of ``HISTORY_FEATURE`` (same length and order): the stars rounded to
+#: a level in 1..5, the row of a small ``t_rating`` table (0: unknown). Point-in-time like the history itself.
+HISTORY_RATING_FEATURE = SparseFeature("hist_rating", "t_rating", "rating", multi_hot=True)
+#: Rows of ``t_rating``: level 0 (unknown) and the stars 1..5.
+RATING_LEVELS = 6
 
 
 

@@ -113,11 +113,12 @@ CTR_SAMPLES = TableSpec(
     "gold.ctr_samples",
     "event_id string, user_id int, item_id int, rating float, label int, event_time timestamp, split string, "
     "user_idx int, item_idx int, age_idx int, gender_idx int, occupation_idx int, zip_idx int, "
-    "genre_idx array<int>, hist_item_idx array<int>, hist_len int, "
+    "genre_idx array<int>, hist_item_idx array<int>, hist_rating array<int>, hist_len int, "
     "user_prior_events int, user_prior_rating double, item_prior_events int, item_prior_rating double",
     partition_by=("split",),
-    doc="One labelled sample (label = rating >= 4) with the user's behaviour history and the user's and item's "
-        "event counts and mean ratings, all from events strictly before event_time (null mean: no such event).",
+    doc="One labelled sample (label = rating >= 4) with the user's behaviour history (items and their stars) and "
+        "the user's and item's event counts and mean ratings, all from events strictly before event_time (null "
+        "mean: no such event).",
 )
 ITEM_SEQUENCES = TableSpec(
     "gold.item_sequences", "user_id int, user_idx int, item_idx array<int>, seq_len int",

@@ -25,6 +25,8 @@ Semantics (declared in ``features.definitions``):
   ``item_idx`` of every item the same user rated at a Unix second strictly before the sample's (same-second
   events excluded), ordered by ``(event_time, event_id)``, most recent last, truncated to the last
   ``MAX_HISTORY``. Computed with a window ``rangeBetween(unboundedPreceding, -1)`` over Unix seconds.
+  ``hist_rating`` holds, aligned with it, the stars the user gave each of those items, rounded to a level in
+  1..5 (``HISTORY_RATING_FEATURE``; a row of the small ``rating`` vocabulary of ``RATING_LEVELS``).
 - Item sequences (item2vec's sentences, Barkan & Koenigstein 2016): per user, the ``item_idx`` of the positively
   rated train-split samples in time order; users with fewer than 2 such items are dropped.
 
@@ -52,8 +54,10 @@ from pyspark.sql.types import StructType
 from features.config import PlatformConfig, load_config
 from features.definitions import (
     CATEGORY_FEATURES,
+    HISTORY_RATING_FEATURE,
     MAX_HISTORY,
     POSITIVE_RATING,
+    RATING_LEVELS,
     SPLIT_FRACTIONS,
     UNKNOWN_INDEX,
     ZIP_PREFIX_LEN,
@@ -85,7 +89,7 @@ STAGE = "features"
 #: Tables copied to plain Parquet under ``<lake>/export/`` for Ray Data and the ANN builder.
 PARQUET_EXPORTS = (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, USER_VOCAB)
 #: Embedding-table names in ``vocab_sizes.json``: the id vocabularies, then every ``category_vocab`` feature.
-VOCAB_SIZE_KEYS = ("user", "item", *CATEGORY_FEATURES)
+VOCAB_SIZE_KEYS = ("user", "item", *CATEGORY_FEATURES, HISTORY_RATING_FEATURE.vocab)
 
 
 def split_bounds(n: int) -> list[tuple[str, int]]:
@@ -364,16 +368,26 @@ def with_split(events, n: int):
             .withColumn("split", split).drop("_pos"))
 
 
+def rating_level(rating):
+    """The row of ``t_rating`` for a rating column: the stars rounded half up and clamped to 1..5 (MovieLens'
+    half stars 0.5..5 included; ``RATING_LEVELS`` rows with 0 unknown), 0 when null."""
+    level = F.least(F.greatest(F.round(rating).cast("int"), F.lit(1)), F.lit(RATING_LEVELS - 1))
+    return F.when(rating.isNull(), F.lit(UNKNOWN_INDEX)).otherwise(level)  # greatest() would skip the null
+
+
 def with_history(samples, max_history: int = MAX_HISTORY):
-    """Add ``hist_item_idx`` (array<int>, length <= L = ``max_history``) and ``hist_len``: the item_idx of the
-    user's events at Unix seconds strictly before the sample's, sorted by ``(event_time, event_id)``, the last L.
+    """Add ``hist_item_idx`` (array<int>, length <= L = ``max_history``), ``hist_rating`` (array<int>, aligned
+    with it: :func:`rating_level` of each of those events) and ``hist_len``: the item_idx of the user's events at
+    Unix seconds strictly before the sample's, sorted by ``(event_time, event_id)``, the last L.
     """
     before = (Window.partitionBy("user_id").orderBy(F.col("_ts_s"))
               .rangeBetween(Window.unboundedPreceding, -1))  # frame: ts <= sample ts - 1 s
-    earlier = F.array_sort(F.collect_list(F.struct("event_time", "event_id", "item_idx")).over(before))  # (H,)
+    behaviour = F.struct("event_time", "event_id", "item_idx", rating_level(F.col("rating")).alias("level"))
+    earlier = F.array_sort(F.collect_list(behaviour).over(before))  # (H,)
     last = F.slice(earlier, F.greatest(F.size(earlier) - max_history + 1, F.lit(1)), max_history)  # (min(H, L),)
     return (samples.withColumn("_ts_s", F.unix_seconds("event_time"))
             .withColumn("hist_item_idx", F.transform(last, lambda e: e["item_idx"]))
+            .withColumn("hist_rating", F.transform(last, lambda e: e["level"]))
             .withColumn("hist_len", F.size("hist_item_idx"))
             .drop("_ts_s"))
 
@@ -425,6 +439,7 @@ def vocab_sizes(user_vocab, item_vocab, category_vocab: dict[tuple[str, str], in
              "item": max(ids[1] or UNKNOWN_INDEX, item_spec.first_index - 1)}
     for f in CATEGORY_FEATURES:
         sizes[f] = max((i for (feature, _), i in category_vocab.items() if feature == f), default=UNKNOWN_INDEX)
+    sizes[HISTORY_RATING_FEATURE.vocab] = RATING_LEVELS - 1
     return {k: int(v) + 1 for k, v in sizes.items()}
 
 

@@ -25,7 +25,8 @@ import pandas as pd
 import pytest
 
 from features.config import ROOT, PlatformConfig
-from features.definitions import CATEGORY_FEATURES, MAX_HISTORY, UNKNOWN_INDEX, ZIP_PREFIX_LEN, age_bucket, label_of
+from features.definitions import (CATEGORY_FEATURES, MAX_HISTORY, RATING_LEVELS, UNKNOWN_INDEX, ZIP_PREFIX_LEN,
+                                  age_bucket, label_of)
 from features.errors import TableNotFoundError
 from features.tables import (
     BRONZE_INTERACTIONS,
@@ -39,7 +40,7 @@ from features.tables import (
     parquet_export,
 )
 from features.tables import vocab_sizes_path
-from pipelines.features_batch import split_bounds
+from pipelines.features_batch import rating_level, split_bounds
 
 FIRST_USERS, ALL_USERS = range(1, 41), range(1, 51)
 #: Events around the train/valid boundary of the 50-user slice forced to one timestamp (the tie straddles it).
@@ -181,6 +182,14 @@ def naive_order(df: pd.DataFrame) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------------------------------------------- no Spark
 
 
+@pytest.mark.integration
+def test_rating_level_rounds_half_stars_up_into_1_to_5(spark):
+    from pyspark.sql import functions as F
+
+    df = spark.createDataFrame([(0.5,), (1.0,), (2.5,), (3.4,), (4.5,), (5.0,), (None,)], "rating double")
+    assert [r[0] for r in df.select(rating_level(F.col("rating"))).collect()] == [1, 1, 3, 3, 5, 5, UNKNOWN_INDEX]
+
+
 @pytest.mark.parametrize("n", [0, 1, 9, 10, 11, 5354, 99_999, 100_000])
 def test_split_bounds_are_floor_of_cumulative_fractions(n):
     assert split_bounds(n) == [("train", n * 8 // 10), ("valid", n * 9 // 10), ("test", n)]
@@ -211,18 +220,22 @@ def test_tables_have_exactly_the_contract_schemas(job, spark):
 
 @pytest.mark.integration
 def test_history_is_strictly_earlier_items_last_50(job):
-    """Every sample's hist_item_idx against a naive loop over the user's events."""
+    """Every sample's hist_item_idx and hist_rating against a naive loop over the user's events."""
     item_idx = {i: idx for i, (idx, _) in job.second.item_vocab.items()}
     by_user = defaultdict(list)
     for r in job.events.itertuples(index=False):
-        by_user[int(r.user_id)].append((int(r.timestamp), f"ml100k-{int(r.row):06d}", item_idx[int(r.item_id)]))
-    expected = {}
+        by_user[int(r.user_id)].append((int(r.timestamp), f"ml100k-{int(r.row):06d}", item_idx[int(r.item_id)],
+                                        int(r.rating)))  # MovieLens-100K's stars are whole: their own level
+    expected, expected_rating = {}, {}
     for user_events in by_user.values():
-        for ts, eid, _ in user_events:
-            earlier = sorted(e for e in user_events if e[0] < ts)
-            expected[eid] = [e[2] for e in earlier][-MAX_HISTORY:]
+        for ts, eid, _, _ in user_events:
+            earlier = sorted(e for e in user_events if e[0] < ts)[-MAX_HISTORY:]
+            expected[eid] = [e[2] for e in earlier]
+            expected_rating[eid] = [e[3] for e in earlier]
     got = {s["event_id"]: s["hist_item_idx"] for s in job.second.samples}
     assert got == expected
+    assert {s["event_id"]: s["hist_rating"] for s in job.second.samples} == expected_rating
+    assert {r for h in expected_rating.values() for r in h} == {1, 2, 3, 4, 5}  # every level exercised
     assert all(s["hist_len"] == len(s["hist_item_idx"]) for s in job.second.samples)
     lengths = [len(h) for h in got.values()]
     assert max(lengths) == MAX_HISTORY and min(lengths) == 0  # truncation and empty histories both exercised
@@ -347,7 +360,7 @@ def test_vocab_sizes_json_counts_index_0(job, movielens):
     for f, _ in job.second.category_vocab:
         per_feature[f] += 1
     assert sizes == {"user": len(ALL_USERS) + 1, "item": job.events["item_id"].nunique() + 1,
-                     **{f: per_feature[f] + 1 for f in CATEGORY_FEATURES}}
+                     **{f: per_feature[f] + 1 for f in CATEGORY_FEATURES}, "rating": RATING_LEVELS}
     assert sizes["genre"] == 19 + 1 and sizes["gender"] == 2 + 1 and sizes["occupation"] == 21 + 1
     assert job.second.result["vocab_sizes"] == sizes
     assert (job.second.result["users"], job.second.result["items"]) == (sizes["user"] - 1, sizes["item"] - 1)
