@@ -288,6 +288,8 @@ def test_airflow_dags_test_runs_the_main_job_end_to_end(tmp_path, movielens):
     deepfm, item2vec = read_stage_result(cfg, "train_deepfm"), read_stage_result(cfg, "train_item2vec")
     assert deepfm["test_auc"] > 0.68
     assert _placed_ranks(deepfm["sharding_plan"]) == {0, 1}
+    din = read_stage_result(cfg, "train_din")  # the features stage wrote the behaviours' stars; DIN read them
+    assert din["history_ratings"] and "t_rating" in din["sharding_plan"] and din["test_auc"] > 0.68
     assert _placed_ranks(item2vec["sharding_plan"]) <= {0, 1}
     retrieval = read_stage_result(cfg, "evaluate")["retrieval"]
     assert "popularity" in retrieval and "item2vec" in retrieval

@@ -10,12 +10,15 @@ import torch
 import torch.distributed as dist
 
 from _spawn import free_port, mark_done, spawn_checked
-from features.definitions import SPARSE_FEATURES
+from features.definitions import HISTORY_RATING_FEATURE, SPARSE_FEATURES
+from features.errors import VocabularyError
 from training.data import kjt_of_rows, synthetic_vocab_sizes
 from training.models import DIN, DIN_FEATURES, DINConfig
 from training.modules import ActivationUnit, TargetAttention
 
 CONFIG = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5)
+RATED = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5,
+                  history_ratings=True)
 
 
 def _rows(n: int, seed: int) -> list[dict]:
@@ -26,6 +29,13 @@ def _rows(n: int, seed: int) -> list[dict]:
              "hist_item_idx": [1 + r(39) for _ in range(r(6))]} for _ in range(n)]
 
 
+def _rated(rows: list[dict], seed: int) -> list[dict]:
+    """``rows`` with a ``hist_rating`` (stars 1..5) for each behaviour."""
+    g = torch.Generator().manual_seed(seed)
+    return [{**row, "hist_rating": [1 + int(torch.randint(0, 5, (1,), generator=g)) for _ in row["hist_item_idx"]]}
+            for row in rows]
+
+
 def test_din_shapes_and_shared_item_table():
     torch.manual_seed(0)
     model = DIN(synthetic_vocab_sizes(), CONFIG)
@@ -33,7 +43,8 @@ def test_din_shapes_and_shared_item_table():
     rows[0]["hist_item_idx"] = []  # an empty history: interest vector 0
     rows[1]["hist_item_idx"] = [7, 3]
     kjt = kjt_of_rows(rows, DIN_FEATURES)
-    side, candidate, history, mask = model.sparse_arch(kjt)
+    side, candidate, history, mask, ratings = model.sparse_arch(kjt)
+    assert ratings is None  # the default config reads the behaviours' items only
     assert side.shape == (4, len(SPARSE_FEATURES) - 1, 8) and candidate.shape == (4, 8)
     assert history.shape == (4, 5, 8) and mask.shape == (4, 5)
     assert mask[1].tolist() == [True, True, False, False, False] and not mask[0].any()
@@ -114,7 +125,7 @@ def test_activation_unit_equals_the_mlp_over_the_concatenation():
 WORLD, BATCH, LR = 2, 6, 0.5
 
 
-def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
+def _worker(rank: int, port: int, strategy: str, rated: bool, done_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -122,34 +133,35 @@ def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
     from training.distributed import ShardingConfig, gather_full_state_dict, load_full_state_dict, placements
     from training.distributed import plan_sharding, shard_model
 
-    vocab = synthetic_vocab_sizes()
+    vocab, config = synthetic_vocab_sizes(), RATED if rated else CONFIG
     torch.manual_seed(0)
-    reference = DIN(vocab, CONFIG)
+    reference = DIN(vocab, config)
     full_sd = {k: v.clone() for k, v in reference.state_dict().items()}
-    rows = _rows(WORLD * BATCH, seed=3)
+    rows, features = _rated(_rows(WORLD * BATCH, seed=3), seed=4), config.features
 
-    sharded = DIN(vocab, CONFIG, sparse_device=torch.device("meta"))
+    sharded = DIN(vocab, config, sparse_device=torch.device("meta"))
     apply_optimizer_in_backward(torch.optim.SGD, sharded.sparse_arch.parameters(), {"lr": LR})
     plan = plan_sharding(sharded, WORLD, ShardingConfig(strategy=strategy))
     where = placements(plan)
-    assert "t_item" in where and len(where) == len(SPARSE_FEATURES)  # 6 pooled tables + the sequence table
+    # 6 pooled tables + the sequence table (+ the ratings' table)
+    assert "t_item" in where and len(where) == len(SPARSE_FEATURES) + rated
     if strategy == "row_wise":
         assert where["t_item"] == "row_wise@rank0,1"
     dmp = shard_model(sharded, plan)
     load_full_state_dict(dmp, full_sd)
 
     local = rows[rank * BATCH:(rank + 1) * BATCH]
-    logits = dmp(kjt_of_rows(local, DIN_FEATURES))
-    torch.testing.assert_close(logits, reference(kjt_of_rows(local, DIN_FEATURES)), rtol=1e-5, atol=1e-6)
+    logits = dmp(kjt_of_rows(local, features))
+    torch.testing.assert_close(logits, reference(kjt_of_rows(local, features)), rtol=1e-5, atol=1e-6)
 
     # one SGD step on the tables: the gathered tables equal the unsharded ones after the mean-over-ranks gradient
     logits.sum().backward()
-    reference(kjt_of_rows(rows, DIN_FEATURES)).sum().backward()
+    reference(kjt_of_rows(rows, features)).sum().backward()
     ref_params = dict(reference.named_parameters())
     gathered = gather_full_state_dict(dmp)
     if rank == 0:
         for key, value in reference.state_dict().items():
-            if "embedding_bags" in key or "embeddings.t_item" in key:
+            if "embedding_bags" in key or "embeddings.t_item" in key or "embeddings.t_rating" in key:
                 torch.testing.assert_close(gathered[key], value - LR * ref_params[key].grad / WORLD,
                                            rtol=1e-4, atol=1e-6)
     dist.destroy_process_group()
@@ -157,9 +169,9 @@ def _worker(rank: int, port: int, strategy: str, done_dir: str) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", ["planner", "row_wise"])
-def test_sharded_din_matches_unsharded(strategy, tmp_path):
-    spawn_checked(_worker, (free_port(), strategy), WORLD, tmp_path)
+@pytest.mark.parametrize(("strategy", "rated"), [("planner", False), ("row_wise", False), ("planner", True)])
+def test_sharded_din_matches_unsharded(strategy, rated, tmp_path):
+    spawn_checked(_worker, (free_port(), strategy, rated), WORLD, tmp_path)
 
 
 def test_din_reads_dense_features_in_its_over_arch():
@@ -168,10 +180,38 @@ def test_din_reads_dense_features_in_its_over_arch():
                                                    dense_features=("user_prior_rating",)))
     kjt, dense = kjt_of_rows(_rows(4, seed=3), DIN_FEATURES), torch.randn(4, 1)  # (B, F_dense)
     logits, weights = model.forward_with_weights(kjt, dense)
-    side, candidate, history, mask = model.sparse_arch(kjt)
+    side, candidate, history, mask, _ = model.sparse_arch(kjt)
     interest, _ = model.interaction_arch(history, mask, candidate)
     x = torch.cat([side.flatten(1), candidate, interest, dense], dim=1)  # (B, (F + 2) * D + 1)
     torch.testing.assert_close(logits, model.over_arch(x).squeeze(1))
     assert logits.shape == (4,) and weights.shape == (4, model.config.max_history)
     with pytest.raises(ValueError, match="user_prior_rating"):
         model(kjt)
+
+
+def test_din_pools_history_ratings_by_the_attention_weights():
+    """liking = sum_l a(h_l, c) * R[r_l] by hand, with R the t_rating table; the stars change the logit, a padded
+    position's do not exist, and a vocabulary without ``rating`` is refused."""
+    torch.manual_seed(0)
+    model = DIN(synthetic_vocab_sizes(), RATED).eval()
+    assert RATED.features == (*DIN_FEATURES, HISTORY_RATING_FEATURE)
+    rows = _rated(_rows(4, seed=5), seed=6)
+    rows[0]["hist_item_idx"], rows[0]["hist_rating"] = [], []
+    rows[1]["hist_item_idx"], rows[1]["hist_rating"] = [7, 3, 9], [5, 1, 4]
+    kjt = kjt_of_rows(rows, RATED.features)
+    logits, weights = model.forward_with_weights(kjt)
+    side, candidate, history, mask, _ = model.sparse_arch(kjt)
+    table = model.sparse_arch.ratings.embedding_collection.embeddings["t_rating"].weight  # (6, D)
+    liking = torch.stack([sum((weights[b, l] * table[r] for l, r in enumerate(row["hist_rating"])),
+                              torch.zeros(8)) for b, row in enumerate(rows)])  # (B, D)
+    interest, _ = model.interaction_arch(history, mask, candidate)
+    x = torch.cat([side.flatten(1), candidate, interest, liking], dim=1)  # (B, (F + 3) * D)
+    torch.testing.assert_close(logits, model.over_arch(x).squeeze(1))
+    # the same behaviours rated otherwise: only row 1's logit moves
+    rows[1]["hist_rating"] = [1, 5, 2]
+    moved = model(kjt_of_rows(rows, RATED.features))
+    assert not torch.isclose(moved[1], logits[1]) and torch.equal(moved[[0, 2, 3]], logits[[0, 2, 3]])
+    sizes = synthetic_vocab_sizes()
+    del sizes["rating"]
+    with pytest.raises(VocabularyError, match="rating"):
+        DIN(sizes, RATED)

@@ -26,7 +26,8 @@ import pyarrow.dataset as ds
 import torch
 from torchrec import KeyedJaggedTensor
 
-from features.definitions import DENSE_FEATURES, SPARSE_FEATURES, DenseFeature, SparseFeature, dense_inputs
+from features.definitions import (DENSE_FEATURES, RATING_LEVELS, SPARSE_FEATURES, DenseFeature, SparseFeature,
+                                  dense_inputs)
 from features.errors import TableNotFoundError
 from features.tables import (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, TableSpec, export_versions_path,
                              parquet_export, vocab_sizes_path)
@@ -52,7 +53,8 @@ TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
 
 def synthetic_vocab_sizes() -> dict[str, int]:
     """Small vocabulary sizes for examples and tests (MovieLens-100K's side-feature sizes, few users/items)."""
-    return {"user": 30, "item": 40, "age_bucket": 8, "gender": 3, "occupation": 22, "zip_prefix": 12, "genre": 20}
+    return {"user": 30, "item": 40, "age_bucket": 8, "gender": 3, "occupation": 22, "zip_prefix": 12, "genre": 20,
+            "rating": RATING_LEVELS}
 
 
 def read_vocab_sizes(lake_dir: str | Path) -> dict[str, int]:
@@ -112,15 +114,17 @@ class CtrShard:
         return len(self.label)
 
 
+def exported_columns(lake_dir: str | Path) -> set[str]:
+    """The columns of the ``ctr_samples`` export (read from one Parquet footer); empty when nothing is exported."""
+    files = sorted(Path(parquet_export(CTR_SAMPLES, lake_dir)).glob("split=*/*.parquet"))
+    return set(ds.dataset(str(files[0]), format="parquet").schema.names) if files else set()
+
+
 def exported_dense_features(lake_dir: str | Path,
                             features: Sequence[DenseFeature] = DENSE_FEATURES) -> tuple[DenseFeature, ...]:
     """``features`` if the ``ctr_samples`` export has all their columns, else () (an export written before the
     features stage computed them, or ``bench.models``' generated data, which has no ratings history)."""
-    path = Path(parquet_export(CTR_SAMPLES, lake_dir))
-    files = sorted(path.glob("split=*/*.parquet"))
-    if not files:
-        return ()
-    names = set(ds.dataset(str(files[0]), format="parquet").schema.names)
+    names = exported_columns(lake_dir)
     return tuple(features) if all(f.name in names for f in features) else ()
 
 

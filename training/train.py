@@ -91,6 +91,9 @@ class TrainOptions:
     # DeepFM, DIN: read the point-in-time counters (features.definitions.DENSE_FEATURES) as dense inputs when the
     # ctr_samples export has them (training.data.exported_dense_features); False: sparse features only
     dense_features: bool = True
+    # DIN: read the stars of each behaviour (features.definitions.HISTORY_RATING_FEATURE) when the ctr_samples
+    # export has them, pooled by the attention weights; False: the behaviours' items only
+    history_ratings: bool = True
     patience: int = 2
     seed: int = 0
     lr_schedule: str = "warmup_cosine"
@@ -329,19 +332,30 @@ def _evaluate(dmp, shard, batch_size: int, world_size: int, features, device) ->
     return {"auc": auc(y, s), "logloss": logloss(y, 1.0 / (1.0 + np.exp(-s))), "gauc": gauc(u, y, s)}
 
 
-def _ctr_model(opts: TrainOptions, vocab: dict, dense_features=()):
+def reads_history_ratings(opts: TrainOptions, lake_dir) -> bool:
+    """Whether a run reads ``HISTORY_RATING_FEATURE``: a DIN run asked to, on an export that has the column (one
+    written before the features stage computed it has not)."""
+    from features.definitions import HISTORY_RATING_FEATURE
+    from training.data import exported_columns
+
+    return (opts.model == "din" and opts.history_ratings
+            and HISTORY_RATING_FEATURE.name in exported_columns(lake_dir))
+
+
+def _ctr_model(opts: TrainOptions, vocab: dict, dense_features=(), history_ratings: bool = False):
     """(model on ``meta``, its config, the KJT features it reads); ``dense_features``: the ``DenseFeature`` s it
     reads as its (B, F_dense) input."""
     import torch
 
     from features.definitions import SPARSE_FEATURES
-    from training.models import DIN, DIN_FEATURES, DeepFM, DeepFMConfig, DINConfig
+    from training.models import DIN, DeepFM, DeepFMConfig, DINConfig
 
     meta = torch.device("meta")
     dense = tuple(f.name for f in dense_features)
     if opts.model == "din":
-        config = DINConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout, dense_features=dense)
-        return DIN(vocab, config, sparse_device=meta), config, DIN_FEATURES
+        config = DINConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout, dense_features=dense,
+                           history_ratings=history_ratings)
+        return DIN(vocab, config, sparse_device=meta), config, config.features
     config = DeepFMConfig(embedding_dim=opts.embedding_dim, dropout=opts.dropout, dense_features=dense)
     return DeepFM(vocab, config, sparse_device=meta), config, SPARSE_FEATURES
 
@@ -431,7 +445,7 @@ class CtrObjective:
         if self.kind == "deepfm":  # out: (B, F, D)
             return {"t_user": [(user, out[real, self.names.index("user_idx")])],
                     "t_item": [(item, out[real, self.names.index("item_idx")])]}
-        side, candidate, history, mask = out  # (B, F, D), (B, D), (B, L, D), (B, L)
+        side, candidate, history, mask, _ = out  # (B, F, D), (B, D), (B, L, D), (B, L), ratings
         hist = features["hist_item_idx"]
         slots = hist.offsets()[:-1].unsqueeze(1) + torch.arange(history.shape[1], device=mask.device)  # (B, L)
         looked_up = mask & real.unsqueeze(1)  # (B, L)
@@ -467,7 +481,7 @@ def _train_ctr(c: dict, opts: TrainOptions, rank: int, world_size: int, device) 
         _log(rank, "the ctr_samples export has no point-in-time counters (re-run the features stage): sparse only"
                    + (f"; id dropout {opts.id_dropout} was chosen with them and lowers AUC without them (pass "
                       "--id-dropout 0)" if opts.id_dropout > 0 else ""))
-    model, config, features = _ctr_model(opts, vocab, dense_features)
+    model, config, features = _ctr_model(opts, vocab, dense_features, reads_history_ratings(opts, lake))
     train, valid, test = (read_ctr_shard(lake, s, rank, world_size, features, dense_features)
                           for s in ("train", "valid", "test"))
     n_train = _all_reduce_sum(torch.tensor([len(train)]), device)
@@ -762,7 +776,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
                                                            "warmup_frac", "min_lr_factor", "patience", "seed")}
                    | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"},
                    dense_features=[f.name for f in exported_dense_features(cfg.lake_dir)] if opts.dense_features
-                   else [])
+                   else [], history_ratings=reads_history_ratings(opts, cfg.lake_dir))
         write_stage_result(cfg, f"train_{opts.model}", out)
     else:
         out = {"pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"],
@@ -795,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
                         "train event; 0: off")
     p.add_argument("--no-dense-features", action="store_true",
                    help="DeepFM, DIN: sparse features only, without the point-in-time counters")
+    p.add_argument("--no-history-ratings", action="store_true",
+                   help="DIN: the behaviours' items only, without the stars the user gave them (hist_rating)")
     p.add_argument("--use-gpu", action="store_true",
                    help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     a = p.parse_args(argv)
@@ -802,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
                         sharding=a.sharding, lr_sparse=a.lr_sparse, lr_dense=a.lr_dense, patience=a.patience,
                         seed=a.seed, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
                         dropout=a.dropout, mba_lambda=a.mba_lambda, id_dropout=a.id_dropout,
-                        recency_half_life_days=a.recency_half_life_days, dense_features=not a.no_dense_features)
+                        recency_half_life_days=a.recency_half_life_days, dense_features=not a.no_dense_features,
+                        history_ratings=not a.no_history_ratings)
     cfg = load_config()
     if a.use_gpu:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})

@@ -1,18 +1,22 @@
 """DIN (Zhou et al. 2018, "Deep Interest Network for Click-Through Rate Prediction").
 
     interest = sum_l a(h_l, c) * h_l            (activation unit a, no softmax, padding weighted 0)
-    logit    = OverArch(concat(side features, c, interest, z))   (z: dense features, when the config names them)
+    liking   = sum_l a(h_l, c) * r_l            (r_l: the embedded rating of behaviour l, when the config reads them)
+    logit    = OverArch(concat(side features, c, interest[, liking][, z]))   (z: dense features, when named)
 
 The user's behaviour sequence ``hist_item_idx`` (items rated strictly before the sample's time, most recent
 last; features.definitions.HISTORY_FEATURE) and the candidate ``item_idx`` are looked up unpooled in ONE item
-table through TorchRec's ``EmbeddingCollection``; the other sparse features (user, age, gender, occupation, zip,
+table through TorchRec's ``EmbeddingCollection``. With ``history_ratings`` the stars the user gave each behaviour
+(``hist_rating``, HISTORY_RATING_FEATURE) are looked up unpooled in a small ``t_rating`` table and pooled with the
+same attention weights: the paper's behaviours carry their side information (shop, category) the same way, and
+here the side information that matters is whether the user liked the behaviour (``liking``, (B, D)); the other sparse features (user, age, gender, occupation, zip,
 multi-hot genres) are pooled in an ``EmbeddingBagCollection`` exactly as in DeepFM. Both collections are
 sharded by DMP. The model returns logits (train with ``BCEWithLogitsLoss``).
 
 Parts, named as in TorchRec's rankers:
     SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L)
     InteractionArch   TargetAttention: history, mask, candidate -> interest (B, D)
-    OverArch          (B, (F + 2) * D + F_dense) -> (B,)   MLP + output unit
+    OverArch          (B, (F + 2 [+ 1]) * D + F_dense) -> (B,)   MLP + output unit
 
 Legend: B batch size, F pooled side features, D embedding dimension, L longest history (``MAX_HISTORY``), F_dense
 dense features (the point-in-time counters of ``features.definitions.DENSE_FEATURES``).
@@ -27,7 +31,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from features.definitions import HISTORY_FEATURE, MAX_HISTORY, SPARSE_FEATURES, SparseFeature
+from features.definitions import (HISTORY_FEATURE, HISTORY_RATING_FEATURE, MAX_HISTORY, SPARSE_FEATURES,
+                                  SparseFeature)
 from features.errors import VocabularyError
 from training.modules import (MLP, SequenceEmbedding, SparseArch as PooledArch, TargetAttention, check_dense,
                               table_configs)
@@ -49,6 +54,7 @@ class DINConfig:
         max_history: L; longer histories keep their first L ids (the export keeps the most recent 50).
         init_range: embedding weights start uniform in [-init_range, init_range].
         dense_features: names of the ``DENSE_FEATURES`` read, in input order (the columns of ``dense``).
+        history_ratings: also read ``hist_rating`` (the behaviours' stars) and pool it by the attention weights.
     """
 
     embedding_dim: int = 16
@@ -58,6 +64,12 @@ class DINConfig:
     max_history: int = MAX_HISTORY
     init_range: float = 0.02
     dense_features: tuple[str, ...] = ()
+    history_ratings: bool = False
+
+    @property
+    def features(self) -> tuple[SparseFeature, ...]:
+        """The KJT keys this DIN reads, in batch order."""
+        return (*DIN_FEATURES, HISTORY_RATING_FEATURE) if self.history_ratings else DIN_FEATURES
 
     def __post_init__(self) -> None:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
@@ -77,7 +89,8 @@ def _select(features: KeyedJaggedTensor, keys: Sequence[str]) -> KeyedJaggedTens
 class SparseArch(nn.Module):
     """DIN's embeddings: pooled side features + unpooled candidate/history from the shared item table.
 
-    Call: ``forward(features: KJT) -> (side (B, F, D), candidate (B, D), history (B, L, D), mask BoolTensor (B, L))``.
+    Call: ``forward(features: KJT) -> (side (B, F, D), candidate (B, D), history (B, L, D), mask BoolTensor (B, L),
+    ratings (B, L, D) | None)``; ``ratings`` row l embeds the stars of behaviour l (None without ``history_ratings``).
     """
 
     def __init__(self, vocab_sizes: Mapping[str, int], side: Sequence[SparseFeature], config: DINConfig,
@@ -89,6 +102,14 @@ class SparseArch(nn.Module):
         self.pooled = PooledArch(table_configs(side, vocab_sizes, config.embedding_dim, config.init_range), device)
         self.sequence = SequenceEmbedding("t_item", vocab_sizes["item"], config.embedding_dim,
                                           [CANDIDATE, HISTORY_FEATURE.name], config.init_range, device)
+        self.ratings = None
+        if config.history_ratings:
+            r = HISTORY_RATING_FEATURE
+            if r.vocab not in vocab_sizes:
+                raise VocabularyError(f"DIN's {r.table} table needs vocabulary {r.vocab!r}, absent from "
+                                      f"{sorted(vocab_sizes)}; re-export vocab_sizes.json with the features job")
+            self.ratings = SequenceEmbedding(r.table, vocab_sizes[r.vocab], config.embedding_dim, [r.name],
+                                             config.init_range, device)
         self.max_history = config.max_history
 
     def forward(self, features: KeyedJaggedTensor):
@@ -99,7 +120,11 @@ class SparseArch(nn.Module):
         history = hist.to_padded_dense(desired_length=self.max_history, padding_value=0.0)  # (B, L, D)
         lengths = hist.lengths().clamp(max=self.max_history)  # (B,)
         mask = torch.arange(self.max_history, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
-        return side, candidate, history, mask
+        ratings = None
+        if self.ratings is not None:
+            r = self.ratings(_select(features, self.ratings.feature_names))[HISTORY_RATING_FEATURE.name]
+            ratings = r.to_padded_dense(desired_length=self.max_history, padding_value=0.0)  # (B, L, D)
+        return side, candidate, history, mask, ratings
 
 
 class DIN(nn.Module):
@@ -115,7 +140,7 @@ class DIN(nn.Module):
         VocabularyError: a feature's vocabulary is missing from ``vocab_sizes``.
         ValueError (from ``forward``): ``dense`` is missing or not (B, len(config.dense_features)).
 
-    Call: ``forward(features: KJT with keys DIN_FEATURES, B rows each, dense: Tensor (B, F_dense) | None = None)
+    Call: ``forward(features: KJT with keys ``config.features``, B rows each, dense: Tensor (B, F_dense) | None = None)
     -> logits Tensor (B,)``; ``forward_with_weights`` also returns the attention weights (B, L).
 
     >>> from training.data import synthetic_vocab_sizes, kjt_of_rows
@@ -132,14 +157,17 @@ class DIN(nn.Module):
         self.config = config
         self.sparse_arch = SparseArch(vocab_sizes, side_features, config, sparse_device)
         self.interaction_arch = TargetAttention(config.embedding_dim, config.attention_hidden)
-        width = (len(side_features) + 2) * config.embedding_dim + len(config.dense_features)
+        width = ((len(side_features) + 2 + config.history_ratings) * config.embedding_dim
+                 + len(config.dense_features))
         self.over_arch = nn.Sequential(MLP(width, config.hidden, config.dropout), nn.Linear(config.hidden[-1], 1))
 
     def forward_with_weights(self, features: KeyedJaggedTensor,
                              dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        side, candidate, history, mask = self.sparse_arch(features)
+        side, candidate, history, mask, ratings = self.sparse_arch(features)
         interest, weights = self.interaction_arch(history, mask, candidate)  # (B, D), (B, L)
         parts = [side.flatten(1), candidate, interest]  # (B, (F + 2) * D)
+        if ratings is not None:  # the same weights pool the behaviours' stars: (B, 1, L) @ (B, L, D) -> (B, D)
+            parts.append(torch.bmm(weights.unsqueeze(1), ratings).squeeze(1))
         if self.config.dense_features:
             parts.append(check_dense(dense, candidate.shape[0], self.config.dense_features))  # (B, F_dense)
         return self.over_arch(torch.cat(parts, dim=1)).squeeze(1), weights  # (B,), (B, L)
