@@ -273,6 +273,8 @@ def ctr_table(rows: list[dict], refs: dict[str, float]) -> str:
         sps, ref = r.get("train_samples_per_s"), refs.get(r["model"])
         ratio = f"{sps / ref:.2f}x" if sps and ref else "n/a"
         dense = len(r["dense_features"]) if "dense_features" in r else "n/a"  # rows measured before they existed
+        if "history_ratings" in r:  # DIN rows that record it: did it read hist_rating (the behaviours' stars)?
+            dense = f"{dense} + history ratings" if r["history_ratings"] else f"{dense}, no history ratings"
         lines.append(f"| {r['model']} | {r['impl']} | {dense} | {_f(sps)} | {ratio} | {_f(r.get('test_auc'), '.4f')} | "
                      f"{_f(r.get('test_logloss'), '.4f')} | {r.get('epochs', 'n/a')} ({r.get('best_epoch', 'n/a')}) | "
                      f"{_rss(r)} | "
@@ -384,7 +386,10 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
             f"DIN with the same sizes, `att_activation='prelu'`; RecBole's DIN with its own layers (Dice + batch "
             f"norm, MLP (200, 80) for both the activation unit and the DNN) over the item features (id, genres) of "
             f"the history and the candidate -- RecBole's DIN does not feed the user features to its DNN), all "
-            f"three on our point-in-time `hist_item_idx`, otherwise as DeepFM. Load average (1 min) "
+            f"three on our point-in-time `hist_item_idx` and, where the export has it and the row says \"+ history "
+            f"ratings\", `hist_rating`, the stars of each behaviour (ours: pooled by the attention weights; "
+            f"DeepCTR-Torch: a mean-pooled `VarLenSparseFeat` in its DNN input; RecBole's DIN: mean-pooled into its "
+            f"DNN input by the subclass), otherwise as DeepFM. Load average (1 min) "
             f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} when written, on {os.cpu_count()} logical CPUs; "
             f"commit {_commit()}.\n\n"
             f"{ctr_table(ctr, refs)}\n\n"

@@ -4,7 +4,8 @@ Runs inside the peers' own virtual environment (``bench/requirements-peers.lock`
 ``bench.models``, so it imports nothing from the project (whose environment pins newer numpy/pyarrow than RecBole
 1.2.1 runs with) -- only numpy, pyarrow and the peer under test::
 
-    python bench/peers.py deepctr --lake <lake_dir> --out result.json [--model deepfm|din --epochs 12 --no-dense ...]
+    python bench/peers.py deepctr --lake <lake_dir> --out result.json [--model deepfm|din --epochs 12 --no-dense
+                                                                       --no-history-ratings ...]
     python bench/peers.py recbole --lake <lake_dir> --out result.json --work <scratch dir> [--model deepfm|din ...]
     python bench/peers.py gensim  --lake <lake_dir> --out result.json --embeddings items.npy
 
@@ -17,13 +18,19 @@ generated data), or ``--no-dense``, trains without them, as ours does. DeepCTR-T
 (DeepFM: linear part and DNN input; DIN: DNN input); RecBole's DeepFM as float fields of the interactions embedded
 by ``numerical_features`` (value x a learned vector, in its linear part, FM and DNN); RecBole's DIN reads only user
 and item features, so ``run_recbole`` appends the raw values to its DNN input (as DeepCTR's DIN and ours).
+DIN reads the behaviour sequence ``hist_item_idx`` and, when the export has it (``exported_history_ratings``; not
+with ``--no-history-ratings``), ``hist_rating``, the stars the user gave each behaviour (level 1..5, 0 unknown),
+which ours pools with the attention weights. Each peer takes it by its own mechanism for a side sequence that has
+no candidate to query it with: DeepCTR-Torch as a mean-pooled ``VarLenSparseFeat`` outside
+``history_feature_list``, which its DIN pools into the DNN input; RecBole's DIN as a token sequence of the
+interactions that a subclass embeds, mean-pools over the real positions and appends to its DNN input.
 DeepFM: embedding dim 16, MLP (128, 64) with ReLU and dropout 0.2, up to 12 epochs, early stopping after 2 epochs
 without a higher validation AUC, test figures of the best epoch. Training time counts only the optimisation passes
 (no evaluation), as ours does. One torch thread, as each of our Ray workers has.
 
 The result JSON has ``train_samples_per_s`` (or ``pairs_per_s``), ``test_auc``, ``test_logloss``, ``valid_auc``,
 ``best_epoch``, ``epochs``, ``train_s`` and (deepctr, recbole) ``dense_features``, the dense features used (in input
-order; empty when none).
+order; empty when none), and (their DIN) ``history_ratings``, whether it read ``hist_rating``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ VOCAB = {"user_idx": "user", "item_idx": "item", "age_idx": "age_bucket", "gende
 SPLITS = ("train", "valid", "test")
 #: DIN's behaviour sequence (features.definitions.HISTORY_FEATURE: most recent last, at most 50, table t_item).
 HISTORY, MAX_HISTORY = "hist_item_idx", 50
+#: The stars the user gave each behaviour of ``HISTORY`` (same length and order), a level 1..5, 0 unknown, and its
+#: vocabulary in vocab_sizes.json (features.definitions.HISTORY_RATING_FEATURE; RATING_LEVELS = 6 rows).
+HISTORY_RATING, RATING_VOCAB = "hist_rating", "rating"
 #: The dense features, name -> kind, in input order (features.definitions.DENSE_FEATURES): a ``count`` is read as
 #: log1p(n), a ``rating`` as mean - RATING_CENTER; null (no earlier event) as 0.
 DENSE = {"user_prior_events": "count", "user_prior_rating": "rating",
@@ -74,6 +84,22 @@ def exported_dense(lake: Path) -> tuple[str, ...]:
     return tuple(DENSE) if all(set(DENSE) <= n for n in names) else ()
 
 
+def exported_history_ratings(lake: Path) -> bool:
+    """Whether every split of ``export/ctr_samples`` has ``HISTORY_RATING`` (DIN then reads it, as
+    ``training.train`` does when ``training.data.exported_columns`` has it).
+
+    Raises:
+        KeyError: the export has the column but ``vocab_sizes.json`` has no ``RATING_VOCAB`` (re-export it).
+    """
+    root = lake / "export" / "ctr_samples"
+    found = all(HISTORY_RATING in ds.dataset(str(root / f"split={s}"), format="parquet").schema.names
+                for s in SPLITS)
+    if found and RATING_VOCAB not in vocab_sizes(lake):
+        raise KeyError(f"{root} has {HISTORY_RATING} but {lake / 'export' / 'vocab_sizes.json'} has no "
+                       f"{RATING_VOCAB!r} size; re-export the vocabularies with the features job")
+    return found
+
+
 def dense_inputs(t, names: tuple[str, ...]) -> np.ndarray:
     """The (N, F) float32 model input of the dense features ``names`` from the columns of the Arrow table ``t``:
     a count -> log1p(n), a rating -> mean - RATING_CENTER, null -> 0. The lines of
@@ -86,21 +112,30 @@ def dense_inputs(t, names: tuple[str, ...]) -> np.ndarray:
     return np.stack(out, axis=1).astype(np.float32) if out else np.zeros((t.num_rows, 0), np.float32)
 
 
-def read_split(lake: Path, split: str, history: bool = False, dense: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def read_split(lake: Path, split: str, history: bool = False, dense: tuple[str, ...] = (),
+               ratings: bool = False) -> dict[str, np.ndarray]:
     """One split of ``export/ctr_samples`` as arrays, in file order: each one-hot feature (N,) int64, ``genre_idx``
     (N, G) int64 right-padded with 0 (G = most genres of a row, at least 1), ``label`` (N,) float32, ``dense``
     (N, F) float32 of the dense features named in ``dense`` (:func:`dense_inputs`; F = 0 when none); with
-    ``history`` also ``hist_item_idx`` (N, 50) right-padded with 0 and ``hist_len`` (N,).
+    ``history`` also ``hist_item_idx`` (N, L) right-padded with 0 and ``hist_len`` (N,) (L = 50; a longer list
+    keeps its first L, as our DIN does); with ``ratings`` (and ``history``) also ``hist_rating`` (N, L), the stars
+    of each behaviour, padded and cut as ``hist_item_idx``.
 
     Raises:
         KeyError: a feature of ``dense`` is not in ``DENSE``.
-        pyarrow.ArrowInvalid: a column is not in the export (see :func:`exported_dense`).
+        ValueError: ``ratings`` without ``history``, or a row whose ``hist_rating`` and ``hist_item_idx`` differ in
+            length (the export is broken: re-run the features stage).
+        pyarrow.ArrowInvalid: a column is not in the export (see :func:`exported_dense`,
+            :func:`exported_history_ratings`).
     """
     unknown = [n for n in dense if n not in DENSE]
     if unknown:
         raise KeyError(f"unknown dense feature(s) {unknown}; known: {list(DENSE)}")
+    if ratings and not history:
+        raise ValueError(f"{HISTORY_RATING} is read with {HISTORY} (pass history=True)")
     path = lake / "export" / "ctr_samples" / f"split={split}"
-    columns = [*ONE_HOT, MULTI_HOT, "label", *dense, *([HISTORY] if history else [])]
+    columns = [*ONE_HOT, MULTI_HOT, "label", *dense, *([HISTORY] if history else []),
+               *([HISTORY_RATING] if ratings else [])]
     t = ds.dataset(str(path), format="parquet").to_table(columns=columns)
     out = {c: t.column(c).fill_null(0).to_numpy().astype(np.int64) for c in ONE_HOT}
     genres = [g or [] for g in t.column(MULTI_HOT).to_pylist()]
@@ -111,6 +146,13 @@ def read_split(lake: Path, split: str, history: bool = False, dense: tuple[str, 
         hist = [h or [] for h in t.column(HISTORY).to_pylist()]
         out[HISTORY] = _padded(hist, MAX_HISTORY)  # (N, L), most recent last
         out["hist_len"] = np.minimum([len(h) for h in hist], MAX_HISTORY).astype(np.int64)
+    if ratings:
+        stars = [r or [] for r in t.column(HISTORY_RATING).to_pylist()]
+        bad = next((row for row, (h, r) in enumerate(zip(hist, stars)) if len(h) != len(r)), None)
+        if bad is not None:
+            raise ValueError(f"{path} row {bad}: {HISTORY_RATING} has {len(stars[bad])} values for "
+                             f"{len(hist[bad])} in {HISTORY}; re-run the features stage")
+        out[HISTORY_RATING] = _padded(stars, MAX_HISTORY)  # (N, L), aligned with hist_item_idx
     return out
 
 
@@ -122,10 +164,13 @@ def auc_logloss(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------- DeepCTR
 def deepctr_columns(sizes: dict[str, int], genre_width: int, dim: int, history: bool = False,
-                    dense: tuple[str, ...] = ()) -> list:
+                    dense: tuple[str, ...] = (), ratings: bool = False) -> list:
     """DeepCTR-Torch feature columns for our feature set: one ``SparseFeat`` per one-hot feature, genres as a
     sum-pooled ``VarLenSparseFeat`` (0 pads, masked); with ``history`` DIN's behaviour sequence, sharing the item
-    table (``embedding_name``) and masked by ``hist_len``; a ``DenseFeat`` of dimension 1 per name in ``dense``."""
+    table (``embedding_name``) and masked by ``hist_len``; with ``ratings`` the behaviours' stars as a
+    ``VarLenSparseFeat`` of its own table (``sizes["rating"]`` rows), mean-pooled over the first ``hist_len``
+    positions -- not in DIN's ``history_feature_list`` (no candidate rating to query it with), so DeepCTR's DIN pools
+    it like the genres into its DNN input; a ``DenseFeat`` of dimension 1 per name in ``dense``."""
     from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
 
     cols = [SparseFeat(c, vocabulary_size=sizes[VOCAB[c]], embedding_dim=dim) for c in ONE_HOT]
@@ -134,6 +179,10 @@ def deepctr_columns(sizes: dict[str, int], genre_width: int, dim: int, history: 
     if history:
         cols.append(VarLenSparseFeat(SparseFeat(HISTORY, vocabulary_size=sizes["item"], embedding_dim=dim,
                                                 embedding_name="item_idx"), maxlen=MAX_HISTORY,
+                                     length_name="hist_len"))
+    if ratings:
+        cols.append(VarLenSparseFeat(SparseFeat(HISTORY_RATING, vocabulary_size=sizes[RATING_VOCAB],
+                                                embedding_dim=dim), maxlen=MAX_HISTORY, combiner="mean",
                                      length_name="hist_len"))
     cols += [DenseFeat(name, 1) for name in dense]
     return cols
@@ -148,12 +197,13 @@ def run_deepctr(a: argparse.Namespace) -> dict:
     sizes = vocab_sizes(a.lake)
     din = a.model == "din"
     dense = () if a.no_dense else exported_dense(a.lake)
-    data = {s: read_split(a.lake, s, history=din, dense=dense) for s in SPLITS}
+    ratings = din and not a.no_history_ratings and exported_history_ratings(a.lake)
+    data = {s: read_split(a.lake, s, history=din, dense=dense, ratings=ratings) for s in SPLITS}
     width = max(d[MULTI_HOT].shape[1] for d in data.values())
     for d in data.values():  # one width for every split (DeepCTR's VarLenSparseFeat has a fixed maxlen)
         d[MULTI_HOT] = np.pad(d[MULTI_HOT], ((0, 0), (0, width - d[MULTI_HOT].shape[1])))
-    cols = deepctr_columns(sizes, width, a.embedding_dim, history=din, dense=dense)
-    inputs = (*ONE_HOT, MULTI_HOT, *((HISTORY, "hist_len") if din else ()))
+    cols = deepctr_columns(sizes, width, a.embedding_dim, history=din, dense=dense, ratings=ratings)
+    inputs = (*ONE_HOT, MULTI_HOT, *((HISTORY, "hist_len") if din else ()), *((HISTORY_RATING,) if ratings else ()))
     x = {s: {**{c: d[c] for c in inputs}, **{n: d["dense"][:, j] for j, n in enumerate(dense)}}
          for s, d in data.items()}
     l2 = {} if a.l2_embedding is None else {"l2_reg_embedding": a.l2_embedding}  # else the library's default
@@ -181,23 +231,28 @@ def run_deepctr(a: argparse.Namespace) -> dict:
                 break
     n = len(data["train"]["label"])
     return {**best, "epochs": epoch, "train_s": train_s, "train_samples_per_s": n * epoch / train_s,
-            "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense)}
+            "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense),
+            **({"history_ratings": ratings} if din else {})}
 
 
 # ---------------------------------------------------------------------------------------------- RecBole
 def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", history: bool = False,
-                         dense: tuple[str, ...] = ()) -> dict[str, int]:
+                         dense: tuple[str, ...] = (), ratings: bool = False) -> dict[str, int]:
     """RecBole atomic files for our split, under ``out_dir/name/``: ``<name>.<split>.inter`` (one per split, rows
     in the export's order, read with ``benchmark_filename`` so RecBole keeps the split), ``<name>.user`` (age,
     gender, occupation, zip prefix) and ``<name>.item`` (genres as a token sequence). Tokens are our indices, so
     RecBole's features are exactly ours. With ``history`` the interactions also carry ``item_id_list`` (our
     point-in-time ``hist_item_idx``, oldest first, at most 50), which RecBole's sequential datasets take as the
-    behaviour sequence instead of rebuilding it. The dense features named in ``dense`` are float fields of the
-    interactions (they are point-in-time, not static), holding the model input already transformed
+    behaviour sequence instead of rebuilding it; with ``ratings`` (and ``history``) also ``hist_rating``, the stars
+    of those behaviours in the same order and number (a token sequence: RecBole 1.2.1 cannot load a ``float_seq``
+    field with numpy >= 1.24; it remaps the levels to ids of its own, 0 = its padding, so our level 0 (unknown)
+    gets a row of its own, as in DeepCTR's table and ours). The dense features named in ``dense`` are float
+    fields of the interactions (they are point-in-time, not static), holding the model input already transformed
     (:func:`dense_inputs`; 9 significant digits, which round-trip a float32). Returns the rows written per split.
 
     Raises:
-        ValueError: a user or an item has different side features in different rows (the features are static).
+        ValueError: a user or an item has different side features in different rows (the features are static);
+            ``ratings`` without ``history`` (:func:`read_split`).
     """
     d = out_dir / name
     d.mkdir(parents=True, exist_ok=True)
@@ -205,7 +260,7 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
     items: dict[int, tuple] = {}
     counts = {}
     for split in SPLITS:
-        s = read_split(lake, split, history=history, dense=dense)
+        s = read_split(lake, split, history=history, dense=dense, ratings=ratings)
         header = ["user_id:token", "item_id:token", "label:float", *(f"{n}:float" for n in dense)]
         rows = [[str(u), str(i), f"{y:g}", *(f"{v:.9g}" for v in x)]
                 for u, i, y, x in zip(s["user_idx"], s["item_idx"], s["label"], s["dense"])]
@@ -213,6 +268,10 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
             header.append("item_id_list:token_seq")
             for row, h, n in zip(rows, s[HISTORY], s["hist_len"]):
                 row.append(" ".join(map(str, h[:n])))
+        if ratings:  # the first hist_len levels, as item_id_list: RecBole right-pads both to the same width
+            header.append(f"{HISTORY_RATING}:token_seq")
+            for row, r, n in zip(rows, s[HISTORY_RATING], s["hist_len"]):
+                row.append(" ".join(map(str, r[:n])))
         lines = ["\t".join(header)] + ["\t".join(row) for row in rows]
         (d / f"{name}.{split}.inter").write_text("\n".join(lines) + "\n")
         counts[split] = len(s["label"])
@@ -229,43 +288,73 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
     return counts
 
 
-def recbole_din_with_dense(dense: tuple[str, ...]) -> type:
-    """RecBole's DIN with the interactions' dense features ``dense`` (raw values, (B, F)) appended to the input of
-    its DNN, as DeepCTR-Torch's DIN and ours append them: RecBole 1.2.1's DIN embeds only user and item features
-    (``ContextSeqEmbLayer`` looks them up by id), so it would ignore point-in-time fields of the interactions.
-    RecBole's own ``forward`` runs unchanged; its DNN is wrapped to take the features of the batch."""
+def recbole_din_with_dnn_inputs(dense: tuple[str, ...] = (), ratings: bool = False) -> type:
+    """RecBole's DIN whose DNN input also gets, as DeepCTR-Torch's DIN and ours get them: with ``ratings`` the
+    behaviours' stars (the ``hist_rating`` token sequence of the interactions, aligned with ``item_id_list``),
+    embedded (``nn.Embedding`` over RecBole's ids of the levels, row 0 its padding) and mean-pooled over the first
+    ``item_length`` positions, (B, D); then the interactions' dense features ``dense`` as raw values, (B, F).
+    RecBole 1.2.1's DIN embeds only user and item features (``ContextSeqEmbLayer`` looks them up by id), so it
+    would ignore these per-interaction fields. RecBole's own ``forward`` runs unchanged; its DNN is wrapped to take
+    the extra inputs of the batch. Returns RecBole's DIN itself when there is nothing to add.
+
+    Raises (from ``predict`` / ``calculate_loss``):
+        ValueError: ``hist_rating`` is not as wide as ``item_id_list`` (the atomic files are not aligned).
+    """
     from recbole.model.layers import MLPLayers
     from recbole.model.sequential_recommender import DIN
-    from torch import cat, nn, stack
+    from torch import arange, cat, nn, no_grad, stack
 
-    class AppendDense(nn.Module):
+    if not dense and not ratings:
+        return DIN
+
+    class AppendInputs(nn.Module):
         def __init__(self, mlp: nn.Module):
             super().__init__()
-            self.mlp, self.dense = mlp, None
+            self.mlp, self.extra = mlp, None
 
-        def forward(self, din_in):  # (B, 3 * item features * D) -> (B, 3 * item features * D + F)
-            return self.mlp(cat([din_in, self.dense], dim=-1))
+        def forward(self, din_in):  # (B, 3 * item features * D) -> (B, 3 * item features * D + [D] + F)
+            return self.mlp(cat([din_in, self.extra], dim=-1))
 
-    class DenseDIN(DIN):
+    class DINWithInputs(DIN):
         def __init__(self, config, dataset):
             super().__init__(config, dataset)
-            mlp = MLPLayers([self.dnn_list[0] + len(dense), *self.mlp_hidden_size], activation="Dice",
+            self.rating_embedding = None
+            if ratings:  # RecBole's ids of the levels present (its remapping), 0 = its padding
+                self.rating_embedding = nn.Embedding(dataset.num(HISTORY_RATING), self.embedding_size,
+                                                     padding_idx=0)
+                self._init_weights(self.rating_embedding)  # RecBole's init (xavier normal) ...
+                with no_grad():
+                    self.rating_embedding.weight[0].zero_()  # ... which also fills the padding row
+            width = (self.embedding_size if ratings else 0) + len(dense)
+            mlp = MLPLayers([self.dnn_list[0] + width, *self.mlp_hidden_size], activation="Dice",
                             dropout=self.dropout_prob, bn=True)
             mlp.apply(self._init_weights)
-            self.dnn_mlp_layers = AppendDense(mlp)
+            self.dnn_mlp_layers = AppendInputs(mlp)
 
-        def _with_dense(self, interaction):
-            self.dnn_mlp_layers.dense = stack([interaction[n] for n in dense], dim=1)  # (B, F)
+        def _with_inputs(self, interaction):
+            extra = []
+            if ratings:
+                levels, items = interaction[HISTORY_RATING], interaction[self.ITEM_SEQ]  # (B, L) each
+                if levels.shape != items.shape:
+                    raise ValueError(f"{HISTORY_RATING} {tuple(levels.shape)} is not aligned with {self.ITEM_SEQ} "
+                                     f"{tuple(items.shape)}; rewrite the atomic files (write_recbole_atomic)")
+                length = interaction[self.ITEM_SEQ_LEN]  # (B,)
+                real = arange(levels.shape[1], device=levels.device)[None, :] < length[:, None]  # (B, L)
+                pooled = (self.rating_embedding(levels) * real.unsqueeze(-1)).sum(1)  # (B, L, D) -> (B, D)
+                extra.append(pooled / length.clamp(min=1).unsqueeze(1).to(pooled.dtype))  # mean; 0 when empty
+            if dense:
+                extra.append(stack([interaction[n] for n in dense], dim=1))  # (B, F)
+            self.dnn_mlp_layers.extra = cat(extra, dim=1)  # (B, [D] + F)
 
         def calculate_loss(self, interaction):
-            self._with_dense(interaction)
+            self._with_inputs(interaction)
             return super().calculate_loss(interaction)
 
         def predict(self, interaction):
-            self._with_dense(interaction)
+            self._with_inputs(interaction)
             return super().predict(interaction)
 
-    return DenseDIN if dense else DIN
+    return DINWithInputs
 
 
 def run_recbole(a: argparse.Namespace) -> dict:
@@ -275,7 +364,7 @@ def run_recbole(a: argparse.Namespace) -> dict:
     features are embedded but not fed to its DNN, and its DNN is Dice + batch norm over (200, 80). The dense
     features: DeepFM embeds them as ``numerical_features`` (``FLEmbedding``: value x a learned vector per field, in
     its first-order part, FM and DNN; no normalisation or discretisation, the values are already ours); DIN takes
-    them through :func:`recbole_din_with_dense`."""
+    them, and the behaviours' stars ``hist_rating`` when read, through :func:`recbole_din_with_dnn_inputs`."""
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -287,12 +376,14 @@ def run_recbole(a: argparse.Namespace) -> dict:
     name = "ml100k_lake"
     din = a.model == "din"
     dense = () if a.no_dense else exported_dense(a.lake)
-    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din, dense=dense)
-    inter_cols = ["user_id", "item_id", "label", *dense, *(["item_id_list"] if din else [])]
+    ratings = din and not a.no_history_ratings and exported_history_ratings(a.lake)
+    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din, dense=dense, ratings=ratings)
+    inter_cols = ["user_id", "item_id", "label", *dense, *(["item_id_list"] if din else []),
+                  *([HISTORY_RATING] if ratings else [])]
     config = Config(model="DIN" if din else "DeepFM", dataset=name, config_dict={
         "data_path": str(a.work / "atomic"), "checkpoint_dir": str(a.work / "saved"),
         **({"alias_of_item_id": ["item_id_list"], "MAX_ITEM_LIST_LENGTH": MAX_HISTORY} if din else {}),
-        # DIN reads the raw floats (recbole_din_with_dense); as numerical_features they would be (value, 1) pairs
+        # DIN reads the raw floats (recbole_din_with_dnn_inputs); as numerical_features they'd be (value, 1) pairs
         "numerical_features": [] if din else list(dense), "normalize_field": None, "normalize_all": False,
         "discretization": None,
         "benchmark_filename": list(SPLITS), "load_col": {"inter": inter_cols,
@@ -315,7 +406,7 @@ def run_recbole(a: argparse.Namespace) -> dict:
     rows = {"train": len(train.dataset), "valid": len(valid.dataset), "test": len(test.dataset)}
     if rows != counts:
         raise RuntimeError(f"RecBole kept {rows} rows of the {counts} written: it changed the split")
-    model = (recbole_din_with_dense(dense) if din else DeepFM)(config, train.dataset).to("cpu")
+    model = (recbole_din_with_dnn_inputs(dense, ratings) if din else DeepFM)(config, train.dataset).to("cpu")
     trainer = Trainer(config, model)
     timed = {"s": 0.0, "epochs": 0}
     inner = trainer._train_epoch
@@ -348,7 +439,8 @@ def run_recbole(a: argparse.Namespace) -> dict:
             "test_logloss": float(test_result["logloss"]), "best_epoch": int(np.argmax(scores)) + 1,
             "epochs": timed["epochs"], "train_s": timed["s"],
             "train_samples_per_s": rows["train"] * timed["epochs"] / timed["s"],
-            "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense)}
+            "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense),
+            **({"history_ratings": ratings} if din else {})}
 
 
 # ----------------------------------------------------------------------------------------------- gensim
@@ -398,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="deepctr: l2_reg_embedding (its default: DeepFM 1e-5, DIN 1e-6)")
     p.add_argument("--no-dense", action="store_true",
                    help="deepctr, recbole: train without the dense features (an ablation)")
+    p.add_argument("--no-history-ratings", action="store_true",
+                   help="deepctr, recbole DIN: do not read hist_rating, the stars of each behaviour, even when the "
+                        "export has it (an ablation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negatives", type=int, default=5)
