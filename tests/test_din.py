@@ -14,7 +14,7 @@ from features.definitions import HISTORY_RATING_FEATURE, SPARSE_FEATURES
 from features.errors import VocabularyError
 from training.data import kjt_of_rows, synthetic_vocab_sizes
 from training.models import DIN, DIN_FEATURES, DINConfig
-from training.modules import ActivationUnit, TargetAttention
+from training.modules import ActivationUnit, Dice, TargetAttention
 
 CONFIG = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5)
 RATED = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5,
@@ -149,6 +149,9 @@ def _worker(rank: int, port: int, strategy: str, rated: bool, done_dir: str) -> 
         assert where["t_item"] == "row_wise@rank0,1"
     dmp = shard_model(sharded, plan)
     load_full_state_dict(dmp, full_sd)
+    # the OverArch's batch norms in evaluation mode (their running statistics): in training each rank normalises
+    # by its own batch, by design (as DDP without SyncBatchNorm), which an unsharded model on all rows cannot match
+    dmp.eval(), reference.eval()
 
     local = rows[rank * BATCH:(rank + 1) * BATCH]
     logits = dmp(kjt_of_rows(local, features))
@@ -215,3 +218,22 @@ def test_din_pools_history_ratings_by_the_attention_weights():
     del sizes["rating"]
     with pytest.raises(VocabularyError, match="rating"):
         DIN(sizes, RATED)
+
+
+def test_dice_follows_the_paper():
+    """Dice (eq. 9): p = sigmoid of the batch-standardised input in training, of the running-standardised input in
+    evaluation; f = p * s + (1 - p) * alpha * s."""
+    torch.manual_seed(0)
+    dice = Dice(3)
+    with torch.no_grad():
+        dice.alpha.copy_(torch.tensor([0.25, -0.5, 1.0]))
+    s = torch.randn(16, 3) * 2 + 1  # (B, C)
+    p = torch.sigmoid((s - s.mean(0)) / torch.sqrt(s.var(0, unbiased=False) + 1e-8))
+    torch.testing.assert_close(dice(s), p * s + (1 - p) * dice.alpha * s)
+    dice.eval()  # one training batch moved the running stats 10% of the way from (0, 1)
+    mean, var = 0.1 * s.mean(0), 0.9 + 0.1 * s.var(0, unbiased=True)
+    p = torch.sigmoid((s - mean) / torch.sqrt(var + 1e-8))
+    torch.testing.assert_close(dice(s), p * s + (1 - p) * dice.alpha * s)
+    assert DINConfig().activation == "dice" and DINConfig().batch_norm
+    with pytest.raises(ValueError, match="activation"):
+        DIN(synthetic_vocab_sizes(), DINConfig(activation="gelu"))

@@ -16,7 +16,7 @@ sharded by DMP. The model returns logits (train with ``BCEWithLogitsLoss``).
 Parts, named as in TorchRec's rankers:
     SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L)
     InteractionArch   TargetAttention: history, mask, candidate -> interest (B, D)
-    OverArch          (B, (F + 2 [+ 1]) * D + F_dense) -> (B,)   MLP + output unit
+    OverArch          (B, (F + 2 [+ 1]) * D + F_dense) -> (B,)   MLP (Linear, batch norm, Dice) + output unit
 
 Legend: B batch size, F pooled side features, D embedding dimension, L longest history (``MAX_HISTORY``), F_dense
 dense features (the point-in-time counters of ``features.definitions.DENSE_FEATURES``).
@@ -55,6 +55,9 @@ class DINConfig:
         init_range: embedding weights start uniform in [-init_range, init_range].
         dense_features: names of the ``DENSE_FEATURES`` read, in input order (the columns of ``dense``).
         history_ratings: also read ``hist_rating`` (the behaviours' stars) and pool it by the attention weights.
+        activation: of the OverArch's hidden layers: ``dice`` (the paper's, eq. 9) or ``relu``.
+        batch_norm: a batch norm after each OverArch linear layer (as RecBole's DIN; with Dice it also keeps the
+            layer's input in the range where Dice's rectifier point moves).
     """
 
     embedding_dim: int = 16
@@ -65,6 +68,8 @@ class DINConfig:
     init_range: float = 0.02
     dense_features: tuple[str, ...] = ()
     history_ratings: bool = False
+    activation: str = "dice"
+    batch_norm: bool = True
 
     @property
     def features(self) -> tuple[SparseFeature, ...]:
@@ -159,7 +164,8 @@ class DIN(nn.Module):
         self.interaction_arch = TargetAttention(config.embedding_dim, config.attention_hidden)
         width = ((len(side_features) + 2 + config.history_ratings) * config.embedding_dim
                  + len(config.dense_features))
-        self.over_arch = nn.Sequential(MLP(width, config.hidden, config.dropout), nn.Linear(config.hidden[-1], 1))
+        self.over_arch = nn.Sequential(MLP(width, config.hidden, config.dropout, config.activation, config.batch_norm),
+                                       nn.Linear(config.hidden[-1], 1))
 
     def forward_with_weights(self, features: KeyedJaggedTensor,
                              dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ target attention and MLPs."""
 from training.modules.attention import ActivationUnit, TargetAttention
 from training.modules.embedding import FirstOrder, SequenceEmbedding, SparseArch, table_configs
 from training.modules.interaction import FactorizationMachine
-from training.modules.mlp import MLP, check_dense
+from training.modules.mlp import MLP, Dice, check_dense
 
 __all__ = ["ActivationUnit", "TargetAttention", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
-           "FactorizationMachine", "MLP", "check_dense"]
+           "FactorizationMachine", "MLP", "Dice", "check_dense"]
