@@ -382,9 +382,9 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
             f"validation split by `bench.tune`, see `tuning`); peers: batch 2048, dropout 0.2, Adam 1e-3 on every "
             f"parameter (their defaults; DeepCTR-Torch also its L2 penalty on the embeddings, 1e-5 DeepFM, 1e-6 DIN), "
             f"one torch thread. One seed (0) per row here; the spread over seeds is in `tuning`. "
-            f"DIN (ours: activation unit (36,) PReLU over the last 50 items, OverArch (200, 80); DeepCTR-Torch's "
-            f"DIN with the same sizes, `att_activation='prelu'`; RecBole's DIN with its own layers (Dice + batch "
-            f"norm, MLP (200, 80) for both the activation unit and the DNN) over the item features (id, genres) of "
+            f"DIN (ours: activation unit (36,) PReLU over the last 50 items, OverArch (200, 80) with batch norm + "
+            f"Dice; DeepCTR-Torch's DIN with the same sizes, `att_activation='prelu'`; RecBole's DIN with its own "
+            f"layers (Dice + batch norm, MLP (200, 80) for both the activation unit and the DNN) over the item features (id, genres) of "
             f"the history and the candidate -- RecBole's DIN does not feed the user features to its DNN), all "
             f"three on our point-in-time `hist_item_idx` and, where the export has it and the row says \"+ history "
             f"ratings\", `hist_rating`, the stars of each behaviour (ours: pooled by the attention weights; "
@@ -490,7 +490,7 @@ def part_din(res: dict, a: argparse.Namespace, python: Path | None) -> None:
     for workers in (1, 2):
         m, r = run_ours("din", a.work, workers, OURS_CTR)
         res["ctr"].append(_row("DIN", f"ours, Ray Train + TorchRec, {workers} worker{'s' * (workers > 1)}", m, r))
-    if python:  # ours: activation unit (36,) PReLU, OverArch (200, 80)
+    if python:  # ours: activation unit (36,) PReLU, OverArch (200, 80) batch norm + Dice
         for peer, impl in (("deepctr", "DeepCTR-Torch 0.3.0"), ("recbole", "RecBole 1.2.1")):
             m, r = run_peer(python, peer, a.work, [*_peer_args(), "--model", "din", "--hidden", "200", "80"],
                             tag=f"{peer}-din")

@@ -9,12 +9,13 @@ last; features.definitions.HISTORY_FEATURE) and the candidate ``item_idx`` are l
 table through TorchRec's ``EmbeddingCollection``. With ``history_ratings`` the stars the user gave each behaviour
 (``hist_rating``, HISTORY_RATING_FEATURE) are looked up unpooled in a small ``t_rating`` table and pooled with the
 same attention weights: the paper's behaviours carry their side information (shop, category) the same way, and
-here the side information that matters is whether the user liked the behaviour (``liking``, (B, D)); the other sparse features (user, age, gender, occupation, zip,
-multi-hot genres) are pooled in an ``EmbeddingBagCollection`` exactly as in DeepFM. Both collections are
-sharded by DMP. The model returns logits (train with ``BCEWithLogitsLoss``).
+here the side information that matters is whether the user liked the behaviour (``liking``, (B, D)). The other
+sparse features (user, age, gender, occupation, zip, multi-hot genres) are pooled in an ``EmbeddingBagCollection``
+exactly as in DeepFM. All collections are sharded by DMP. The OverArch's hidden layers are Linear -> batch norm ->
+Dice, the paper's data-adaptive activation (``training.modules.Dice``). The model returns logits (train with ``BCEWithLogitsLoss``).
 
 Parts, named as in TorchRec's rankers:
-    SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L)
+    SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L) [+ ratings (B, L, D)]
     InteractionArch   TargetAttention: history, mask, candidate -> interest (B, D)
     OverArch          (B, (F + 2 [+ 1]) * D + F_dense) -> (B,)   MLP (Linear, batch norm, Dice) + output unit
 
