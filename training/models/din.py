@@ -12,7 +12,8 @@ same attention weights: the paper's behaviours carry their side information (sho
 here the side information that matters is whether the user liked the behaviour (``liking``, (B, D)). The other
 sparse features (user, age, gender, occupation, zip, multi-hot genres) are pooled in an ``EmbeddingBagCollection``
 exactly as in DeepFM. All collections are sharded by DMP. The OverArch's hidden layers are Linear -> batch norm ->
-Dice, the paper's data-adaptive activation (``training.modules.Dice``). The model returns logits (train with ``BCEWithLogitsLoss``).
+Dice, the paper's data-adaptive activation (``training.modules.Dice``). The model returns logits (train with
+``BCEWithLogitsLoss``).
 
 Parts, named as in TorchRec's rankers:
     SparseArch        KJT -> (B, F, D), candidate (B, D), history (B, L, D) + mask (B, L) [+ ratings (B, L, D)]
@@ -146,8 +147,8 @@ class DIN(nn.Module):
         VocabularyError: a feature's vocabulary is missing from ``vocab_sizes``.
         ValueError (from ``forward``): ``dense`` is missing or not (B, len(config.dense_features)).
 
-    Call: ``forward(features: KJT with keys ``config.features``, B rows each, dense: Tensor (B, F_dense) | None = None)
-    -> logits Tensor (B,)``; ``forward_with_weights`` also returns the attention weights (B, L).
+    Call: ``forward(features: KJT with keys config.features, B rows each, dense: Tensor (B, F_dense) | None =
+    None) -> logits Tensor (B,)``; ``forward_with_weights`` also returns the attention weights (B, L).
 
     >>> from training.data import synthetic_vocab_sizes, kjt_of_rows
     >>> rows = [{"user_idx": 1, "item_idx": 2, "age_idx": 1, "gender_idx": 1, "occupation_idx": 3, "zip_idx": 4,
@@ -165,8 +166,8 @@ class DIN(nn.Module):
         self.interaction_arch = TargetAttention(config.embedding_dim, config.attention_hidden)
         width = ((len(side_features) + 2 + config.history_ratings) * config.embedding_dim
                  + len(config.dense_features))
-        self.over_arch = nn.Sequential(MLP(width, config.hidden, config.dropout, config.activation, config.batch_norm),
-                                       nn.Linear(config.hidden[-1], 1))
+        mlp = MLP(width, config.hidden, config.dropout, config.activation, config.batch_norm)
+        self.over_arch = nn.Sequential(mlp, nn.Linear(config.hidden[-1], 1))
 
     def forward_with_weights(self, features: KeyedJaggedTensor,
                              dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
