@@ -12,7 +12,7 @@ scratch lake under ``--work``; the project's ``data/`` and ``artifacts/`` are ne
   up to 12 epochs, early stopping after 2 epochs without a higher validation AUC; test AUC / logloss of the best
   epoch, one seed (the spread over seeds: ``bench.tune``). Optimisers are each model's own: ours row-wise Adagrad
   on the tables and AdamW on the dense layers, with batch, learning rates, weight decay and dropout from
-  ``training.hparams`` (chosen on the validation split by ``bench.tune``); the peers batch 2048, dropout 0.2 and
+  the model's registered defaults (``ModelSpec.train``) (chosen on the validation split by ``bench.tune``); the peers batch 2048, dropout 0.2 and
   Adam (1e-3) on everything, their defaults.
 - DIN: ours (1 and 2 workers) against DeepCTR-Torch's DIN and RecBole's DIN, all given our point-in-time history.
 - generated: DeepFM, one epoch, on the first ``--generated-events`` events of the 10M-event stream of
@@ -58,7 +58,7 @@ COMMAND = "make bench-models"
 
 DEEPFM = {"epochs": 12, "batch_size": 2048, "embedding_dim": 16, "patience": 2}
 #: Ours on MovieLens-100K: the same epochs, dim and early stopping; batch, learning rates, weight decay and dropout
-#: are each model's defaults (training.hparams, chosen on the validation split by bench.tune).
+#: are each model's defaults (ModelSpec.train in each model file, chosen on the validation split by bench.tune).
 OURS_CTR = {"epochs": 12, "embedding_dim": 16}
 PARTS = ("deepfm", "item2vec", "din", "generated", "scale")
 #: The generated data: the 10M-event stream of bench.batch_features' largest common size (users n/20, items n/50).
@@ -171,7 +171,7 @@ def run_ours(model: str, work: Path, workers: int, opts: dict, attempts: int = 3
     tag = tag or f"{model}-w{workers}"
     cmd = [sys.executable, "-m", "training.train", "--model", model, "--epochs", str(opts["epochs"]),
            "--embedding-dim", str(opts["embedding_dim"])]
-    if opts.get("batch_size"):  # else the model's default (training.hparams)
+    if opts.get("batch_size"):  # else the model's default (ModelSpec.train)
         cmd += ["--batch-size", str(opts["batch_size"])]
     if "id_dropout" in opts:
         cmd += ["--id-dropout", str(opts["id_dropout"])]
@@ -378,7 +378,7 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
             f"as mean - 3.5), the same numbers for every implementation (DeepFM: linear part and DNN input, "
             f"RecBole's DeepFM: its numerical-feature embedding; DIN: DNN input, for RecBole's DIN through a "
             f"subclass in `bench/peers.py`, as its DIN reads only item features); embedding dim 16, MLP (128, 64) "
-            f"ReLU, at most 12 epochs, early stopping after 2 epochs without a higher valid AUC, test figures of the best epoch. Ours ({ours}; `training.hparams`, chosen on the "
+            f"ReLU, at most 12 epochs, early stopping after 2 epochs without a higher valid AUC, test figures of the best epoch. Ours ({ours}; `ModelSpec.train` in each model file, chosen on the "
             f"validation split by `bench.tune`, see `tuning`); peers: batch 2048, dropout 0.2, Adam 1e-3 on every "
             f"parameter (their defaults; DeepCTR-Torch also its L2 penalty on the embeddings, 1e-5 DeepFM, 1e-6 DIN), "
             f"one torch thread. One seed (0) per row here; the spread over seeds is in `tuning`. "

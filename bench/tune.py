@@ -11,7 +11,7 @@ written), every trial is one ``training.train.train`` run (Ray Train, 1 worker, 
 ``bench.models``: at most 12 epochs, patience 2), all in ONE local Ray cluster started here (``train`` joins it
 instead of starting its own, which saves ~15 s of start-up per trial):
 
-1. baseline: ``training.hparams.MODEL_DEFAULTS`` at every seed of ``--seeds`` (the seed spread before tuning);
+1. baseline: each model's registered defaults (``ModelSpec.train``) at every seed of ``--seeds`` (the seed spread before tuning);
 2. search: ``--trials`` configurations drawn by ``sample_configs`` (seeded random search over ``SPACE``) at the
    first seed; model sizes stay fixed (embedding dim 16, DeepFM MLP (128, 64), DIN activation unit (36,) and
    OverArch (200, 80));
@@ -209,11 +209,12 @@ class Runner:
 
 
 def baseline_config(model: str) -> dict:
-    """The searched knobs at their current defaults (``training.hparams`` and ``TrainOptions``)."""
+    """The searched knobs at their current defaults (the model's ``ModelSpec.train`` and ``TrainOptions``)."""
+    from training.registry import get_model
     from training.train import TrainOptions
 
-    opts = TrainOptions(model=model)
-    return {k: getattr(opts, k) for k in KNOBS}
+    opts, config = TrainOptions(model=model), get_model(model).default_config()
+    return {k: getattr(config, k) if getattr(opts, k) is None else getattr(opts, k) for k in KNOBS}
 
 
 def search(train_one, label: str, baseline: dict, space: dict[str, tuple], n_trials: int, seeds: list[int],

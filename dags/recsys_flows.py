@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent  # dags/..
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipelines.stages import build_command, spark_jar_list, stage_env  # noqa: E402, F401
+from pipelines.stages import build_command, model_names, spark_jar_list, stage_env  # noqa: E402, F401
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ EMBEDDINGS_URI = "recsys://artifacts/embeddings"
 TASK_TABLES: dict[str, tuple[str, str | None]] = {
     "daily_features": ("gold.ctr_samples", "event_date"),
     "training_set": ("gold.ctr_samples", "split"),
-    "train_deepfm": ("models/deepfm", None),
-    "train_din": ("models/din", None),
-    "train_item2vec": ("models/item2vec", None),
+    **{f"train_{m}": (f"models/{m}", None) for m in model_names()},
     "export_embeddings": ("embeddings", None),
     "replay": ("stages/evaluate", None),
     "publish": ("serving pointer", None),
@@ -77,7 +75,7 @@ TASK_TABLES: dict[str, tuple[str, str | None]] = {
 }
 
 #: The entry points of the train and evaluate DAGs (``python -m`` modules with their arguments).
-TRAIN_MODELS = ("deepfm", "din", "item2vec")
+TRAIN_MODELS = model_names()
 PUBLISH_MODULE = ("serving.evaluation.gate",)  # the serving team's publish gate; DAG_PUBLISH_COMMAND overrides
 
 
@@ -138,7 +136,7 @@ def ray_job_argv(model: str, address: str | None, submission_id: str | None = No
     which starts a local Ray cluster in-process (features.config ``train.ray_cpus``) and stops it when done.
 
     Args:
-        model: ``deepfm``, ``din`` or ``item2vec``.
+        model: a registered model (``training.registry.model_names``).
         address: Ray Jobs API address, or None for the local cluster.
         submission_id: the job's id (unique per try, so a retry never collides with a finished job).
         python: the interpreter on the Ray head (``python``) or here (the project's .venv).
@@ -148,8 +146,8 @@ def ray_job_argv(model: str, address: str | None, submission_id: str | None = No
     Raises:
         ValueError: an unknown model.
     """
-    if model not in ("deepfm", "din", "item2vec"):
-        raise ValueError(f"unknown model {model!r}; one of deepfm, din, item2vec")
+    if model not in model_names():
+        raise ValueError(f"unknown model {model!r}; one of {', '.join(model_names())}")
     if not address:
         return [python or str(VENV_BIN / "python"), "-m", "training.train", "--model", model]
     argv = [ray or str(VENV_BIN / "ray"), "job", "submit", "--address", address]

@@ -1,6 +1,7 @@
 """``recsys_main``: the main job end to end, the same stage commands as ``make demo`` (pipelines.stages).
 
-    kafka_start -> produce -> ingest -> features -> train_deepfm -> train_item2vec -> export -> evaluate -> kafka_stop
+    kafka_start -> produce -> ingest -> features -> train_<model> (one per registered model) -> export -> evaluate
+    -> kafka_stop
 
 Every task is a BashOperator running one command line (spark-submit from the project's .venv for the Spark
 stages, ``python -m`` for the rest); the command is built by dags/recsys_tasks.py and rendered when the task

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent  # dags/..
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, stage_env  # noqa: E402, F401
+from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, model_names, stage_env  # noqa: E402, F401
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ POLICIES: dict[str, TaskPolicy] = {
     "produce": TaskPolicy(retries=1, timeout_s=600),
     "ingest": TaskPolicy(retries=1, timeout_s=1200),
     "features": TaskPolicy(retries=1, timeout_s=1200),
-    "train_deepfm": TaskPolicy(retries=1, timeout_s=2400),
-    "train_din": TaskPolicy(retries=1, timeout_s=2400),
-    "train_item2vec": TaskPolicy(retries=1, timeout_s=1800),
+    **{f"train_{m}": TaskPolicy(retries=1, timeout_s=2400) for m in model_names()},
     "export": TaskPolicy(retries=1, timeout_s=900),
     "evaluate": TaskPolicy(retries=1, timeout_s=900),
     "kafka_stop": TaskPolicy(retries=0, timeout_s=180),

@@ -51,6 +51,15 @@ class TrainConfig(_Strict):
     ray_address: str | None = None
 
 
+class ModelsConfig(_Strict):
+    """The registered models (``training.registry``) the service and the publish gate use unless told otherwise:
+    ``retrieval`` gives candidates and similar items (a model with an item table; the one the gate publishes),
+    ``ranker`` orders the candidates of /recommend."""
+
+    retrieval: str = "item2vec"
+    ranker: str = "deepfm"
+
+
 class PlatformConfig(_Strict):
     #: Where the lake and checkpoints live (git-ignored).
     data_dir: Path = ROOT / "data"
@@ -62,6 +71,7 @@ class PlatformConfig(_Strict):
     kafka: KafkaConfig = KafkaConfig()
     spark: SparkConfig = SparkConfig()
     train: TrainConfig = TrainConfig()
+    models: ModelsConfig = ModelsConfig()
 
     @property
     def lake_dir(self) -> Path:

@@ -68,6 +68,20 @@ HISTORY_RATING_FEATURE = SparseFeature("hist_rating", "t_rating", "rating", mult
 RATING_LEVELS = 6
 
 
+def rating_levels(ratings):
+    """The ``t_rating`` row of each rating: the stars rounded half up and clamped to 1..5, 0 when null (NaN) -- the
+    rule the features job applies in Spark (``pipelines.features_batch.rating_level``).
+
+    >>> rating_levels([0.5, 2.5, 4.0, 5.0, float("nan")]).tolist()
+    [1, 3, 4, 5, 0]
+    """
+    import numpy as np
+
+    r = np.asarray(ratings, dtype=np.float64)
+    level = np.clip(np.floor(r + 0.5), 1, RATING_LEVELS - 1)
+    return np.where(np.isnan(r), 0, level).astype(np.int64)
+
+
 
 @dataclass(frozen=True)
 class DenseFeature:

@@ -71,27 +71,25 @@ def run_stage(name: str, log_dir: Path) -> float:
     return wall
 
 
+#: Figures of a train stage's result shown in the summary, when the model's task reports them.
+TRAIN_FIGURES = ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s", "pairs_per_s",
+                 "final_loss", "epochs", "model_version")
+
+
 def summarise(cfg: PlatformConfig, walls: dict[str, float]) -> dict:
     """Assemble summary.json from the stage results; every figure was measured by its stage in this run."""
     r = {s.name: read_stage_result(cfg, s.name) for s in STAGES}
-    deepfm, item2vec = r["train_deepfm"], r["train_item2vec"]
+    trained = {name.removeprefix("train_"): result for name, result in r.items() if name.startswith("train_")}
     return {
         "dataset": "MovieLens-100K",
         "events_produced": r["produce"]["events_produced"],
         "events_bronze": r["ingest"]["events_bronze"],
         "events_quarantined": r["ingest"]["events_quarantined"],
         "samples": r["features"]["samples"],
-        "sharding_plan": {"deepfm": deepfm["sharding_plan"], "din": r["train_din"]["sharding_plan"],
-                          "item2vec": item2vec["sharding_plan"]},
-        "models": {
-            "deepfm": {k: deepfm[k] for k in ("test_auc", "test_logloss", "train_samples_per_s", "epochs")}
-            | {k: deepfm[k] for k in ("test_gauc", "valid_auc", "model_version") if k in deepfm},
-            "din": {k: r["train_din"][k] for k in ("test_auc", "test_logloss", "test_gauc", "valid_auc",
-                                                    "train_samples_per_s", "epochs", "model_version")},
-            "item2vec": {k: item2vec[k] for k in ("pairs_per_s", "epochs")}
-            | {k: item2vec[k] for k in ("final_loss", "model_version") if k in item2vec},
-        },
-        "ann": {m: {k: v for k, v in e.items() if k in ("recall@10", "rows", "dim", "index_path")}
+        "sharding_plan": {m: t["sharding_plan"] for m, t in trained.items()},
+        "models": {m: {"kind": t.get("kind"), **{k: t[k] for k in TRAIN_FIGURES if k in t}}
+                   for m, t in trained.items()},
+        "ann": {m: {k: v for k, v in e.items() if k in ("recall@10", "rows", "dim")}
                 for m, e in r["export"]["models"].items()},
         "retrieval": r["evaluate"]["retrieval"],
         "wall_s": {**{k: round(v, 1) for k, v in walls.items()}, "total": round(sum(walls.values()), 1)},
@@ -104,15 +102,16 @@ def print_summary(summary: dict) -> None:
               f"{summary['events_produced']:,} / {summary['events_bronze']:,} / {summary['events_quarantined']:,}")
     s = summary["samples"]
     t.add_row("samples train / valid / test", f"{s['train']:,} / {s['valid']:,} / {s['test']:,}")
-    d = summary["models"]["deepfm"]
-    t.add_row("DeepFM test AUC / logloss", f"{d['test_auc']:.4f} / {d['test_logloss']:.4f}")
-    t.add_row("DeepFM train samples/s, epochs", f"{d['train_samples_per_s']:,.0f}, {d['epochs']}")
-    if "din" in summary["models"]:
-        n = summary["models"]["din"]
-        t.add_row("DIN test AUC / logloss, samples/s", f"{n['test_auc']:.4f} / {n['test_logloss']:.4f}, "
-                  f"{n['train_samples_per_s']:,.0f}")
-    i = summary["models"]["item2vec"]
-    t.add_row("item2vec pairs/s, epochs", f"{i['pairs_per_s']:,.0f}, {i['epochs']}")
+    for model, m in summary["models"].items():
+        if "test_auc" in m:
+            t.add_row(f"{model} test AUC / GAUC / logloss, samples/s",
+                      f"{m['test_auc']:.4f} / {m.get('test_gauc', float('nan')):.4f} / {m['test_logloss']:.4f}, "
+                      f"{m['train_samples_per_s']:,.0f} ({m['epochs']} epochs)")
+        elif "pairs_per_s" in m:
+            t.add_row(f"{model} pairs/s, final loss", f"{m['pairs_per_s']:,.0f}, {m.get('final_loss', float('nan')):.4f}"
+                      f" ({m['epochs']} epochs)")
+        else:
+            t.add_row(model, ", ".join(f"{k} {v}" for k, v in m.items() if k != "model_version"))
     for model, plan in summary["sharding_plan"].items():
         t.add_row(f"{model} sharding plan", ", ".join(f"{k}: {v}" for k, v in plan.items()))
     for policy, m in summary["retrieval"].items():

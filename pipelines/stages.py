@@ -9,6 +9,9 @@ figures with ``features.results.write_stage_result`` under the stage's name.
 ['spark-submit', '--master']
 >>> [s.name for s in STAGES]
 ['produce', 'ingest', 'features', 'train_deepfm', 'train_din', 'train_item2vec', 'export', 'evaluate']
+
+The train stages are one per registered model, in name order (``model_names``: the files of
+``training/models/``, read without importing anything of ``training``, as a DAG file must at parse time).
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def model_names(root: Path = ROOT) -> tuple[str, ...]:
+    """The registered models' names, sorted: each model lives in ``training/models/<name>.py``, which
+    ``training.registry.register`` enforces, so the file names are the registry's names (a test checks both agree).
+    """
+    return tuple(sorted(p.stem for p in (root / "training" / "models").glob("*.py") if not p.stem.startswith("_")))
 
 
 @dataclass(frozen=True)
@@ -40,9 +50,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("produce", "pipelines.produce"),
     Stage("ingest", "pipelines/ingest.py", ("--trigger", "available-now"), spark=True),
     Stage("features", "pipelines/features_batch.py", spark=True),
-    Stage("train_deepfm", "training.train", ("--model", "deepfm")),
-    Stage("train_din", "training.train", ("--model", "din")),
-    Stage("train_item2vec", "training.train", ("--model", "item2vec")),
+    *(Stage(f"train_{m}", "training.train", ("--model", m)) for m in model_names()),
     Stage("export", "serving.export"),
     Stage("evaluate", "serving.replay"),
 )

@@ -1,12 +1,12 @@
 """The recommendation HTTP service (FastAPI; OpenAPI schema at ``/openapi.json``, docs at ``/docs``).
 
-    python -m serving.app [--host 127.0.0.1] [--port 8000] [--retrieval item2vec] [--watch-s 0]
+    python -m serving.app [--host 127.0.0.1] [--port 8000] [--retrieval NAME] [--ranker NAME] [--watch-s 0]
                           [--embedding-version VERSION|published]
 
 Endpoints:
 - ``GET /similar-items?item_id=&k=``: the ``k`` items most similar (cosine, HNSW) to an item, itself excluded.
-- ``GET /recommend?user_id=&k=``: candidates from the ANN index via the user's recent items, ranked by DeepFM
-  (see ``serving.bundle`` for the exact rule).
+- ``GET /recommend?user_id=&k=``: candidates from the ANN index via the user's recent items, ranked by the
+  ranker (``--ranker``, any registered ranker; see ``serving.bundle`` for the exact rule).
 - ``GET /health``: served versions and sizes. ``GET /metrics``: Prometheus text (``recsys_requests_total`` by
   endpoint and status, ``recsys_request_latency_seconds`` histogram by endpoint, ``recsys_model_info`` with the
   served versions as labels, ``recsys_reloads_total``).
@@ -63,9 +63,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 class ScoredItem(BaseModel):
     item_id: int
-    score: float = Field(description="cosine similarity (ann), P(rating >= 4) (ann+deepfm) or positive count "
+    score: float = Field(description="cosine similarity (ann), P(rating >= 4) (ann+<ranker>) or positive count "
                                      "(popularity)")
-    source: str = Field(description="ann | ann+deepfm | popularity")
+    source: str = Field(description="ann | ann+<ranker> | popularity")
 
 
 class ItemsResponse(BaseModel):
@@ -165,12 +165,12 @@ def _items(scored: list[Scored]) -> list[ScoredItem]:
     return [ScoredItem(item_id=s.item_id, score=s.score, source=s.source) for s in scored]
 
 
-def create_app(cfg: PlatformConfig, model: str = "item2vec", spec: BundleSpec | None = None,
+def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec | None = None,
                watch_s: float = 0.0) -> FastAPI:
     """Build the service over ``cfg.run_dir``.
 
     Args:
-        model: the retrieval model (ignored when ``spec`` is given).
+        model: the retrieval model (default: ``cfg.models.retrieval``; ignored when ``spec`` is given).
         spec: models and candidate-generation parameters.
         watch_s: seconds between reload checks by a watcher thread; 0 disables it.
 
@@ -178,7 +178,8 @@ def create_app(cfg: PlatformConfig, model: str = "item2vec", spec: BundleSpec | 
         IndexFileError: the retrieval model has not been exported.
         BundleError: the ranker's weights do not fit its configuration.
     """
-    holder = BundleHolder(cfg, spec or BundleSpec(retrieval_model=model))
+    holder = BundleHolder(cfg, spec or BundleSpec(retrieval_model=model or cfg.models.retrieval,
+                                                  ranker_model=cfg.models.ranker))
     registry = CollectorRegistry()
     requests = Counter("recsys_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("recsys_request_latency_seconds", "request latency (seconds)", ["endpoint"],
@@ -223,7 +224,7 @@ def create_app(cfg: PlatformConfig, model: str = "item2vec", spec: BundleSpec | 
     @app.get("/recommend", response_model=RecommendResponse)
     def recommend(user_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens user id"),
                   k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> RecommendResponse:
-        """Top-``k`` items for ``user_id``: ANN candidates ranked by DeepFM; popularity fallback if unknown."""
+        """Top-``k`` items for ``user_id``: ANN candidates ranked by the ranker; popularity fallback if unknown."""
         b = holder.current
         scored, fallback = b.recommend(user_id, k)
         return RecommendResponse(user_id=user_id, model_version=b.version, fallback=fallback, items=_items(scored))
@@ -269,8 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="recsys serving: /similar-items, /recommend, /health, /metrics")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--retrieval", default="item2vec", choices=("item2vec", "deepfm"),
-                   help="model whose embeddings give candidates and similar items")
+    from serving.embeddings import MODELS
+    from training.registry import list_models
+
+    p.add_argument("--retrieval", default=None, choices=MODELS,
+                   help="model whose embeddings give candidates and similar items (a model with an item table; "
+                        "default: the configuration's models.retrieval)")
+    p.add_argument("--ranker", default=None, choices=list_models("ranker"),
+                   help="registered ranker that orders the candidates of /recommend (default: the "
+                        "configuration's models.ranker)")
     p.add_argument("--recent-items", type=int, default=BundleSpec.recent_items)
     p.add_argument("--per-item", type=int, default=BundleSpec.per_item)
     p.add_argument("--watch-s", type=float, default=0.0, help="seconds between reload checks; 0: only on POST")
@@ -286,10 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     source = {None: "export", "published": "published"}.get(args.embedding_version, "registry")
-    spec = BundleSpec(args.retrieval, "deepfm", args.recent_items, args.per_item, source=source,
+    cfg = load_config()
+    spec = BundleSpec(args.retrieval or cfg.models.retrieval, args.ranker or cfg.models.ranker, args.recent_items,
+                      args.per_item, source=source,
                       version=args.embedding_version if source == "registry" else None,
                       hnsw=HnswParams(args.hnsw_m, args.ef_construction, args.ef_search))
-    app = create_app(load_config(), spec=spec, watch_s=args.watch_s)
+    app = create_app(cfg, spec=spec, watch_s=args.watch_s)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

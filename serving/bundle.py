@@ -8,9 +8,11 @@ A bundle holds
   ``published``, the registry version the publish gate points at (``serving.evaluation.gate``). A registry
   version's index is built once with ``BundleSpec.hnsw``, its recall@10 measured and both saved
   (``serving.registry.materialize``);
-- the ranker, DeepFM (Guo et al. 2017), rebuilt unsharded from ``<run_dir>/models/deepfm/{model.pt, meta.json}``;
+- the ranker, any registered ranker (``BundleSpec.ranker_model``; DeepFM by default), rebuilt unsharded from its
+  model folder by ``training.artifacts.load_model``;
 - user profiles and item genres from the lake's Parquet export of ``gold.ctr_samples``: a user's side-feature
-  indices from their latest sample, their items in time order (recent = the last ``recent_items``; seen = all);
+  indices from their latest sample, their items in time order with the stars given (recent = the last
+  ``recent_items``; seen = all; the behaviour history a sequence ranker reads = the last ``MAX_HISTORY``);
 - the point-in-time counters the ranker reads as dense features (``features.definitions.DENSE_FEATURES``), as of
   now: each user's and item's events in the export and their mean rating;
 - the popularity list (positive labels of the train split per item, most first; ties by item id): the fallback.
@@ -19,8 +21,10 @@ Recommendation (``recommend``), per request:
 1. unknown user -> ``popularity`` fallback (the most popular items);
 2. candidates: the union, in order, of the ``per_item`` nearest items (ANN, cosine) of each recent item, minus the
    items the user has seen;
-3. rank the candidates with DeepFM on (user features, candidate item, its genres, the user's and the item's
-   counters); score = sigmoid(logit), the predicted probability of a rating >= 4; best first, ties by ``item_idx``;
+3. rank the candidates with the ranker in one batched forward pass, each candidate a row holding every declared
+   feature the ranker reads (user features, candidate item, its genres, the behaviour history and its stars, the
+   user's and the item's counters); score = sigmoid(logit), the predicted probability of a rating >= 4; best
+   first, ties by ``item_idx``; the items' source is ``ann+<ranker>``;
 4. fewer than ``k`` candidates -> the rest filled with unseen popular items (``source="popularity"``).
 
 Legend: N items in the index, D embedding dim, C candidates.
@@ -31,18 +35,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
-from features.config import PlatformConfig
-from features.definitions import dense_features_named, dense_inputs
+from features.config import ModelsConfig, PlatformConfig
+from features.definitions import MAX_HISTORY, dense_features_named, dense_inputs, rating_levels
 from features.errors import PlatformError
 from features.tables import CTR_SAMPLES, parquet_export
 from serving.ann import HnswParams, ItemIndex
-from serving.embeddings import INDEX_FILE, META_FILE, PARQUET_FILE, embeddings_dir, model_dir, read_exported
+from serving.embeddings import INDEX_FILE, PARQUET_FILE, embeddings_dir, model_dir, read_exported
+from training.artifacts import ModelLayout, ModelOutputError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +64,10 @@ class BundleSpec:
     """Which models a bundle serves and how candidates are generated.
 
     Args:
-        retrieval_model: model whose item embeddings and ANN index give candidates and similar items.
-        ranker_model: the model that ranks candidates (``deepfm``).
+        retrieval_model: model whose item embeddings and ANN index give candidates and similar items (default:
+            the configuration's ``models.retrieval``).
+        ranker_model: the registered ranker that ranks candidates (``training.registry.list_models("ranker")``;
+            default: the configuration's ``models.ranker``).
         recent_items: R, most recent items of a user used as ANN queries.
         per_item: neighbours fetched per recent item.
         source: where the retrieval embeddings come from: ``export``, ``registry`` or ``published`` (see the
@@ -73,8 +80,8 @@ class BundleSpec:
             (or missing with it, or not a valid version name).
     """
 
-    retrieval_model: str = "item2vec"
-    ranker_model: str = "deepfm"
+    retrieval_model: str = ModelsConfig().retrieval
+    ranker_model: str = ModelsConfig().ranker
     recent_items: int = 5
     per_item: int = 50
     source: str = "export"
@@ -86,6 +93,11 @@ class BundleSpec:
             raise ValueError(f"recent_items and per_item must be >= 1, got {self.recent_items}, {self.per_item}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        from training.registry import list_models
+
+        if self.ranker_model not in list_models("ranker"):
+            raise ValueError(f"ranker_model must be a registered ranker, one of {list_models('ranker')}, got "
+                             f"{self.ranker_model!r}")
         if (self.version is not None) != (self.source == "registry"):
             raise ValueError(f"a version is given with source='registry' and only then; got source="
                              f"{self.source!r}, version={self.version!r}")
@@ -98,12 +110,14 @@ class BundleSpec:
 @dataclass(frozen=True)
 class UserProfile:
     """A known user: ``features`` (the ``USER_FEATURES`` indices), ``items`` (item_idx in time order),
-    ``counters`` (``user_prior_events``, ``user_prior_rating``: their events so far and mean rating)."""
+    ``counters`` (``user_prior_events``, ``user_prior_rating``: their events so far and mean rating), ``levels``
+    (the ``t_rating`` row of the stars given to each of ``items``, aligned; empty when unknown)."""
 
     features: dict
     items: tuple[int, ...]
     seen: frozenset = field(default=frozenset())
     counters: dict = field(default_factory=dict)
+    levels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,7 @@ class ServingBundle:
     popular: tuple[tuple[int, float], ...]   # (item_id, positive count), most popular first
     users: dict                              # user_id -> UserProfile
     item_genres: dict                        # item_idx -> tuple of genre_idx
-    ranker: object | None                    # DeepFM in eval mode, or None
+    ranker: object | None                    # training.artifacts.LoadedModel (module in eval mode), or None
     loaded_at: float = 0.0                   # unix seconds
     item_counters: dict = field(default_factory=dict)  # item_idx -> {item_prior_events, item_prior_rating}
 
@@ -175,21 +189,33 @@ class ServingBundle:
                 out.append(i)
         return out
 
+    def request_rows(self, profile: UserProfile, cand: list[int]) -> list[dict]:
+        """One row per candidate item_idx with every declared sparse feature a ranker may read: the user's side
+        features, the candidate and its genres, the behaviour history (the last ``MAX_HISTORY`` items, most recent
+        last) and its stars (level 0 when unknown)."""
+        history = list(profile.items[-MAX_HISTORY:])
+        levels = list(profile.levels[-MAX_HISTORY:]) if profile.levels else [0] * len(history)
+        return [{**profile.features, "item_idx": c, "genre_idx": list(self.item_genres.get(c, ())),
+                 "hist_item_idx": history, "hist_rating": levels} for c in cand]
+
     def score(self, profile: UserProfile, cand: list[int]) -> np.ndarray:
-        """(C,) DeepFM probabilities of a positive rating for ``profile`` and each candidate item_idx."""
+        """(C,) the ranker's probabilities of a positive rating for ``profile`` and each candidate item_idx, in one
+        batched forward pass."""
         import torch
 
         from training.data import kjt_of_rows
 
-        rows = [{**profile.features, "item_idx": c, "genre_idx": list(self.item_genres.get(c, ()))} for c in cand]
+        ranker = self.ranker
+        features = ranker.spec.features_of(ranker.config)
         dense = None
-        names = self.ranker.config.dense_features
+        names = getattr(ranker.config, "dense_features", ())
         if names:  # None for an item with no event yet: read as 0, as a null counter in training
             columns = {k: [profile.counters.get(k)] * len(cand) if k.startswith("user_")
                        else [self.item_counters.get(c, {}).get(k) for c in cand] for k in names}
             dense = torch.from_numpy(dense_inputs(columns, dense_features_named(names)))  # (C, F_dense)
         with torch.no_grad():
-            return torch.sigmoid(self.ranker(kjt_of_rows(rows), dense)).numpy().astype(np.float64)  # (C,)
+            logits = ranker.module(kjt_of_rows(self.request_rows(profile, cand), features), dense)  # (C,)
+            return torch.sigmoid(logits).numpy().astype(np.float64)
 
     def recommend(self, user_id: int, k: int) -> tuple[list[Scored], str | None]:
         """Top-``k`` items for ``user_id`` (see the module docstring) and the fallback used, if any."""
@@ -203,7 +229,8 @@ class ServingBundle:
             return self.popular_items(k, self._seen_ids(profile)), "popularity"
         probs = self.score(profile, cand)
         order = sorted(range(len(cand)), key=lambda j: (-probs[j], cand[j]))[:k]
-        out = [Scored(self.id_of_idx[cand[j]], float(probs[j]), "ann+deepfm") for j in order]
+        source = f"ann+{self.spec.ranker_model}"
+        out = [Scored(self.id_of_idx[cand[j]], float(probs[j]), source) for j in order]
         if len(out) < k:
             exclude = self._seen_ids(profile) | {s.item_id for s in out}
             out += self.popular_items(k - len(out), exclude)
@@ -265,31 +292,28 @@ def on_disk_versions(cfg: PlatformConfig, spec: BundleSpec) -> tuple[str, str] |
     retrieval = retrieval_version(cfg, spec)
     if retrieval is None:
         return None
-    meta = model_dir(cfg, spec.ranker_model) / META_FILE
+    meta = ModelLayout(model_dir(cfg, spec.ranker_model)).meta
     ranker = str(json.loads(meta.read_text()).get("model_version", "")) if meta.exists() else ""
     return ranker, retrieval
 
 
 def _load_ranker(cfg: PlatformConfig, spec: BundleSpec):
-    """The unsharded DeepFM with the trained weights, or ``(None, "")`` when the ranker has no outputs."""
-    d = model_dir(cfg, spec.ranker_model)
-    if not (d / "model.pt").exists() or not (d / META_FILE).exists():
-        log.warning("no %s/model.pt: /recommend serves the popularity fallback", d)
+    """The ranker's ``LoadedModel`` (unsharded, eval mode) and version, or ``(None, "")`` when it has no outputs.
+
+    Raises:
+        BundleError: the ranker's weights do not fit its recorded configuration.
+    """
+    from training.artifacts import load_model
+
+    layout = ModelLayout(model_dir(cfg, spec.ranker_model))
+    if not layout.state.exists() or not layout.meta.exists():
+        log.warning("no %s: /recommend serves the popularity fallback", layout.state)
         return None, ""
-    import torch
-
-    from training.models.deepfm import DeepFM, DeepFMConfig
-
-    meta = json.loads((d / META_FILE).read_text())
-    names = {f.name for f in fields(DeepFMConfig)}
-    conf = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model_config"].items() if k in names}
-    model = DeepFM(meta["vocab_sizes"], DeepFMConfig(**conf))
     try:
-        model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
-    except RuntimeError as e:
-        raise BundleError(f"{d / 'model.pt'} does not fit DeepFM{conf} over {meta['vocab_sizes']}: {e}; "
-                          f"retrain with `python -m training.train --model deepfm`") from e
-    return model.eval(), str(meta["model_version"])
+        loaded = load_model(layout.root)
+    except ModelOutputError as e:
+        raise BundleError(str(e)) from e
+    return loaded, loaded.version
 
 
 def _counters(t, key: str, entity: str) -> dict:
@@ -318,7 +342,7 @@ def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple, dict]:
         last = g.iloc[-1]
         items = tuple(int(i) for i in g["item_idx"])
         users[int(uid)] = UserProfile({f: int(last[f]) for f in USER_FEATURES}, items, frozenset(items),
-                                      user_counters[int(uid)])
+                                      user_counters[int(uid)], tuple(rating_levels(g["rating"]).tolist()))
     genres = {int(i): tuple(int(x) for x in gs) for i, gs in
               t.drop_duplicates("item_idx", keep="last")[["item_idx", "genre_idx"]].itertuples(index=False)}
     pos = t[(t["split"] == "train") & (t["label"] == 1)].groupby("item_id").size()

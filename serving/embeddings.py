@@ -1,8 +1,9 @@
 """Item embeddings of a trained model: read them from the model's outputs, map their rows to item ids through the
 item vocabulary, and write / read them as Parquet.
 
-Inputs (written by ``training``): ``<run_dir>/models/<model>/item_embeddings.npy``, float32 (R, D) with row =
-``item_idx`` and row 0 the unknown/padding item, and ``meta.json`` holding ``model_version``. The vocabulary is the
+Inputs (written by ``training``, read through ``training.artifacts``): a model folder's item table, float32 (R, D)
+with row = ``item_idx`` and row 0 the unknown/padding item, and its ``meta.json`` holding ``model_version``, for
+every registered model with an item table (``MODELS``). The vocabulary is the
 Parquet export of ``silver.item_vocab`` (``item_id``, ``item_idx``, ``first_seen``).
 
 Output: ``<run_dir>/embeddings/<model>/items.parquet``, one row per known item:
@@ -14,7 +15,6 @@ Legend: R rows of the embedding table (items + 1), N exported items, D embedding
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +24,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.config import PlatformConfig
-from features.errors import PlatformError, TableNotFoundError
+from features.errors import TableNotFoundError
 from features.tables import ITEM_VOCAB, parquet_export
+from training.artifacts import ModelLayout, ModelOutputError, load_item_embeddings
+from training.registry import get_model, list_models
 
 log = logging.getLogger(__name__)
 
-MODELS = ("deepfm", "item2vec")
-EMBEDDINGS_FILE = "item_embeddings.npy"
-META_FILE = "meta.json"
+#: The registered models with an item table (``ModelSpec.item_table``): what the export writes and the replay reads.
+MODELS = tuple(m for m in list_models() if get_model(m).item_table is not None)
 PARQUET_FILE = "items.parquet"
 INDEX_FILE = "index.faiss"
-
-
-class ModelOutputError(PlatformError):
-    """A model's output files are present but unusable (bad shape, no ``model_version``)."""
+__all__ = ["MODELS", "PARQUET_FILE", "INDEX_FILE", "ModelOutputError", "ModelEmbeddings", "ExportedItems",
+           "model_dir", "embeddings_dir", "load_model_embeddings", "read_item_vocab", "map_rows", "to_arrow",
+           "write_parquet", "read_exported"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ModelEmbeddings:
     """A model's item embedding table as trained.
 
     Args:
-        model: model name (``deepfm``, ``item2vec``).
+        model: a registered model's name.
         table: (R, D) float32, row = item_idx, row 0 = unknown/padding.
         model_version: from the model's ``meta.json``.
     """
@@ -80,7 +80,10 @@ class ExportedItems:
 
 
 def model_dir(cfg: PlatformConfig, model: str) -> Path:
-    return cfg.run_dir / "models" / model
+    """The model folder of ``model`` in this run (``training.artifacts.model_dir``)."""
+    from training.artifacts import model_dir as folder
+
+    return folder(cfg.run_dir, model)
 
 
 def embeddings_dir(cfg: PlatformConfig, model: str) -> Path:
@@ -93,16 +96,12 @@ def load_model_embeddings(cfg: PlatformConfig, model: str) -> ModelEmbeddings | 
     Raises:
         ModelOutputError: ``meta.json`` lacks ``model_version`` or the table has a bad shape.
     """
-    d = model_dir(cfg, model)
-    emb_path, meta_path = d / EMBEDDINGS_FILE, d / META_FILE
-    if not emb_path.exists() or not meta_path.exists():
+    layout = ModelLayout(model_dir(cfg, model))
+    if not layout.item_embeddings.exists() or not layout.meta.exists():
         log.warning("model %s: no %s and %s under %s; skipping it (run the train_%s stage to produce them)",
-                    model, EMBEDDINGS_FILE, META_FILE, d, model)
+                    model, layout.item_embeddings.name, layout.meta.name, layout.root, model)
         return None
-    meta = json.loads(meta_path.read_text())
-    if "model_version" not in meta:
-        raise ModelOutputError(f"{meta_path} has no 'model_version'; retrain {model} with the current trainer")
-    table = np.load(emb_path).astype(np.float32, copy=False)
+    table, meta = load_item_embeddings(layout.root)
     return ModelEmbeddings(model, table, str(meta["model_version"]))
 
 

@@ -96,14 +96,14 @@ def write_index(items, model_version: str, params: HnswParams, out: Path, extra:
 
 def _register(cfg: PlatformConfig, model: str, items, model_version: str, spark) -> dict:
     """Write the version to ``gold.item_embeddings``; returns what the stage result records of it."""
-    import json
     from datetime import datetime, timezone
 
     from features.tables import ITEM_EMBEDDINGS
     from serving import registry
-    from serving.embeddings import META_FILE, model_dir
+    from serving.embeddings import model_dir
+    from training.artifacts import read_meta
 
-    meta = json.loads((model_dir(cfg, model) / META_FILE).read_text())
+    meta = read_meta(model_dir(cfg, model))
     created = registry.model_created(meta) or datetime.now(timezone.utc)
     versions, source = registry.provenance(spark, cfg, model, meta, created)
     metrics = registry.stage_metrics(cfg, model) or dict(meta.get("metrics", {}))

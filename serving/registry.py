@@ -2,10 +2,10 @@
 by model, one row per (model, model_version, item).
 
 Each version records where it came from: ``training_versions``, the Delta version of every table the model was
-trained on (``training.data.TRAINING_TABLES``: ``gold.ctr_samples`` for DeepFM and DIN, ``gold.item_sequences``
-for item2vec, ``silver.item_vocab`` for all). The trainer records them in the model's ``meta.json``, as the features
-stage wrote them beside the Parquet exports it read (``training.data.read_training_versions``); only for a model
-trained before that record existed are they inferred from the tables' Delta history (the newest version committed
+trained on (its registered ``ModelSpec.tables``: ``gold.ctr_samples`` for a ranker, ``gold.item_sequences`` for
+the skip-gram models, ``silver.item_vocab`` for all). The trainer records them in the model's ``meta.json``, as the
+features stage wrote them beside the Parquet exports it read (``training.data.read_training_versions``); only for a
+model trained before that record existed are they inferred from the tables' Delta history (the newest version committed
 at or before the model's ``created_utc``; logged, and reported as ``"inferred"``). ``metrics`` are the figures of
 the model's training stage result. Writing a version replaces that version only (``replaceWhere`` on model and
 model_version), so re-running the export is idempotent.
@@ -71,13 +71,15 @@ def table_version_at(spark, cfg: PlatformConfig, table: TableSpec, at: datetime 
 
 def training_versions(spark, cfg: PlatformConfig, model: str, created: datetime | None) -> dict[str, int]:
     """``{table name: Delta version}`` for every table ``model`` trains on (see ``table_version_at``); empty
-    (logged) for a model ``TRAINING_TABLES`` does not list yet."""
-    from training.data import TRAINING_TABLES
+    (logged) for a model that is not registered (any more)."""
+    from training.registry import UnknownModelError, get_model
 
-    if model not in TRAINING_TABLES:
-        log.warning("no training tables declared for %r in training.data.TRAINING_TABLES; add them", model)
+    try:
+        tables = get_model(model).tables
+    except UnknownModelError:
+        log.warning("model %r is not registered: its training tables are unknown", model)
         return {}
-    return {t.name: table_version_at(spark, cfg, t, created) for t in TRAINING_TABLES[model]}
+    return {t.name: table_version_at(spark, cfg, t, created) for t in tables}
 
 
 def provenance(spark, cfg: PlatformConfig, model: str, meta: dict, created: datetime | None

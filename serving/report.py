@@ -3,16 +3,15 @@
 
 Sections:
 
-1. ROC curve of the DeepFM ranking model on the test split (Fawcett 2006). The trainer does not save its test
-   predictions, so they are computed here: ``<run_dir>/models/deepfm/model.pt`` loaded into
-   training.models.deepfm.DeepFM (config and vocabulary sizes from ``meta.json``), scored on
-   ``export/ctr_samples/split=test``.
+1. ROC curves of every trained ranker of the registry on the test split (Fawcett 2006), one curve each. The
+   trainer does not save its test predictions, so they are computed here: each model folder loaded by
+   ``training.artifacts.load_model`` and scored on ``export/ctr_samples/split=test``.
 2. HR@K over K per retrieval policy (``hr_curve`` of the evaluate stage).
 3. Prequential replay per time window: HR@K, NDCG@K, coverage, novelty (``prequential``).
 4. Replay-estimator CTR per explore/exploit policy with its Wilson 95 % interval (``bandit``; Li et al. 2011).
 5. Team-draft interleaving against the replay HR@K difference (``interleaving``).
-6. A 2-D t-SNE map (van der Maaten & Hinton 2008) of the item2vec item embeddings, each item coloured by its first
-   genre (``genre_idx`` of the samples).
+6. A 2-D t-SNE map (van der Maaten & Hinton 2008) of each trained retriever's item embeddings, each item coloured
+   by its first genre (``genre_idx`` of the samples).
 
 Reads the evaluate stage's result (``<run_dir>/stages/evaluate.json``); sections whose inputs are missing say so
 instead of failing.
@@ -26,7 +25,6 @@ import argparse
 import base64
 import html
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,6 +37,8 @@ import numpy as np  # noqa: E402
 
 from features.config import PlatformConfig, load_config  # noqa: E402
 from features.results import read_stage_result, write_stage_result  # noqa: E402
+from training.artifacts import ModelLayout, model_dir  # noqa: E402
+from training.registry import list_models  # noqa: E402
 
 log = logging.getLogger("serving.report")
 REPORT_FILE = "report.html"
@@ -71,35 +71,29 @@ def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
 
 
-def deepfm_test_predictions(cfg: PlatformConfig, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) labels and (N,) logits of the run's DeepFM on the test split.
+def ranker_test_predictions(cfg: PlatformConfig, model: str, batch_size: int = 4096
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) labels and (N,) logits of the run's ranker ``model`` on the test split, read with the features its
+    config reads.
 
     Raises:
-        FileNotFoundError: the run has no ``models/deepfm/model.pt``.
+        ModelOutputError: the run has no such model folder, or its weights do not fit its config.
         TableNotFoundError: the test split has not been exported.
     """
-    d = cfg.run_dir / "models" / "deepfm"
-    if not (d / "model.pt").exists():
-        raise FileNotFoundError(f"no DeepFM model at {d / 'model.pt'}; run `python -m training.train --model deepfm`")
     import torch
 
     from features.definitions import dense_features_named
+    from training.artifacts import load_model, model_dir
     from training.data import ctr_batches, num_batches, read_ctr_shard
-    from training.models.deepfm import DeepFM, DeepFMConfig
 
-    meta = json.loads((d / "meta.json").read_text())
-    mc = meta["model_config"]
-    dense_names = tuple(mc.get("dense_features", ()))  # models saved before the dense features have none
-    model = DeepFM(meta["vocab_sizes"], DeepFMConfig(embedding_dim=mc["embedding_dim"], hidden=tuple(mc["hidden"]),
-                                                     dropout=mc["dropout"], init_range=mc["init_range"],
-                                                     dense_features=dense_names))
-    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
-    model.eval()
-    shard = read_ctr_shard(cfg.lake_dir, "test", dense_features=dense_features_named(dense_names))
+    loaded = load_model(model_dir(cfg.run_dir, model))
+    features = loaded.spec.features_of(loaded.config)
+    dense = dense_features_named(getattr(loaded.config, "dense_features", ()))
+    shard = read_ctr_shard(cfg.lake_dir, "test", features=features, dense_features=dense)
     scores = []
     with torch.no_grad():
-        for b in ctr_batches(shard, batch_size, num_batches(len(shard), 1, batch_size)):
-            scores.append(model(b.features, b.dense)[b.weight > 0].numpy())
+        for b in ctr_batches(shard, batch_size, num_batches(len(shard), 1, batch_size), features=features):
+            scores.append(loaded.module(b.features, b.dense)[b.weight > 0].numpy())
     return shard.label.astype(np.int64), np.concatenate(scores)
 
 
@@ -125,12 +119,14 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def plot_roc(labels: np.ndarray, scores: np.ndarray) -> str:
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """ROC curves, one per ``{model: (labels (N,), scores (N,))}``, AUC in the legend."""
     from training.metrics import auc
 
-    fpr, tpr = roc_points(labels, scores)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, lw=1.5, label=f"DeepFM, AUC {auc(labels, scores):.4f}")
+    for model, (labels, scores) in curves.items():
+        fpr, tpr = roc_points(labels, scores)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{model}, AUC {auc(labels, scores):.4f}")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="random")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, test split")
     ax.legend(loc="lower right")
@@ -230,13 +226,17 @@ def build_sections(cfg: PlatformConfig, tsne: bool = True) -> list[tuple[str, st
     ev = read_stage_result(cfg, "evaluate")
     k = ev["k"]
     sections = []
-    try:
-        labels, scores = deepfm_test_predictions(cfg)
-        sections.append(("ROC curve of the ranking model (DeepFM, test split)", plot_roc(labels, scores),
-                         f"<p>{labels.size:,} test samples.</p>"))
-    except Exception as e:  # a missing model must not hide the rest of the report
-        log.warning("ROC section skipped: %s", e)
-        sections.append(("ROC curve of the ranking model", None, f"<p>not available: {html.escape(str(e))}</p>"))
+    curves, missing = {}, []
+    for model in list_models("ranker"):
+        try:
+            curves[model] = ranker_test_predictions(cfg, model)
+        except Exception as e:  # a missing model must not hide the rest of the report
+            log.warning("ROC of %s skipped: %s", model, e)
+            missing.append(f"{model}: {e}")
+    note = "".join(f"<p>not available: {html.escape(m)}</p>" for m in missing)
+    n = next(iter(curves.values()))[0].size if curves else 0
+    sections.append(("ROC curves of the rankers (test split)", plot_roc(curves) if curves else None,
+                     (f"<p>{n:,} test samples.</p>" if curves else "") + note))
     rows = [[n, r[f"hr@{k}"], r[f"ndcg@{k}"], r[f"mrr@{k}"], r["cases"]] for n, r in ev["retrieval"].items()]
     sections.append((f"Replay on the test cases: HR@K over K", plot_hr_curve(ev["hr_curve"]) if "hr_curve" in ev
                      else None, _table(rows, ["policy", f"HR@{k}", f"NDCG@{k}", f"MRR@{k}", "cases"])))
@@ -265,12 +265,14 @@ def build_sections(cfg: PlatformConfig, tsne: bool = True) -> list[tuple[str, st
         g = ev["gate"]
         sections.append(("Publish gate", None, f"<p>{html.escape(g['decision'].upper())}: candidate "
                          f"{html.escape(str(g['candidate']))}; serving now {html.escape(str(g['serving']))}</p>"))
-    emb = cfg.run_dir / "models" / "item2vec" / "item_embeddings.npy"
-    if tsne and emb.exists():
+    for model in list_models("retriever") if tsne else ():
+        emb = ModelLayout(model_dir(cfg.run_dir, model)).item_embeddings
+        if not emb.exists():
+            continue
         vectors = np.load(emb)
         genre = item_first_genre(cfg)
         items = np.array(sorted(i for i in genre if 0 < i < len(vectors)))
-        sections.append(("item2vec embeddings, t-SNE map by genre",
+        sections.append((f"{model} item embeddings, t-SNE map by genre",
                          plot_tsne(vectors[items], np.array([genre[i] for i in items])),
                          f"<p>{items.size:,} items.</p>"))
     return sections

@@ -27,7 +27,9 @@ from serving.ann import HnswParams
 from serving.bundle import BundleSpec, VersionChangePolicy
 from serving.export import run_export
 from training.data import kjt_of_rows, synthetic_vocab_sizes
+from training.artifacts import save_model
 from training.models.deepfm import DeepFM, DeepFMConfig
+from training.registry import get_model
 
 N_ITEMS, DIM, USERS = 39, 8, (1, 2, 3, 4, 5)   # item_idx 1..39 <-> item_id 100+idx; user_idx = user_id
 SPEC = BundleSpec(retrieval_model="item2vec", recent_items=3, per_item=4)
@@ -48,13 +50,9 @@ def _write_deepfm(cfg: PlatformConfig, seed: int, version: str) -> DeepFM:
     torch.manual_seed(seed)
     conf = DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0, init_range=0.5, dense_features=DENSE_NAMES)
     model = DeepFM(synthetic_vocab_sizes(), conf).eval()
-    d = cfg.run_dir / "models" / "deepfm"
-    d.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), d / "model.pt")
-    meta = {"model_version": version, "vocab_sizes": synthetic_vocab_sizes(),
-            "model_config": {"embedding_dim": 8, "hidden": [16], "dropout": 0.0, "init_range": 0.5,
-                             "dense_features": list(DENSE_NAMES), "features": "training.models.deepfm"}}
-    (d / "meta.json").write_text(json.dumps(meta))
+    save_model(cfg.run_dir / "models" / "deepfm", get_model("deepfm"), conf, model.state_dict(),
+               model_version=version, options={}, vocab_sizes=synthetic_vocab_sizes(), sharding_plan={}, metrics={},
+               training_versions={})
     return model
 
 
@@ -496,3 +494,48 @@ def test_service_follows_the_publish_gate(registry_world):
         assert gate_and_publish(gate, pointer, "item2vec", "i2v-2", better)[0] is Decision.PUBLISH
         assert c.post("/admin/reload").json() == {"decision": "reload", "model_version": "dfm-1+i2v-2"}
         assert served() == ("dfm-1+i2v-2", _similar_reference(tables["i2v-2"], 5, 3))
+
+
+def test_recommend_with_a_sequence_ranker_matches_its_reference(world, tmp_path):
+    """``--ranker din``: any registered ranker serves; DIN gets each candidate with the user's behaviour history and
+    the stars given to it, as it was trained (one row at a time in the reference, batched in the service)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from features.definitions import rating_levels
+    from serving.app import create_app
+    from training.models.din import DIN, DINConfig
+
+    cfg, ref, table, _ = world
+    local = PlatformConfig(data_dir=cfg.data_dir, artifacts_dir=tmp_path / "artifacts")
+    shutil.copytree(cfg.run_dir, local.run_dir)
+    torch.manual_seed(3)
+    conf = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16,), dropout=0.0, init_range=0.5,
+                     dense_features=DENSE_NAMES)
+    model = DIN(synthetic_vocab_sizes(), conf).eval()
+    save_model(local.run_dir / "models" / "din", get_model("din"), conf, model.state_dict(), model_version="din-1",
+               options={}, vocab_sizes=synthetic_vocab_sizes(), sharding_plan={}, metrics={}, training_versions={})
+    spec = BundleSpec(retrieval_model="item2vec", ranker_model="din", recent_items=3, per_item=4)
+    rated = {i for _, its, _ in ref.values() for i in its}
+    with TestClient(create_app(local, spec=spec)) as client:
+        for u in USERS:
+            feats, items, stars = ref[u]
+            body = client.get("/recommend", params={"user_id": u, "k": 5}).json()
+            assert {x["source"] for x in body["items"]} == {"ann+din"} and body["model_version"] == "din-1+i2v-1"
+            cand = []
+            for q in items[-SPEC.recent_items:]:
+                cand += [c for c in _cosine_top(table, q, SPEC.per_item) if c not in items and c not in cand]
+            with torch.no_grad():
+                probs = [float(torch.sigmoid(model(kjt_of_rows([{
+                    **feats, "item_idx": c, "genre_idx": [c % 19 + 1] if c in rated else [],
+                    "hist_item_idx": items, "hist_rating": rating_levels(stars).tolist()}], conf.features),
+                    _reference_dense(ref, u, c)))[0]) for c in cand]
+            want = sorted(zip(cand, probs), key=lambda x: (-x[1], x[0]))[:5]
+            assert [x["item_id"] for x in body["items"]] == [100 + c for c, _ in want]
+            assert [x["score"] for x in body["items"]] == pytest.approx([p for _, p in want], abs=1e-5)
+
+
+def test_bundle_spec_refuses_a_ranker_that_is_not_registered():
+    with pytest.raises(ValueError, match="registered ranker"):
+        BundleSpec(ranker_model="item2vec")

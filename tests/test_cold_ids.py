@@ -12,7 +12,9 @@ from features.definitions import SPARSE_FEATURES
 from training.data import CtrShard, ctr_batches, kjt_of_rows, synthetic_vocab_sizes
 from training.models import DIN, DIN_FEATURES, DeepFM, DeepFMConfig, DINConfig
 from training.modules.cold_ids import cold_remap, drop_ids, fill_cold_rows
-from training.train import TrainOptions, id_sample_counts, read_cold_as_oov
+from training.registry import get_model
+from training.tasks.ctr import id_sample_counts, read_cold_as_oov
+from training.trainer import TrainOptions
 
 VOCAB = synthetic_vocab_sizes()
 WARM_USERS, WARM_ITEMS = 20, 30  # train samples hold users 1..19 and items 1..29; the rest are cold
@@ -56,8 +58,9 @@ def test_cold_remap_and_drop_ids():
 def test_id_dropout_replaces_only_user_and_item_ids_in_the_same_order():
     shard = _shard(300, seed=1, users=30, items=40, history=False)
     plain = list(ctr_batches(shard, 64, 5, shuffle=True, seed=7))
-    dropped = list(ctr_batches(shard, 64, 5, shuffle=True, seed=7, id_dropout=0.3))
-    again = list(ctr_batches(shard, 64, 5, shuffle=True, seed=7, id_dropout=0.3))
+    ids = ("user_idx", "item_idx")
+    dropped = list(ctr_batches(shard, 64, 5, shuffle=True, seed=7, id_dropout=0.3, dropped=ids))
+    again = list(ctr_batches(shard, 64, 5, shuffle=True, seed=7, id_dropout=0.3, dropped=ids))
     n_dropped = n = 0
     for a, b, c in zip(plain, dropped, again):
         assert torch.equal(a.label, b.label) and torch.equal(a.user, b.user)  # same rows, same order
@@ -76,9 +79,9 @@ def test_id_dropout_replaces_only_user_and_item_ids_in_the_same_order():
 def test_read_cold_as_oov_remaps_ids_and_history_keeps_the_gauc_key():
     train = _shard(400, seed=0, users=WARM_USERS, items=WARM_ITEMS, history=True)
     test = _shard(200, seed=1, users=VOCAB["user"], items=VOCAB["item"], history=True)
-    counts = id_sample_counts(train, "din", VOCAB, max_history=5)
+    counts = id_sample_counts(train, get_model("din").id_tables, VOCAB, max_history=5)
     raw_user, raw_hist = test.ids["user_idx"].copy(), test.values["hist_item_idx"].copy()
-    read_cold_as_oov(test, "din", counts)
+    read_cold_as_oov(test, get_model("din").id_tables, counts)
     assert np.array_equal(test.ids["user_idx"], np.where(raw_user < WARM_USERS, raw_user, 0))
     assert np.array_equal(test.values["hist_item_idx"], np.where(raw_hist < WARM_ITEMS, raw_hist, 0))
     assert np.array_equal(test.user, raw_user)  # GAUC groups by the real user
@@ -89,7 +92,8 @@ def test_read_cold_as_oov_remaps_ids_and_history_keeps_the_gauc_key():
 def test_filled_state_reads_cold_ids_as_the_remap_does(kind):
     """What evaluation computes (cold ids remapped on the input) is what the saved model computes on raw ids."""
     if kind == "din":
-        config = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5)
+        config = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5,
+                           history_ratings=False)
         make, features = (lambda: DIN(VOCAB, config)), DIN_FEATURES
     else:
         make, features = (lambda: DeepFM(VOCAB, DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0))), \
@@ -102,8 +106,8 @@ def test_filled_state_reads_cold_ids_as_the_remap_does(kind):
     train = _shard(400, seed=0, users=WARM_USERS, items=WARM_ITEMS, history=kind == "din")
     test = _shard(64, seed=1, users=VOCAB["user"], items=VOCAB["item"], history=kind == "din")
     raw = kjt_of_rows(_rows(test, features), features)
-    counts = id_sample_counts(train, kind, VOCAB, max_history=5)
-    read_cold_as_oov(test, kind, counts)
+    counts = id_sample_counts(train, get_model(kind).id_tables, VOCAB, max_history=5)
+    read_cold_as_oov(test, get_model(kind).id_tables, counts)
     with torch.no_grad():
         remapped = trained(kjt_of_rows(_rows(test, features), features))
         before = trained(raw)
@@ -126,9 +130,7 @@ def test_fill_cold_rows_refuses_a_missing_table_or_other_sizes():
 
 
 def test_train_options_check_id_dropout():
-    from training.hparams import MODEL_DEFAULTS
-
-    assert TrainOptions(model="deepfm").id_dropout == MODEL_DEFAULTS["deepfm"]["id_dropout"] > 0  # the tuned default
+    assert TrainOptions(model="deepfm").id_dropout == get_model("deepfm").train.id_dropout > 0  # the tuned default
     assert TrainOptions(model="item2vec").id_dropout == 0.0
     assert TrainOptions(model="din", id_dropout=0.2).id_dropout == 0.2
     assert TrainOptions(model="din", id_dropout=0.0).id_dropout == 0.0  # 0 turns it off, it is not "unset"
@@ -140,13 +142,12 @@ def test_train_options_check_id_dropout():
 
 def test_din_drops_only_the_user_id():
     """DIN's activation unit queries the history with the candidate item, so its id dropout leaves item_idx alone."""
-    from training.data import ID_DROPOUT_FEATURES
-
-    assert ID_DROPOUT_FEATURES["din"] == ("user_idx",)
-    assert set(ID_DROPOUT_FEATURES["deepfm"]) == {"user_idx", "item_idx"}
+    assert get_model("din").id_dropout_features == ("user_idx",)
+    assert set(get_model("deepfm").id_dropout_features) == {"user_idx", "item_idx"}
     shard = _shard(300, seed=2, users=30, items=40, history=False)
     plain = next(ctr_batches(shard, 256, 1, shuffle=True, seed=5))
-    dropped = next(ctr_batches(shard, 256, 1, shuffle=True, seed=5, id_dropout=0.5, dropped=ID_DROPOUT_FEATURES["din"]))
+    dropped = next(ctr_batches(shard, 256, 1, shuffle=True, seed=5, id_dropout=0.5,
+                               dropped=get_model("din").id_dropout_features))
     assert torch.equal(plain.features["item_idx"].values(), dropped.features["item_idx"].values())
     users = dropped.features["user_idx"].values()
     assert 0.4 < float((users == 0).float().mean()) < 0.6

@@ -16,7 +16,8 @@ from training.data import kjt_of_rows, synthetic_vocab_sizes
 from training.models import DIN, DIN_FEATURES, DINConfig
 from training.modules import ActivationUnit, Dice, TargetAttention
 
-CONFIG = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5)
+CONFIG = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5,
+                   history_ratings=False)
 RATED = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16, 8), dropout=0.0, max_history=5,
                   history_ratings=True)
 
@@ -180,7 +181,7 @@ def test_sharded_din_matches_unsharded(strategy, rated, tmp_path):
 def test_din_reads_dense_features_in_its_over_arch():
     torch.manual_seed(0)
     model = DIN(synthetic_vocab_sizes(), DINConfig(embedding_dim=8, hidden=(16,), dropout=0.0,
-                                                   dense_features=("user_prior_rating",)))
+                                                   dense_features=("user_prior_rating",), history_ratings=False))
     kjt, dense = kjt_of_rows(_rows(4, seed=3), DIN_FEATURES), torch.randn(4, 1)  # (B, F_dense)
     logits, weights = model.forward_with_weights(kjt, dense)
     side, candidate, history, mask, _ = model.sparse_arch(kjt)

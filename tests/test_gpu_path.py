@@ -56,7 +56,7 @@ def test_backend_kernels_and_topology_per_device():
 
 
 def test_ray_train_configs_per_setting():
-    from training.train import ray_train_configs
+    from training.trainer import ray_train_configs
 
     scaling, torch_config = ray_train_configs(2, use_gpu=False)
     assert (scaling.num_workers, scaling.use_gpu, scaling.resources_per_worker) == (2, False, {"CPU": 1})
@@ -67,7 +67,7 @@ def test_ray_train_configs_per_setting():
 
 
 def test_use_gpu_flows_from_the_environment_to_the_scaling_config(monkeypatch):
-    from training.train import ray_train_configs
+    from training.trainer import ray_train_configs
 
     monkeypatch.setenv("RECSYS_TRAIN__USE_GPU", "true")
     monkeypatch.setenv("RECSYS_TRAIN__NUM_WORKERS", "3")
@@ -108,7 +108,7 @@ def test_planner_pins_fused_kernels_and_allows_row_wise_for_bags_on_cuda():
 
 
 def test_cpu_worker_device():
-    from training.train import worker_device
+    from training.trainer import worker_device
 
     assert worker_device(False) == torch.device("cpu")
 
@@ -130,7 +130,8 @@ def test_gpu_lock_is_the_cpu_lock_with_fbgemms_cuda_build():
 def test_use_gpu_without_cuda_fails_early_with_a_clear_error(tmp_path, monkeypatch):
     from training.distributed import require_cuda, topology
     from training.scale import ScaleOptions, run
-    from training.train import TrainOptions, main, train, worker_device
+    from training.train import TrainOptions, main, train
+    from training.trainer import worker_device
 
     with pytest.raises(DeviceUnavailableError, match=r"torch.cuda.is_available\(\) is False") as e:
         require_cuda()

@@ -90,7 +90,9 @@ def test_registry_row_carries_the_delta_versions_the_training_set_was_read_at(sp
     from features.tables import ITEM_SEQUENCES, USER_VOCAB
     from pipelines.features_batch import write_exports
     from training.data import read_training_versions
-    from training.train import ITEM_TABLE, TrainOptions, _write_artifacts
+    from training.artifacts import save_model
+    from training.registry import get_model
+    from training.trainer import TrainOptions
 
     cfg = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / "artifacts")
     lake = cfg.lake_dir
@@ -108,12 +110,14 @@ def test_registry_row_carries_the_delta_versions_the_training_set_was_read_at(sp
     spark.createDataFrame([(1, [3, 2, 1])], "user_idx int, item_idx array<int>") \
         .write.format("delta").mode("overwrite").save(ITEM_SEQUENCES.path(lake))               # version 2, later
 
-    read = read_training_versions(lake, "item2vec")
+    spec = get_model("item2vec")
+    read = read_training_versions(lake, spec.tables)
     assert read == {"gold.item_sequences": 1, "silver.item_vocab": 0}
     table = torch.arange(16, dtype=torch.float32).reshape(4, 4) / 5
     opts = TrainOptions(model="item2vec")
-    _write_artifacts({"model_dir": str(cfg.run_dir / "models" / "item2vec"), "model_version": "i2v-7",
-                      "training_versions": read}, opts, {ITEM_TABLE["item2vec"]: table}, {}, {}, {}, {})
+    save_model(cfg.run_dir / "models" / "item2vec", spec, spec.default_config(), {spec.item_table: table},
+               model_version="i2v-7", options=asdict(opts), vocab_sizes={}, sharding_plan={}, metrics={},
+               training_versions=read)
     meta = json.loads((cfg.run_dir / "models" / "item2vec" / "meta.json").read_text())
     assert meta["training_versions"] == read and meta["options"] == asdict(opts)
 

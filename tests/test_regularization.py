@@ -15,7 +15,9 @@ from _spawn import free_port, mark_done, spawn_checked
 from training.data import CtrBatch, kjt_of_rows, synthetic_vocab_sizes
 from training.models import DIN, DIN_FEATURES, DeepFM, DeepFMConfig, DINConfig
 from training.modules.regularization import MiniBatchAwareL2, sample_counts
-from training.train import CtrObjective, TrainOptions
+from training.registry import get_model
+from training.tasks.ctr import CtrObjective
+from training.trainer import TrainOptions
 
 LAM = 0.3
 USER_T = "sparse_arch.embedding_bag_collection.embedding_bags.t_user.weight"
@@ -81,7 +83,7 @@ def test_deepfm_penalty_gradient_on_touched_rows_only():
     vocab = synthetic_vocab_sizes()
     model = DeepFM(vocab, DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0))
     counts = _counts(vocab)
-    objective = CtrObjective(model, "deepfm", counts, LAM)
+    objective = CtrObjective(model, get_model("deepfm").id_lookups, counts, LAM)
     # user 7 three times, item 11 twice; the last row is padding (weight 0): user 29 / item 39 are not penalised
     rows = [_row(7, 11), _row(7, 12), _row(7, 11), _row(2, 5), _row(29, 39)]
     total, data, penalty = objective(_batch(rows, weight=[1, 1, 1, 1, 0]))
@@ -104,10 +106,11 @@ def test_deepfm_penalty_gradient_on_touched_rows_only():
 def test_din_penalty_counts_candidate_and_history_rows_once():
     torch.manual_seed(1)
     vocab = synthetic_vocab_sizes()
-    config = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16,), dropout=0.0, max_history=3)
+    config = DINConfig(embedding_dim=8, attention_hidden=(6,), hidden=(16,), dropout=0.0, max_history=3,
+                       history_ratings=False)
     model = DIN(vocab, config)
     counts = _counts(vocab, seed=1)
-    objective = CtrObjective(model, "din", counts, LAM)
+    objective = CtrObjective(model, get_model("din").id_lookups, counts, LAM)
     # item 9: candidate of row 0 and in two histories; item 33 lies beyond max_history (not looked up); row 3 is
     # padding (its user 28, items 38 and 37 are not penalised)
     rows = [_row(4, 9, [9, 20, 21]), _row(4, 10, [9, 22, 23, 33]), _row(6, 9, []), _row(28, 38, [37])]
@@ -125,7 +128,7 @@ def test_lambda_zero_is_exactly_the_previous_loss():
     torch.manual_seed(2)
     model = DeepFM(synthetic_vocab_sizes(), DeepFMConfig(embedding_dim=8, hidden=(16,), dropout=0.0))
     batch = _batch([_row(1, 2), _row(3, 4), _row(5, 6)], weight=[1, 1, 0])
-    objective = CtrObjective(model, "deepfm", None, 0.0)
+    objective = CtrObjective(model, get_model("deepfm").id_lookups, None, 0.0)
     total, data, penalty = objective(batch)
     previous = (torch.nn.BCEWithLogitsLoss(reduction="none")(model(batch.features), batch.label)
                 * batch.weight).sum() / batch.weight.sum().clamp_min(1.0)  # _train_ctr's loss before the penalty
@@ -160,7 +163,7 @@ def _fused_worker(rank: int, port: int, done_dir: str) -> None:
         apply_optimizer_in_backward(torch.optim.SGD, model.sparse_arch.parameters(), {"lr": LR})
         dmp = shard_model(model, plan_sharding(model, 1, ShardingConfig()))
         load_full_state_dict(dmp, full_sd)
-        CtrObjective(dmp, "deepfm", counts, lam)(_batch(rows))[0].backward()  # the fused kernel steps here
+        CtrObjective(dmp, get_model("deepfm").id_lookups, counts, lam)(_batch(rows))[0].backward()  # the fused kernel steps here
         after[lam] = gather_full_state_dict(dmp)
     for key, touched, n in ((USER_T, [7, 3], counts["t_user"]), (ITEM_T, [11, 12], counts["t_item"])):
         step = after[LAM][key] - after[0.0][key]

@@ -9,7 +9,7 @@ import pytest
 
 from test_train_ray import write_synthetic_lake
 from training.data import ctr_batches, read_ctr_shard, recency_weights
-from training.train import TrainOptions
+from training.trainer import TrainOptions
 
 DAY = 86400.0
 

@@ -132,7 +132,7 @@ def test_killed_item2vec_worker_resumes_from_checkpoint(ray_cluster, cfg, tmp_pa
     def run(name: str, progress: str = "") -> tuple[dict, np.ndarray]:
         local = PlatformConfig(data_dir=tmp_path / "data", artifacts_dir=tmp_path / name, train=cfg.train)
         opts = TrainOptions(model="item2vec", epochs=EPOCHS, batch_size=256, embedding_dim=8, seed=7,
-                            subsample=0.05, progress_dir=progress)
+                            model_options={"subsample": 0.05}, progress_dir=progress)
         out = train(local, opts)
         return out, np.load(local.run_dir / "models" / "item2vec" / "item_embeddings.npy")
 

@@ -64,6 +64,7 @@ def write_synthetic_lake(lake: Path, rows: dict[str, int], seed: int = 0) -> dic
 
 def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     from training.models import DeepFM, DeepFMConfig
+    from training.artifacts import load_model
     from training.train import TrainOptions, train
 
     # a lake of its own, so that other tests' exports in the session lake are never touched
@@ -94,9 +95,12 @@ def test_torchtrainer_trains_sharded_deepfm(ray_cluster, cfg, tmp_path):
     assert meta["model_version"] == result["model_version"] and meta["vocab_sizes"] == vocab
     assert meta["model_config"]["dense_features"] == [f.name for f in DENSE_FEATURES]  # the export has them
     # the unsharded model loads the gathered state dict, and its item table is the exported one
-    model = DeepFM(vocab, DeepFMConfig(**{k: (tuple(v) if k == "hidden" else v)
-                                          for k, v in meta["model_config"].items() if k != "features"}))
+    model = DeepFM(vocab, DeepFMConfig(**{k: (tuple(v) if k in ("hidden", "dense_features") else v)
+                                          for k, v in meta["model_config"].items()}))
     model.load_state_dict(torch.load(model_dir / "model.pt"))
+    loaded = load_model(model_dir)  # the one loader every stage uses gives the same weights
+    assert loaded.spec.name == "deepfm" and loaded.config == model.config
+    assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in model.state_dict().items())
     table = model.sparse_arch.embedding_bag_collection.embedding_bags["t_item"].weight.detach().numpy()
     np.testing.assert_array_equal(table, emb)
     # id dropout: every cold row of the saved tables (embedding and first order) is the trained OOV row

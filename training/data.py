@@ -1,11 +1,11 @@
 """Reading the Parquet exports into batches for the models.
 
-CTR samples (DeepFM): each rank reads its shard of ``export/ctr_samples/split=<split>`` with pyarrow (rows
+CTR samples (rankers): each rank reads its shard of ``export/ctr_samples/split=<split>`` with pyarrow (rows
 ``rank::world_size``) and iterates fixed-size batches as ``KeyedJaggedTensor`` s. Every rank yields the same number
 of batches of the same size, because the sharded embedding lookup is a collective: the last batch is padded with
 repeated rows whose weight is 0.
 
-Item sequences (item2vec): skip-gram pairs with word2vec's dynamic window, frequent-item subsampling
+Item sequences (the skip-gram task): skip-gram pairs with word2vec's dynamic window, frequent-item subsampling
 (Mikolov et al. 2013, keep probability ``(sqrt(f / t) + 1) * t / f``) and negatives from the unigram^0.75
 distribution.
 
@@ -29,26 +29,13 @@ from torchrec import KeyedJaggedTensor
 from features.definitions import (DENSE_FEATURES, RATING_LEVELS, SPARSE_FEATURES, DenseFeature, SparseFeature,
                                   dense_inputs)
 from features.errors import TableNotFoundError
-from features.tables import (CTR_SAMPLES, ITEM_SEQUENCES, ITEM_VOCAB, TableSpec, export_versions_path,
+from features.tables import (CTR_SAMPLES, ITEM_SEQUENCES, TableSpec, export_versions_path,
                              parquet_export, vocab_sizes_path)
 from training.modules.cold_ids import drop_ids
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "the features stage (spark-submit pipelines/features_batch.py)"
-#: The one-hot id features id dropout replaces by the OOV row, per model: DeepFM the user and the candidate item;
-#: DIN the user only, since its activation unit weighs the history by the candidate item's embedding (an OOV
-#: candidate would blank the attention's query). bench.tune grids, mean valid AUC over seeds 0-2 (BENCHMARKS.md
-#: tuning-counters): DIN 0.7283 +- 0.0025 dropping the user at 0.9, 0.7265 +- 0.0025 dropping both at 0.99 (test
-#: 0.7386 +- 0.0006 against 0.7322 +- 0.0028); DeepFM 0.7313 +- 0.0028 both at 0.99, 0.7283 +- 0.0011 user at 0.9.
-ID_DROPOUT_FEATURES = {"deepfm": ("user_idx", "item_idx"), "din": ("user_idx",)}
-
-#: The tables (their Parquet exports) each model is trained on; the item vocabulary numbers the embedding rows.
-TRAINING_TABLES: dict[str, tuple[TableSpec, ...]] = {
-    "deepfm": (CTR_SAMPLES, ITEM_VOCAB),
-    "din": (CTR_SAMPLES, ITEM_VOCAB),
-    "item2vec": (ITEM_SEQUENCES, ITEM_VOCAB),
-}
 
 
 def synthetic_vocab_sizes() -> dict[str, int]:
@@ -69,19 +56,15 @@ def read_vocab_sizes(lake_dir: str | Path) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def read_training_versions(lake_dir: str | Path, model: str) -> dict[str, int]:
-    """``{table name: Delta version}`` of the tables ``model`` trains on (``TRAINING_TABLES``), as the features stage
+def read_training_versions(lake_dir: str | Path, tables: Sequence[TableSpec]) -> dict[str, int]:
+    """``{table name: Delta version}`` of ``tables`` (a model's ``ModelSpec.tables``), as the features stage
     recorded them when it wrote the Parquet exports (``export/delta_versions.json``). Empty when the exports
     predate that record (logged): the caller then has no provenance to record.
-
-    Raises:
-        KeyError: ``model`` is not in ``TRAINING_TABLES``.
     """
-    tables = TRAINING_TABLES[model]
     path = export_versions_path(lake_dir)
     if not path.exists():
-        log.warning("%s not found (exports written before the features stage recorded versions); %s is trained "
-                    "without recorded table versions: re-run the features stage", path, model)
+        log.warning("%s not found (exports written before the features stage recorded versions); the model is "
+                    "trained without recorded table versions: re-run the features stage", path)
         return {}
     recorded = json.loads(path.read_text())
     missing = [t.name for t in tables if t.name not in recorded]
@@ -247,7 +230,7 @@ class CtrBatch:
 
 def ctr_batches(shard: CtrShard, batch_size: int, n_batches: int, shuffle: bool = False, seed: int = 0,
                 features: Sequence[SparseFeature] = SPARSE_FEATURES, id_dropout: float = 0.0,
-                dropped: Sequence[str] = ID_DROPOUT_FEATURES["deepfm"],
+                dropped: Sequence[str] = (),
                 sample_weight: np.ndarray | None = None) -> Iterator[CtrBatch]:
     """Exactly ``n_batches`` batches of exactly ``batch_size`` rows; rows beyond the shard are padding (weight 0).
 

@@ -82,7 +82,8 @@ def build_model(opts: ScaleOptions):
     from training.models import DIN, DINConfig
 
     torch.manual_seed(opts.seed)
-    model = DIN(vocab_sizes(opts), DINConfig(embedding_dim=opts.embedding_dim, max_history=opts.history),
+    model = DIN(vocab_sizes(opts), DINConfig(embedding_dim=opts.embedding_dim, max_history=opts.history,
+                                             history_ratings=False),
                 sparse_device=torch.device("meta"))
     apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": opts.lr_sparse})
     return model
@@ -163,7 +164,7 @@ def scale_loop(c: dict) -> None:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from training.distributed import local_bytes, local_table_rows, placements, plan_sharding, shard_model
-    from training.train import worker_device
+    from training.trainer import worker_device
 
     torch.set_num_threads(1)
     opts = ScaleOptions(**c["options"])
@@ -228,7 +229,7 @@ def run(opts: ScaleOptions, ray_cpus: int | None = None, use_gpu: bool = False) 
     from ray.train.torch import TorchTrainer
 
     from features.config import ROOT
-    from training.train import check_local_gpus, ray_train_configs
+    from training.trainer import check_local_gpus, ray_train_configs
 
     if use_gpu:  # the workers run on this machine's (local) Ray cluster
         check_local_gpus(opts.num_workers)

@@ -28,7 +28,9 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from features.definitions import SPARSE_FEATURES, SparseFeature
+from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import MLP, FactorizationMachine, FirstOrder, SparseArch, check_dense, table_configs
+from training.registry import ModelSpec, TrainDefaults, register
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,14 @@ class DeepFMConfig:
     Args:
         embedding_dim: D, shared by FM and the DNN; a multiple of 4 (FBGEMM's fused kernels).
         hidden: widths of the DNN's hidden layers.
-        dropout: dropout after each hidden layer.
+        dropout: dropout after each hidden layer (0 chosen on valid; docs/tuning.md).
         init_range: embedding weights start uniform in [-init_range, init_range].
         dense_features: names of the ``DENSE_FEATURES`` read, in input order (the columns of ``dense``).
     """
 
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 64)
-    dropout: float = 0.2
+    dropout: float = 0.0
     init_range: float = 0.02
     dense_features: tuple[str, ...] = ()
 
@@ -122,3 +124,37 @@ class DeepFM(nn.Module):
             logit = logit + self.dense_linear(dense).squeeze(1)
             x = torch.cat([x, dense], dim=1)  # (B, F*D + F_dense)
         return logit + self.over_arch(self.dense_arch(x)).squeeze(1)  # (B,)
+
+
+def id_lookups(sparse_arch: SparseArch, features: KeyedJaggedTensor, out: torch.Tensor,
+               real: torch.Tensor) -> dict:
+    """The user and item rows a forward looked up, for the mini-batch aware L2 (``training.tasks.ctr``).
+
+    Args:
+        sparse_arch: the model's SparseArch; features: the KJT it read; out: its (B, F, D) output; real: (B,) bool,
+            the batch's real rows (padding rows repeat real ones and are left out).
+
+    Returns:
+        ``{table: [(ids (N,), rows (N, D))]}`` for ``t_user`` and ``t_item``.
+    """
+    names = sparse_arch.feature_names
+    user, item = features["user_idx"].values()[real], features["item_idx"].values()[real]  # one id per sample
+    return {"t_user": [(user, out[real, names.index("user_idx")])],
+            "t_item": [(item, out[real, names.index("item_idx")])]}
+
+
+SPEC = register(ModelSpec(
+    name="deepfm", kind="ranker", task="ctr", config=DeepFMConfig,
+    build=lambda vocab_sizes, config, sparse_device=None: DeepFM(vocab_sizes, config, sparse_device=sparse_device),
+    # bench.tune's choice on valid with the counters and id dropout (docs/tuning.md, BENCHMARKS.md tuning-counters)
+    train=TrainDefaults(epochs=12, batch_size=2048, lr_sparse=0.008, lr_dense=1.53e-3, weight_decay=7e-5,
+                        id_dropout=0.99),
+    tables=(CTR_SAMPLES, ITEM_VOCAB),
+    paper="Guo et al. 2017, DeepFM: A Factorization-Machine based Neural Network for CTR Prediction",
+    item_table="sparse_arch.embedding_bag_collection.embedding_bags.t_item.weight",
+    id_tables={"t_user": ("user_idx",), "t_item": ("item_idx",)},
+    # the user and the candidate item (a grid on valid preferred both to the user alone; docs/tuning.md)
+    id_dropout_features=("user_idx", "item_idx"),
+    features=lambda config: SPARSE_FEATURES,
+    id_lookups=id_lookups,
+))

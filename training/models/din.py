@@ -26,6 +26,8 @@ dense features (the point-in-time counters of ``features.definitions.DENSE_FEATU
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,8 +38,10 @@ from torchrec import KeyedJaggedTensor
 from features.definitions import (HISTORY_FEATURE, HISTORY_RATING_FEATURE, MAX_HISTORY, SPARSE_FEATURES,
                                   SparseFeature)
 from features.errors import VocabularyError
+from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import (MLP, SequenceEmbedding, SparseArch as PooledArch, TargetAttention, check_dense,
                               table_configs)
+from training.registry import ModelSpec, TrainDefaults, register
 
 CANDIDATE = "item_idx"
 #: the KJT keys DIN reads: the declared sparse features plus the behaviour history.
@@ -52,11 +56,12 @@ class DINConfig:
         embedding_dim: D for every table; a multiple of 4 (FBGEMM's fused kernels).
         attention_hidden: hidden widths of the activation unit (the paper: 36).
         hidden: widths of the OverArch MLP (the paper: 200, 80).
-        dropout: dropout after each OverArch hidden layer.
+        dropout: dropout after each OverArch hidden layer (0.4 chosen on valid; docs/tuning.md).
         max_history: L; longer histories keep their first L ids (the export keeps the most recent 50).
         init_range: embedding weights start uniform in [-init_range, init_range].
         dense_features: names of the ``DENSE_FEATURES`` read, in input order (the columns of ``dense``).
-        history_ratings: also read ``hist_rating`` (the behaviours' stars) and pool it by the attention weights.
+        history_ratings: also read ``hist_rating`` (the behaviours' stars) and pool it by the attention weights;
+            the trainer turns it off for an export without that column (``adapt``).
         activation: of the OverArch's hidden layers: ``dice`` (the paper's, eq. 9) or ``relu``.
         batch_norm: a batch norm after each OverArch linear layer (as RecBole's DIN; with Dice it also keeps the
             layer's input in the range where Dice's rectifier point moves).
@@ -65,11 +70,11 @@ class DINConfig:
     embedding_dim: int = 16
     attention_hidden: tuple[int, ...] = (36,)
     hidden: tuple[int, ...] = (200, 80)
-    dropout: float = 0.2
+    dropout: float = 0.4
     max_history: int = MAX_HISTORY
     init_range: float = 0.02
     dense_features: tuple[str, ...] = ()
-    history_ratings: bool = False
+    history_ratings: bool = True
     activation: str = "dice"
     batch_norm: bool = True
 
@@ -153,7 +158,8 @@ class DIN(nn.Module):
     >>> from training.data import synthetic_vocab_sizes, kjt_of_rows
     >>> rows = [{"user_idx": 1, "item_idx": 2, "age_idx": 1, "gender_idx": 1, "occupation_idx": 3, "zip_idx": 4,
     ...          "genre_idx": [1, 2], "hist_item_idx": [3, 4, 5]}] * 2
-    >>> DIN(synthetic_vocab_sizes())(kjt_of_rows(rows, DIN_FEATURES)).shape
+    >>> config = DINConfig(history_ratings=False)
+    >>> DIN(synthetic_vocab_sizes(), config)(kjt_of_rows(rows, config.features)).shape
     torch.Size([2])
     """
 
@@ -182,3 +188,49 @@ class DIN(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_with_weights(features, dense)[0]
+
+
+def id_lookups(sparse_arch: SparseArch, features: KeyedJaggedTensor, out: tuple, real: torch.Tensor) -> dict:
+    """The user and item rows a forward looked up, for the mini-batch aware L2 (``training.tasks.ctr``): the user,
+    the candidate and the first L history ids of each real row (``real`` (B,) bool; padding rows left out).
+
+    Returns:
+        ``{table: [(ids (N,), rows (N, D)), ...]}`` for ``t_user`` and ``t_item``.
+    """
+    side, candidate, history, mask, _ = out  # (B, F, D), (B, D), (B, L, D), (B, L), ratings
+    names = sparse_arch.pooled.feature_names
+    user, item = features["user_idx"].values()[real], features[CANDIDATE].values()[real]
+    hist = features[HISTORY_FEATURE.name]
+    slots = hist.offsets()[:-1].unsqueeze(1) + torch.arange(history.shape[1], device=mask.device)  # (B, L)
+    looked_up = mask & real.unsqueeze(1)  # (B, L)
+    return {"t_user": [(user, side[real, names.index("user_idx")])],
+            "t_item": [(item, candidate[real]),
+                       (hist.values()[slots[looked_up]], history[looked_up])]}  # first L ids, row-major
+
+
+def adapt(config: DINConfig, columns: set) -> DINConfig:
+    """``config`` for an export with ``columns``: without ``hist_rating`` (written before the features stage
+    computed it) the stars are not read."""
+    if config.history_ratings and HISTORY_RATING_FEATURE.name not in columns:
+        logging.getLogger(__name__).warning("the ctr_samples export has no %s (re-run the features stage): DIN "
+                                            "reads the behaviours' items only", HISTORY_RATING_FEATURE.name)
+        return dataclasses.replace(config, history_ratings=False)
+    return config
+
+
+SPEC = register(ModelSpec(
+    name="din", kind="ranker", task="ctr", config=DINConfig,
+    build=lambda vocab_sizes, config, sparse_device=None: DIN(vocab_sizes, config, sparse_device=sparse_device),
+    # chosen on valid with the counters, id dropout and the stars (docs/tuning.md, BENCHMARKS.md tuning-din-dice)
+    train=TrainDefaults(epochs=12, batch_size=2048, lr_sparse=0.01, lr_dense=1e-3, weight_decay=1e-4,
+                        id_dropout=0.9),
+    tables=(CTR_SAMPLES, ITEM_VOCAB),
+    paper="Zhou et al. 2018, Deep Interest Network for Click-Through Rate Prediction",
+    item_table="sparse_arch.sequence.embedding_collection.embeddings.t_item.weight",
+    id_tables={"t_user": ("user_idx",), "t_item": (CANDIDATE, HISTORY_FEATURE.name)},
+    # the user only: an OOV candidate would blank the attention's query (docs/tuning.md)
+    id_dropout_features=("user_idx",),
+    features=lambda config: config.features,
+    adapt=adapt,
+    id_lookups=id_lookups,
+))

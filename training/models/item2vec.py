@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from features.tables import ITEM_SEQUENCES, ITEM_VOCAB
 from training.modules import SparseArch
+from training.registry import ModelSpec, TrainDefaults, register
 
 CENTER, CONTEXT = "center", "context"
 
@@ -37,16 +39,22 @@ class Item2VecConfig:
     Args:
         embedding_dim: D; a multiple of 4 (FBGEMM's fused kernels).
         num_negatives: K negatives per positive pair.
+        window: the largest distance between a center and its context in a sequence (word2vec's dynamic window
+            draws each center's span from 1..window).
+        subsample: word2vec's subsampling threshold t (``training.data.keep_probabilities``).
     """
 
     embedding_dim: int = 32
     num_negatives: int = 5
+    window: int = 5
+    subsample: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
             raise ValueError(f"embedding_dim must be a positive multiple of 4, got {self.embedding_dim}")
-        if self.num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.num_negatives < 1 or self.window < 1 or self.subsample <= 0:
+            raise ValueError(f"num_negatives and window must be >= 1 and subsample > 0, got {self.num_negatives}, "
+                             f"{self.window}, {self.subsample}")
 
 
 class Item2Vec(nn.Module):
@@ -103,3 +111,13 @@ def sgns_loss(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torc
     if weights is None:
         return per_pair.mean()
     return (per_pair * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+SPEC = register(ModelSpec(
+    name="item2vec", kind="retriever", task="skipgram", config=Item2VecConfig,
+    build=lambda vocab_sizes, config, sparse_device=None: Item2Vec(vocab_sizes["item"], config, sparse_device),
+    train=TrainDefaults(epochs=8, batch_size=4096, lr_sparse=0.2),
+    tables=(ITEM_SEQUENCES, ITEM_VOCAB),
+    paper="Barkan & Koenigstein 2016, Item2Vec: Neural Item Embedding for Collaborative Filtering",
+    item_table="sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight",
+))

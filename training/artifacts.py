@@ -1,0 +1,178 @@
+"""The layout of a trained model's folder, declared once (as ``features/tables.py`` declares tables), with the one
+writer and the one loader every stage uses.
+
+``<run_dir>/models/<model>/``:
+
+- ``model.pt``: the unsharded state dict (CPU tensors) of the saved epoch, loadable by the registered model class;
+- ``meta.json``: ``model`` (registry name), ``kind``, ``task``, ``model_version``, ``model_config`` (the config
+  dataclass's fields), ``options`` (the trainer's), ``vocab_sizes``, ``training_versions`` (``{table: Delta
+  version}`` read), ``sharding_plan``, ``metrics``, ``item_embedding_shape``, ``created_utc``;
+- ``item_embeddings.npy``: float32 (R, D), row = item_idx, row 0 the unknown/padding item -- for a model with an
+  item table (``ModelSpec.item_table``): the item vectors its retrieval searches (``ModelSpec.item_vectors``; by
+  default the table itself).
+
+>>> layout = ModelLayout("/runs/demo/models/din")
+>>> layout.meta.name, layout.state.name, layout.item_embeddings.name
+('meta.json', 'model.pt', 'item_embeddings.npy')
+
+Legend: R rows of the item table (items + 1), D embedding dim.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.errors import PlatformError
+
+MODELS_DIR = "models"
+
+
+class ModelOutputError(PlatformError):
+    """A model's folder is missing files, or they are unusable (bad shape, no ``model_version``, weights that do not
+    fit the recorded config); the message names the file and the command that rewrites it."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The files of one model folder."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def state(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def item_embeddings(self) -> Path:
+        return self.root / "item_embeddings.npy"
+
+
+def model_dir(run_dir: str | Path, model: str) -> Path:
+    """``<run_dir>/models/<model>``."""
+    return Path(run_dir) / MODELS_DIR / model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A saved model, rebuilt: ``module`` in eval mode on CPU, its ``spec`` and ``config``, and its ``meta``."""
+
+    spec: Any
+    config: Any
+    module: Any
+    meta: dict
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["model_version"])
+
+
+def save_model(out_dir: str | Path, spec, config, state: dict, *, model_version: str, options: dict,
+               vocab_sizes: dict, sharding_plan: dict, metrics: dict, training_versions: dict) -> Path:
+    """Write a model folder (see the module docstring); ``state`` is the full unsharded state dict. Files are
+    written whole and renamed into place, so a reader never sees half of one.
+
+    Returns:
+        the folder.
+
+    Raises:
+        KeyError: ``spec.item_table`` is not a key of ``state``.
+    """
+    import torch
+
+    from training.registry import config_to_dict
+
+    layout = ModelLayout(out_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    shape = None
+    if spec.item_table is not None:
+        table = (spec.item_vectors(state, config) if spec.item_vectors else state[spec.item_table].numpy())
+        table = np.asarray(table, np.float32)  # (R, D)
+        _atomic(layout.item_embeddings, lambda p: np.save(p, table), suffix=".npy")
+        shape = list(table.shape)
+    _atomic(layout.state, lambda p: torch.save(state, p))
+    meta = {"model": spec.name, "kind": spec.kind, "task": spec.task, "model_version": model_version,
+            "model_config": config_to_dict(config), "options": options, "vocab_sizes": vocab_sizes,
+            "sharding_plan": sharding_plan, "item_embedding_shape": shape, "metrics": metrics,
+            "training_versions": training_versions, "created_utc": datetime.now(timezone.utc).isoformat()}
+    _atomic(layout.meta, lambda p: p.write_text(json.dumps(meta, indent=2, default=float)))
+    return layout.root
+
+
+def _atomic(path: Path, write, suffix: str = "") -> None:
+    tmp = path.with_name(path.name + ".tmp" + suffix)
+    write(tmp)
+    tmp.replace(path)
+
+
+def read_meta(path: str | Path) -> dict:
+    """``meta.json`` of the model folder ``path``.
+
+    Raises:
+        ModelOutputError: the file is missing or has no ``model_version``.
+    """
+    layout = ModelLayout(path)
+    if not layout.meta.exists():
+        raise ModelOutputError(f"no {layout.meta}; run `python -m training.train --model {layout.root.name}`")
+    meta = json.loads(layout.meta.read_text())
+    if "model_version" not in meta:
+        raise ModelOutputError(f"{layout.meta} has no 'model_version'; retrain {layout.root.name} with the current "
+                               f"trainer")
+    return meta
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """The model saved in folder ``path``, rebuilt unsharded on CPU from its registered spec, recorded config and
+    vocabulary sizes, with its weights, in eval mode.
+
+    Raises:
+        ModelOutputError: a file is missing, or the weights do not fit the recorded config.
+        UnknownModelError: the recorded model is not registered here.
+        ModelOptionError: the recorded config has a field this version of the model lacks.
+    """
+    import torch
+
+    from training.registry import get_model
+
+    layout = ModelLayout(path)
+    meta = read_meta(layout.root)
+    spec = get_model(meta.get("model", layout.root.name))
+    config = spec.config_from_dict(meta["model_config"])
+    if not layout.state.exists():
+        raise ModelOutputError(f"no {layout.state}; run `python -m training.train --model {spec.name}`")
+    module = spec.build(meta["vocab_sizes"], config)
+    try:
+        module.load_state_dict(torch.load(layout.state, map_location="cpu", weights_only=True))
+    except RuntimeError as e:
+        raise ModelOutputError(f"{layout.state} does not fit {spec.name} {config} over {meta['vocab_sizes']}: {e}; "
+                               f"retrain with `python -m training.train --model {spec.name}`") from e
+    return LoadedModel(spec, config, module.eval(), meta)
+
+
+def load_item_embeddings(path: str | Path) -> tuple[np.ndarray, dict]:
+    """The (R, D) float32 item table and ``meta.json`` of the model folder ``path``.
+
+    Raises:
+        ModelOutputError: either file is missing, no ``model_version``, or the table is not (R >= 2, D >= 1).
+    """
+    layout = ModelLayout(path)
+    meta = read_meta(layout.root)
+    if not layout.item_embeddings.exists():
+        raise ModelOutputError(f"no {layout.item_embeddings}; the model has no item table, or retrain it")
+    table = np.load(layout.item_embeddings).astype(np.float32, copy=False)
+    if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 1:
+        raise ModelOutputError(f"{layout.item_embeddings}: item embeddings must be (R >= 2, D >= 1), got "
+                               f"{table.shape}; retrain {layout.root.name}")
+    return table, meta

@@ -1,0 +1,103 @@
+"""The skip-gram task: SGNS pairs (Mikolov et al. 2013) drawn from item sequences, for item2vec and the walk
+models that feed it sequences.
+
+Every epoch draws its (center, context) pairs with word2vec's dynamic window and frequent-item subsampling from
+``export/item_sequences`` (``training.data.skipgram_pairs``), the same pairs on every rank (seeded by the run's seed
+and the epoch), each rank training on its share; negatives come from the unigram^0.75 distribution, seeded per
+epoch and rank. There is no validation split: every epoch runs and the last state is saved.
+
+Legend: B pairs per step, K negatives per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from training.distributed.collectives import all_reduce_sum, to_device
+from training.tasks import TaskContext
+
+
+class SkipGramTask:
+    """SGNS over item sequences (see the module docstring). The model's config gives ``window``, ``subsample`` and
+    ``num_negatives``; its forward takes ``training.data.pairs_kjt`` and returns (B, 1 + K) logits."""
+
+    name = "skipgram"
+    monitor = None
+    levers = ()
+    result_keys = ("pairs_per_s", "final_loss")
+
+    def __init__(self, ctx: TaskContext) -> None:
+        from training.data import item_counts, keep_probabilities, negative_distribution, read_item_sequences
+
+        self.ctx, config = ctx, ctx.config
+        self.num_items = ctx.vocab["item"]
+        self.sequences = read_item_sequences(ctx.lake_dir)
+        counts = item_counts(self.sequences, self.num_items)
+        self.keep, self.neg_p = keep_probabilities(counts, config.subsample), negative_distribution(counts)
+        self.pairs_seen, self.loss_avg, self._pairs = 0, float("nan"), 0
+        self.steps_per_epoch = 0  # known once an epoch's pairs are drawn (inside the timed epoch, as word2vec)
+        self._epoch = (-1,)
+
+    def _draw(self, epoch: int) -> tuple:
+        """The epoch's pairs (the same on every rank), this rank's share padded to whole batches, its negatives."""
+        from training.data import num_batches, skipgram_pairs
+
+        ctx, config, bs = self.ctx, self.ctx.config, self.ctx.local_batch_size
+        rng = np.random.default_rng(ctx.opts.seed * 1000 + epoch)  # same pairs on every rank ...
+        center, context = skipgram_pairs(self.sequences, config.window, rng, self.keep)
+        order = rng.permutation(len(center))[ctx.rank::ctx.world_size]  # ... each rank takes its share
+        self.steps_per_epoch = num_batches(len(center), ctx.world_size, bs)
+        idx = np.resize(order, self.steps_per_epoch * bs)
+        weight = torch.from_numpy((np.arange(len(idx)) < len(order)).astype(np.float32))
+        negs = np.random.default_rng([ctx.opts.seed, epoch, ctx.rank]).choice(
+            self.num_items, size=(len(idx), config.num_negatives), p=self.neg_p)
+        return epoch, center, context, idx, weight, negs
+
+    def bind(self, dmp) -> None:
+        pass
+
+    def batches(self, epoch: int) -> Iterator:
+        from training.data import pairs_kjt
+
+        if self._epoch[0] != epoch:
+            self._epoch = self._draw(epoch)
+        _, center, context, idx, weight, negs = self._epoch
+        self._pairs, self._total = len(center), torch.zeros(2)
+        bs, device = self.ctx.local_batch_size, self.ctx.device
+        for s in range(self.steps_per_epoch):
+            rows = slice(s * bs, (s + 1) * bs)
+            kjt = pairs_kjt(torch.from_numpy(center[idx[rows]]), torch.from_numpy(context[idx[rows]]),
+                            torch.from_numpy(negs[rows]))
+            yield to_device(kjt, device), to_device(weight[rows], device), weight[rows]
+
+    def loss(self, dmp, batch) -> torch.Tensor:
+        from training.models.item2vec import sgns_loss
+
+        kjt, weight, cpu_weight = batch
+        loss = sgns_loss(dmp(kjt), weight)
+        self._total += torch.tensor([float(loss) * float(cpu_weight.sum()), float(cpu_weight.sum())])
+        return loss
+
+    def end_epoch(self, epoch: int, train_s: float) -> dict:
+        total = all_reduce_sum(self._total, self.ctx.device)
+        self.loss_avg = float(total[0] / total[1])
+        self.pairs_seen += self._pairs
+        return {"loss": self.loss_avg, "pairs": self._pairs, "pairs_per_s": self.pairs_seen / max(train_s, 1e-9)}
+
+    def evaluate(self, dmp, split: str) -> dict:
+        raise NotImplementedError("the skip-gram task has no validation split")
+
+    def summary(self) -> dict:
+        return {"final_loss": self.loss_avg}
+
+    def state_dict(self) -> dict:
+        return {"pairs_seen": self.pairs_seen, "loss": self.loss_avg}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pairs_seen, self.loss_avg = state["pairs_seen"], state["loss"]
+
+    def finish(self, state: dict) -> dict:
+        return {}
