@@ -31,6 +31,7 @@ from features.definitions import SPARSE_FEATURES, SparseFeature
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import MLP, FactorizationMachine, FirstOrder, SparseArch, check_dense, table_configs
 from training.registry import ModelSpec, TrainDefaults, register
+from training.tasks.ctr import pooled_id_lookups
 
 
 @dataclass(frozen=True)
@@ -126,23 +127,6 @@ class DeepFM(nn.Module):
         return logit + self.over_arch(self.dense_arch(x)).squeeze(1)  # (B,)
 
 
-def id_lookups(sparse_arch: SparseArch, features: KeyedJaggedTensor, out: torch.Tensor,
-               real: torch.Tensor) -> dict:
-    """The user and item rows a forward looked up, for the mini-batch aware L2 (``training.tasks.ctr``).
-
-    Args:
-        sparse_arch: the model's SparseArch; features: the KJT it read; out: its (B, F, D) output; real: (B,) bool,
-            the batch's real rows (padding rows repeat real ones and are left out).
-
-    Returns:
-        ``{table: [(ids (N,), rows (N, D))]}`` for ``t_user`` and ``t_item``.
-    """
-    names = sparse_arch.feature_names
-    user, item = features["user_idx"].values()[real], features["item_idx"].values()[real]  # one id per sample
-    return {"t_user": [(user, out[real, names.index("user_idx")])],
-            "t_item": [(item, out[real, names.index("item_idx")])]}
-
-
 SPEC = register(ModelSpec(
     name="deepfm", kind="ranker", task="ctr", config=DeepFMConfig,
     build=lambda vocab_sizes, config, sparse_device=None: DeepFM(vocab_sizes, config, sparse_device=sparse_device),
@@ -156,5 +140,5 @@ SPEC = register(ModelSpec(
     # the user and the candidate item (a grid on valid preferred both to the user alone; docs/tuning.md)
     id_dropout_features=("user_idx", "item_idx"),
     features=lambda config: SPARSE_FEATURES,
-    id_lookups=id_lookups,
+    id_lookups=pooled_id_lookups,
 ))

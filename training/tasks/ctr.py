@@ -57,6 +57,26 @@ def read_cold_as_oov(shard, id_tables: Mapping[str, tuple[str, ...]], counts: Ma
                 shard.values[f] = remap[shard.values[f]]
 
 
+#: The declared features whose ids are entities (a user, an item): the rows the mini-batch aware L2 covers.
+_ID_FEATURES = {f.name: f.table for f in SPARSE_FEATURES if f.vocab in ("user", "item")}
+
+
+def pooled_id_lookups(sparse_arch, features, out: torch.Tensor, real: torch.Tensor) -> dict:
+    """The id rows a forward looked up, for a model whose ``sparse_arch`` returns pooled (B, F, D) embeddings in
+    ``sparse_arch.feature_names`` order (DeepFM, Wide & Deep, MF): ``ModelSpec.id_lookups`` of such models.
+
+    Args:
+        sparse_arch: the model's SparseArch; features: the KJT it read; out: its (B, F, D) output; real: (B,) bool,
+            the batch's real rows (padding rows repeat real ones and are left out).
+
+    Returns:
+        ``{table: [(ids (N,), rows (N, D))]}`` for the user and item tables it reads.
+    """
+    names = sparse_arch.feature_names
+    return {table: [(features[name].values()[real], out[real, names.index(name)])]
+            for name, table in _ID_FEATURES.items() if name in names}
+
+
 class CtrObjective:
     """What a ranker minimises on one batch: the weighted mean of ``BCEWithLogitsLoss`` over the batch's real rows
     (``weight`` 0 = padding) plus, when ``lam > 0``, the mini-batch aware L2 penalty (Zhou et al. 2018, section
