@@ -20,7 +20,9 @@ A bundle holds
 Recommendation (``recommend``), per request:
 1. unknown user -> ``popularity`` fallback (the most popular items);
 2. candidates: the union, in order, of the ``per_item`` nearest items (ANN, cosine) of each recent item, minus the
-   items the user has seen;
+   items the user has seen; for a retriever with a query encoder of its own (``ModelSpec.query_encoder``, e.g.
+   matrix factorisation's user vector) the ``recent_items * per_item`` nearest items to the user's query instead
+   (it needs the model folder of the served version: the export's);
 3. rank the candidates with the ranker in one batched forward pass, each candidate a row holding every declared
    feature the ranker reads (user features, candidate item, its genres, the behaviour history and its stars, the
    user's and the item's counters); score = sigmoid(logit), the predicted probability of a rating >= 4; best
@@ -147,6 +149,7 @@ class ServingBundle:
     ranker: object | None                    # training.artifacts.LoadedModel (module in eval mode), or None
     loaded_at: float = 0.0                   # unix seconds
     item_counters: dict = field(default_factory=dict)  # item_idx -> {item_prior_events, item_prior_rating}
+    encoder: object | None = None            # the retriever's own training.query.QueryEncoder, or None
 
     @property
     def version(self) -> str:
@@ -178,10 +181,15 @@ class ServingBundle:
 
     def candidates(self, profile: UserProfile) -> list[int]:
         """Candidate item_idx for a user: ANN neighbours of the recent items, unseen, in first-found order."""
-        rows = [self.row_of_idx[i] for i in profile.items if i in self.row_of_idx][-self.spec.recent_items:]
-        if not rows:
-            return []
-        _, idx = self.index.search(self.vectors[rows], min(self.spec.per_item, self.index.ntotal))  # (R, P)
+        if self.encoder is not None:  # the retriever's own query (e.g. a user vector)
+            query, _ = self.encoder.encode(np.array([profile.features["user_idx"]]), [np.array(profile.items)])
+            n = min(self.spec.recent_items * self.spec.per_item + len(profile.seen), self.index.ntotal)
+            _, idx = self.index.search(query, n)  # (1, n)
+        else:
+            rows = [self.row_of_idx[i] for i in profile.items if i in self.row_of_idx][-self.spec.recent_items:]
+            if not rows:
+                return []
+            _, idx = self.index.search(self.vectors[rows], min(self.spec.per_item, self.index.ntotal))  # (R, P)
         out, taken = [], set(profile.seen)
         for i in idx.reshape(-1).tolist():
             if i >= 0 and i not in taken:
@@ -316,6 +324,31 @@ def _load_ranker(cfg: PlatformConfig, spec: BundleSpec):
     return loaded, loaded.version
 
 
+def _load_encoder(cfg: PlatformConfig, spec: BundleSpec, version: str):
+    """The retriever's own query encoder (``ModelSpec.query_encoder``) from its model folder, or None for a
+    retriever queried by its items (the union of the recent items' neighbours).
+
+    Raises:
+        BundleError: the model folder holds another version than the one served (a registry or published version
+            keeps item vectors only), or is unusable.
+    """
+    from training.query import query_encoder
+    from training.registry import get_model
+
+    if get_model(spec.retrieval_model).query_encoder is None:
+        return None
+    folder = model_dir(cfg, spec.retrieval_model)
+    try:
+        meta_version = json.loads(ModelLayout(folder).meta.read_text()).get("model_version")
+        if meta_version != version:
+            raise BundleError(f"{spec.retrieval_model} queries with its own encoder, from {folder} (version "
+                              f"{meta_version!r}), but the served item vectors are version {version!r}; serve the "
+                              f"export of that model folder")
+        return query_encoder(folder, np.zeros((0, 0), np.float32))
+    except (OSError, ModelOutputError) as e:
+        raise BundleError(f"{folder}: {e}") from e
+
+
 def _counters(t, key: str, entity: str) -> dict:
     """``{key value: {<entity>_prior_events, <entity>_prior_rating}}``: events and mean rating of each, as of now."""
     stats = t.groupby(key)["rating"].agg(["size", "mean"])
@@ -370,6 +403,7 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
         raise BundleError(f"{d}: {PARQUET_FILE} holds version {version!r} but the index "
                           f"{index.extra['model_version']!r}; wait for `python -m serving.export` to finish")
     ranker, ranker_version = _load_ranker(cfg, spec)
+    encoder = _load_encoder(cfg, spec, version)
     users, genres, popular, item_counters = _load_lake(cfg)
     if not popular:  # no lake: every exported item, in id order, so the fallback is still defined
         popular = tuple((int(i), 0) for i in sorted(item_ids.tolist()))
@@ -379,7 +413,8 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
         row_of_id={int(i): r for r, i in enumerate(item_ids)},
         id_of_idx=dict(zip(item_idx.tolist(), item_ids.tolist())),
         row_of_idx={int(i): r for r, i in enumerate(item_idx)},
-        popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0, item_counters=item_counters)
+        popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0, item_counters=item_counters,
+        encoder=encoder)
 
 
 # ----------------------------------------------------------------------------------------------- policy
