@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +60,20 @@ class ModelsConfig(_Strict):
     ranker: str = "deepfm"
 
 
+class ServingConfig(_Strict):
+    """The HTTP service (``serving.app``). With an admin token, ``POST /admin/reload`` requires the header
+    ``Authorization: Bearer <token>``; without one, the service refuses to bind beyond loopback. Set at most one
+    of ``admin_token`` (``RECSYS_SERVING__ADMIN_TOKEN``) and ``admin_token_file`` (a file whose stripped content is
+    the token, read when the service starts: ``serving.app.resolve_admin_token``). The token never prints:
+
+    >>> ServingConfig(admin_token="s3cret")
+    ServingConfig(admin_token=SecretStr('**********'), admin_token_file=None)
+    """
+
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+
+
 class PlatformConfig(_Strict):
     #: Where the lake and checkpoints live (git-ignored).
     data_dir: Path = ROOT / "data"
@@ -72,6 +86,7 @@ class PlatformConfig(_Strict):
     spark: SparkConfig = SparkConfig()
     train: TrainConfig = TrainConfig()
     models: ModelsConfig = ModelsConfig()
+    serving: ServingConfig = ServingConfig()
 
     @property
     def lake_dir(self) -> Path:

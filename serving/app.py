@@ -12,7 +12,8 @@ Endpoints:
   served versions as labels, ``recsys_reloads_total``).
 - ``POST /admin/reload?force=``: load the versions now on disk if ``VersionChangePolicy`` says so.
   ``POST /admin/reload?version=V``: serve registry version ``V`` of the retrieval model from now on (hot swap);
-  404 when the registry has no such version.
+  404 when the registry has no such version. With an admin token configured (``RECSYS_SERVING__ADMIN_TOKEN`` or
+  ``serving.admin_token_file``) both need ``Authorization: Bearer <token>``; a missing or wrong token gets a 401.
 
 Embedding versions: by default the retrieval embeddings are the run dir's newest export. ``--embedding-version V``
 serves version ``V`` of the Delta registry ``gold.item_embeddings``; ``--embedding-version published`` serves the
@@ -30,24 +31,30 @@ Reload: every request reads the current ``ServingBundle`` once and answers from 
 bundle off the request path and replaces the reference in one assignment, so no request is dropped or sees a
 mix of versions. A watcher thread (``--watch-s`` > 0) asks the policy every that many seconds.
 
-The service binds 127.0.0.1 unless told otherwise.
+The service binds 127.0.0.1 unless told otherwise. A ``--host`` beyond loopback (anything but 127.0.0.0/8, ``::1``
+and ``localhost``) needs an admin token, else the service refuses to start (exit status 2); on loopback without one
+``/admin/reload`` stays open to local processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from features.config import PlatformConfig, load_config
+from features.config import PlatformConfig, ServingConfig, load_config
 from features.errors import PlatformError
 from serving.ann import HnswParams
 from serving.bundle import (BundleSpec, ReloadDecision, Scored, ServingBundle, VersionChangePolicy, load_bundle,
@@ -165,19 +172,142 @@ def _items(scored: list[Scored]) -> list[ScoredItem]:
     return [ScoredItem(item_id=s.item_id, score=s.score, source=s.source) for s in scored]
 
 
+# ------------------------------------------------------------------------------------------ admin authentication
+TOKEN_SETTING = "RECSYS_SERVING__ADMIN_TOKEN (or serving.admin_token_file in the YAML config)"
+
+
+class AdminTokenError(PlatformError):
+    """The admin token is configured but unusable: its file is unreadable or empty, it is not a bearer token
+    (printable ASCII without spaces), or both ``serving.admin_token`` and ``serving.admin_token_file`` are set.
+    The message names the setting or file, never the token."""
+
+
+class AdminAuthRequiredError(PlatformError):
+    """The service would bind beyond loopback with no admin token, leaving ``POST /admin/reload`` open."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"--host {host!r} is beyond loopback and no admin token is configured, so anyone who can "
+                         f"reach the port could reload the service; set {TOKEN_SETTING}, or bind 127.0.0.1")
+        self.host = host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the service on this machine: an address in 127.0.0.0/8, ``::1`` (also as
+    ``[::1]`` or IPv4-mapped ``::ffff:127.x.y.z``) or the name ``localhost``. Any other name counts as beyond
+    loopback, as it may resolve to any address.
+
+    >>> [is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost")]
+    [True, True, True, True]
+    >>> [is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org", "")]
+    [False, False, False, False, False]
+    """
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False                                    # a host name other than localhost
+    mapped = getattr(address, "ipv4_mapped", None)      # ::ffff:127.0.0.1 is IPv4 loopback
+    return (mapped or address).is_loopback
+
+
+def admin_auth_required(host: str, token: SecretStr | None) -> bool:
+    """Whether ``POST /admin/reload`` asks for the bearer token when the service binds ``host``: whenever a token
+    is configured; never on loopback without one (only local processes reach it, as before tokens existed).
+
+    >>> admin_auth_required("127.0.0.1", None), admin_auth_required("0.0.0.0", SecretStr("s3cret"))
+    (False, True)
+
+    Raises:
+        AdminAuthRequiredError: ``host`` is beyond loopback (``is_loopback``) and ``token`` is None.
+    """
+    if token is not None:
+        return True
+    if not is_loopback(host):
+        raise AdminAuthRequiredError(host)
+    return False
+
+
+def _checked_token(text: str, source: str) -> SecretStr:
+    token = text.strip()
+    if not token:
+        raise AdminTokenError(f"{source} is empty; put the token there, or unset it to serve without one "
+                              f"(loopback only)")
+    if not all("!" <= c <= "~" for c in token):
+        raise AdminTokenError(f"{source} holds spaces or characters outside printable ASCII, which an "
+                              f"'Authorization: Bearer' header cannot carry; use e.g. `openssl rand -hex 32`")
+    return SecretStr(token)
+
+
+def resolve_admin_token(serving: ServingConfig) -> SecretStr | None:
+    """The admin token: ``serving.admin_token`` (surrounding whitespace stripped), else the stripped content of
+    the UTF-8 file ``serving.admin_token_file``, else None (no token: ``/admin/reload`` is open).
+
+    Raises:
+        AdminTokenError: both settings are set; the file is missing, unreadable or not UTF-8; the token is empty
+            or not printable ASCII without spaces. The message names the setting or file, never the token.
+    """
+    if serving.admin_token is not None and serving.admin_token_file is not None:
+        raise AdminTokenError("both serving.admin_token (RECSYS_SERVING__ADMIN_TOKEN) and serving.admin_token_file "
+                              "are set; keep one")
+    if serving.admin_token is not None:
+        return _checked_token(serving.admin_token.get_secret_value(),
+                              "serving.admin_token (RECSYS_SERVING__ADMIN_TOKEN)")
+    if serving.admin_token_file is None:
+        return None
+    path = serving.admin_token_file
+    source = f"the admin token file {str(path)!r} (serving.admin_token_file)"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise AdminTokenError(f"cannot read {source}: {reason}; create it with the token, readable by this "
+                              f"user, or point RECSYS_SERVING__ADMIN_TOKEN_FILE elsewhere") from e
+    return _checked_token(text, source)
+
+
+def _bearer_check(token: SecretStr) -> Callable[..., None]:
+    """A FastAPI dependency that lets a request through only with ``Authorization: Bearer <token>`` (the scheme
+    case-insensitive, RFC 6750), comparing in constant time; else 401 with ``WWW-Authenticate: Bearer``."""
+    expected = token.get_secret_value().encode()
+    bearer = HTTPBearer(auto_error=False, description="the admin token (serving.admin_token)")
+
+    def check(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        # Starlette decodes headers as latin-1, so any header re-encodes; a non-ASCII one just never matches.
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if hmac.compare_digest(given, expected):
+            return
+        client = request.client.host if request.client else "?"
+        detail = ("wrong bearer token" if credentials is not None else
+                  "missing 'Authorization: Bearer <token>' header") + " for the admin token (serving.admin_token)"
+        log.warning("refused %s %s from %s: %s", request.method, request.url.path, client, detail)
+        raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
 def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec | None = None,
-               watch_s: float = 0.0) -> FastAPI:
+               watch_s: float = 0.0, admin_token: SecretStr | None = None) -> FastAPI:
     """Build the service over ``cfg.run_dir``.
 
     Args:
         model: the retrieval model (default: ``cfg.models.retrieval``; ignored when ``spec`` is given).
         spec: models and candidate-generation parameters.
         watch_s: seconds between reload checks by a watcher thread; 0 disables it.
+        admin_token: the bearer token ``POST /admin/reload`` requires (``resolve_admin_token``); None leaves it
+            open, which only a loopback bind may do (``admin_auth_required``).
 
     Raises:
+        ValueError: ``admin_token`` is empty.
         IndexFileError: the retrieval model has not been exported.
         BundleError: the ranker's weights do not fit its configuration.
     """
+    if admin_token is not None and not admin_token.get_secret_value():
+        raise ValueError("create_app: admin_token is empty; pass None for an open /admin/reload (loopback only) "
+                         "or a non-empty token")
     holder = BundleHolder(cfg, spec or BundleSpec(retrieval_model=model or cfg.models.retrieval,
                                                   ranker_model=cfg.models.ranker))
     registry = CollectorRegistry()
@@ -230,7 +360,10 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
         return RecommendResponse(user_id=user_id, model_version=b.version, fallback=fallback, items=_items(scored))
 
     @app.post("/admin/reload", response_model=ReloadResponse,
-              responses={404: {"description": "the registry has no such version"},
+              dependencies=[Depends(_bearer_check(admin_token))] if admin_token is not None else [],
+              responses={401: {"description": "missing or wrong 'Authorization: Bearer <token>' (only when an admin "
+                                              "token is configured)"},
+                         404: {"description": "the registry has no such version"},
                          409: {"description": "the version exists but cannot be served"}})
     def reload(force: bool = Query(False, description="reload even when the versions are unchanged"),
                version: str | None = Query(None, pattern=VERSION_PATTERN, max_length=128,
@@ -268,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     p = argparse.ArgumentParser(description="recsys serving: /similar-items, /recommend, /health, /metrics")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (loopback by default; any other needs an admin token: "
+                        "RECSYS_SERVING__ADMIN_TOKEN or serving.admin_token_file)")
     p.add_argument("--port", type=int, default=8000)
     from serving.embeddings import MODELS
     from training.registry import list_models
@@ -290,23 +425,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads per request")
     args = p.parse_args(argv)
+    cfg = load_config()
+    try:  # before anything is loaded: a refused bind needs no run dir
+        admin_token = resolve_admin_token(cfg.serving)
+        admin_auth_required(args.host, admin_token)
+    except (AdminTokenError, AdminAuthRequiredError) as e:
+        p.exit(2, f"serving.app: error: {e}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     source = {None: "export", "published": "published"}.get(args.embedding_version, "registry")
-    cfg = load_config()
     spec = BundleSpec(args.retrieval or cfg.models.retrieval, args.ranker or cfg.models.ranker, args.recent_items,
                       args.per_item, source=source,
                       version=args.embedding_version if source == "registry" else None,
                       hnsw=HnswParams(args.hnsw_m, args.ef_construction, args.ef_search))
-    app = create_app(cfg, spec=spec, watch_s=args.watch_s)
+    app = create_app(cfg, spec=spec, watch_s=args.watch_s, admin_token=admin_token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def __getattr__(name: str):  # ``uvicorn serving.app:app`` builds the app on first access, not at import
-    if name == "app":
-        return create_app(load_config())
+    if name == "app":  # uvicorn's own --host is unknown here: the token is enforced if set, the bind not checked
+        cfg = load_config()
+        return create_app(cfg, admin_token=resolve_admin_token(cfg.serving))
     raise AttributeError(name)
 
 
