@@ -4,6 +4,10 @@ Starts the Kafka broker, runs every stage of ``pipelines.stages.STAGES`` through
 commands the Airflow DAG runs: spark-submit for the Spark jobs, ``python -m`` for the rest), collects the figures
 each stage measured, writes ``<run_dir>/summary.json``, prints a short summary and stops the broker.
 
+The train stages (one per registered model) share one local Ray head (``ray start --head``, started once before
+the first of them and stopped after the last): each joins it through ``RECSYS_TRAIN__RAY_ADDRESS``, as a job on a
+cluster does, instead of starting and stopping a cluster of its own.
+
 A demo run starts from an empty broker, lake and run folder, so two runs measure the same thing. The downloaded
 data set and the environments are kept.
 
@@ -13,9 +17,12 @@ data set and the environments are kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,7 +56,53 @@ def reset(cfg: PlatformConfig, kafka_state: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_stage(name: str, log_dir: Path) -> float:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(cfg: PlatformConfig, log_dir: Path, start_timeout_s: float = 120.0):
+    """A local Ray head for the train stages (``ray start --head --block``, its own temp dir so that no other
+    ``ray.init()`` on the machine joins it); yields its address, stops it (SIGTERM: ``--block`` stops what it
+    started) on exit.
+
+    Raises:
+        SystemExit: the head did not listen within ``start_timeout_s`` seconds; the end of its log is printed.
+    """
+    port = _free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / "ray_head.log"
+    temp = Path("/tmp") / f"recsys-ray-{cfg.run_name}"  # short: Ray's unix sockets live under it
+    cmd = [str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block", "--port", str(port),
+           "--num-cpus", str(cfg.train.ray_cpus), "--include-dashboard", "false", "--temp-dir", str(temp),
+           "--disable-usage-stats"]
+    env = {**os.environ, **stage_env(), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    console.print(f"[red]the Ray head did not start; end of {log}:[/]")
+                    console.print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+                    raise SystemExit(1)
+                time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_stage(name: str, log_dir: Path, env: dict[str, str] | None = None) -> float:
     """Run one stage's command, its output to ``log_dir/<stage>.log``; returns wall seconds.
 
     Raises:
@@ -61,7 +114,8 @@ def run_stage(name: str, log_dir: Path) -> float:
     start = time.perf_counter()
     with console.status(f"[bold]{name}[/]: {' '.join(Path(c).name if c.startswith('/') else c for c in cmd[:3])} ..."), \
             log.open("w") as out:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **stage_env()}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **stage_env(), **(env or {})}, stdout=out,
+                              stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         console.print(f"[red]stage {name} failed (exit {proc.returncode}) after {wall:.1f} s; end of {log}:[/]")
@@ -134,7 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         kafka(cfg, "start", kafka_state)
         walls["kafka_start"] = time.perf_counter() - start
-        for stage in STAGES:
+        train = [s for s in STAGES if s.name.startswith("train_")]
+        for stage in STAGES[:STAGES.index(train[0])]:
+            walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
+        start = time.perf_counter()
+        with ray_head(cfg, cfg.run_dir / "logs") as address:
+            walls["ray_start"] = time.perf_counter() - start
+            for stage in train:
+                walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs",
+                                              {"RECSYS_TRAIN__RAY_ADDRESS": address})
+        for stage in STAGES[STAGES.index(train[-1]) + 1:]:
             walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
     finally:
         if not args.keep_kafka:
