@@ -205,8 +205,9 @@ def run_peer(python: Path, peer: str, work: Path, args: list[str], tag: str = ""
 # ---------------------------------------------------------------------------------------- next-item HR@10
 def next_item_hr(lake_cfg: PlatformConfig, tables: dict[str, np.ndarray], k: int = 10, n_recent: int = 15) -> dict:
     """HR@k / NDCG@k of item embeddings on the positive test events, by ``serving.replay``'s protocol (query = mean
-    of the normalised embeddings of the user's ``n_recent`` last items before the event; history items and item 0
-    never recommended; cold cases take the popularity list) with exact inner-product search over all items.
+    of the normalised embeddings of the user's ``n_recent`` last items before the event; every item the user
+    interacted with before the event and item 0 never recommended; cold cases take the popularity list) with exact
+    inner-product search over all items.
 
     Args:
         tables: name -> (items, D) embeddings, row = item_idx.
@@ -216,8 +217,10 @@ def next_item_hr(lake_cfg: PlatformConfig, tables: dict[str, np.ndarray], k: int
         popularity_recs, read_samples
 
     samples = read_samples(lake_cfg)
-    cases, log_ = build_cases(samples["test"]), build_log(list(samples.values()))
+    log_ = build_log(list(samples.values()))
+    cases = build_cases(samples["test"], log_)
     n_items = max(t.shape[0] for t in tables.values())
+    seen = cases.seen.mask(np.arange(len(cases)), n_items)  # (B, N) bool: what each case may not get
     pop = popularity_recs(cases, log_, k, n_items)
     out = {"popularity": {f"hr@{k}": hit_rate(pop, cases.target, k), f"ndcg@{k}": ndcg(pop, cases.target, k)}}
     for name, table in tables.items():
@@ -225,9 +228,9 @@ def next_item_hr(lake_cfg: PlatformConfig, tables: dict[str, np.ndarray], k: int
         queries, cold = history_queries(cases.hist, matrix, n_recent)  # (B, D)
         scores = queries @ matrix.T  # (B, R)
         scores[:, 0] = -np.inf
-        n_cand = min(k + cases.hist.shape[1] + 1, matrix.shape[0])
+        n_cand = min(k + int(cases.seen.count.max(initial=0)) + 1, matrix.shape[0])
         cands = np.argsort(-scores, axis=1, kind="stable")[:, :n_cand]  # (B, C) best first
-        recs = np.where(cold[:, None], pop, first_k_allowed(cands, cases.hist, k))
+        recs = np.where(cold[:, None], pop, first_k_allowed(cands, seen[:, :matrix.shape[0]], k))
         out[name] = {f"hr@{k}": hit_rate(recs, cases.target, k), f"ndcg@{k}": ndcg(recs, cases.target, k),
                      "cold_cases": int(cold.sum())}
     out["cases"] = len(cases)

@@ -3,17 +3,29 @@
 The logged test events are replayed in time order as an online system would have met them (the replay method of
 Li et al. 2011, "Unbiased offline evaluation of contextual-bandit-based news article recommendation algorithms",
 used here for a top-K retrieval policy rather than a bandit). A *case* is one positive test event (``label = 1``),
-taken in order of ``(event_time, event_id)``. For each case every policy ranks all items using only what was known
-strictly before the event:
+taken in order of ``(event_time, event_id)`` (*replay order*; the split orders events the same way, and
+``event_id`` encodes the original row, so it breaks ties in time). For each case every policy ranks all items
+using only what was known strictly before the event.
+
+What a case may not be recommended, the same for every policy (and for the prequential replay,
+serving.evaluation.prequential): item 0 (padding / unknown) and every item of every logged event of the case's user
+that comes strictly before the case in replay order, i.e. every row of the ctr_samples export (any split, any
+rating, whatever its label) with the same ``user_idx`` and a smaller ``(event_time, event_id)``. Ties: an event of
+the same user at the same ``event_time`` is excluded when its ``event_id`` is smaller (the replay has met it
+already) and kept otherwise; events after the case are never excluded, even when the user rates that item later.
+The rule is wider than ``hist_item_idx``, which holds only the last ``MAX_HISTORY`` (50) items rated at a
+strictly earlier second and only makes the query. A user who had rated the case's own item before (a re-rating;
+MovieLens has none) cannot be hit on that case.
 
 - embedding policies (one per exported model): query = mean of the L2-normalised embeddings of the user's ``n``
   most recent history items (``hist_item_idx`` of the sample: items the user rated strictly before
   ``event_time``, most recent last, which already holds the user's earlier test events); the ANN index returns
-  the top ``K + |history| + 1`` items, every history item and item 0 are removed and the first ``K`` kept. A case
-  whose history has no item with an embedding (a cold-start user) falls back to the popularity list, so that
-  every policy is scored on the same cases; how many did is reported.
+  the top ``K + S + 1`` items (``S`` the largest number of excluded items among the batch's cases), the excluded
+  items and item 0 are removed and the first ``K`` kept. A case whose history has no item with an embedding (a
+  cold-start user) falls back to the popularity list, so that every policy is scored on the same cases; how many
+  did is reported.
 - popularity: items ranked by their number of interactions (all ratings, all splits) with ``event_time``
-  strictly before the case's, ties by ascending ``item_idx``, history items and item 0 removed.
+  strictly before the case's, ties by ascending ``item_idx``, the excluded items and item 0 removed.
 
 A case is a hit when the event's item is among the K; HR@K, NDCG@K and MRR@K are in serving.ranking_metrics.
 
@@ -37,7 +49,8 @@ The stage also runs, and adds to its result:
 - ``gate``: the publish gate's decision for the item2vec version against ``<artifacts_dir>/serving/current.json``
   (serving.evaluation.gate); the pointer is rewritten on PUBLISH.
 
-Legend: B cases, E logged events, L longest history, C candidates per case, R embedding rows, D embedding dim.
+Legend: B cases, E logged events, L longest history, C candidates per case, N items (max item_idx + 1),
+S excluded items of a case, R embedding rows, D embedding dim.
 """
 
 from __future__ import annotations
@@ -73,7 +86,8 @@ class ReplayParams:
     """Args:
         k: length of each recommended list.
         n_recent: how many of the most recent history items make the query.
-        batch: cases per vectorised step (bounds memory: B x C x L booleans).
+        batch: cases per vectorised step (bounds memory: a B x N boolean mask of excluded items and B x C
+            candidates, C <= K + S + 1).
 
     Raises:
         ValueError: a value below 1.
@@ -90,15 +104,85 @@ class ReplayParams:
 
 @dataclass(frozen=True)
 class Log:
-    """Logged events in the arrays replay needs.
+    """Every logged event (any rating, any split) in replay order, ``(event_time, event_id)`` ascending.
 
     Args:
         event_time: (E,) int64 microseconds since the epoch (UTC).
-        item_idx: (E,) int64.
+        user_idx, item_idx: (E,) int64.
+        event_id: (E,) str.
     """
 
     event_time: np.ndarray
+    user_idx: np.ndarray
     item_idx: np.ndarray
+    event_id: np.ndarray
+
+
+@dataclass(frozen=True)
+class SeenItems:
+    """The items each case must not recommend (module docstring): the distinct items of its user's events strictly
+    before it in replay order, kept as one slice per case of a flat array grouped by user (the cases of a user share
+    it, so memory is E, not B x S).
+
+    Args:
+        items: (P,) int64 the distinct item_idx of each user (P <= E (user, item) pairs), grouped by user, each
+            group in order of the user's first event on the item (replay order).
+        start: (B,) int64 offset in ``items`` of the case's user's group.
+        count: (B,) int64 distinct items of that user first met strictly before the case: the case's slice is
+            ``items[start:start + count]``, and ``count <= N``.
+    """
+
+    items: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+
+    def of(self, b: int) -> np.ndarray:
+        """(count[b],) int64 item_idx case ``b`` must not get, in order of the user's first event on each."""
+        return self.items[self.start[b]:self.start[b] + self.count[b]]
+
+    def mask(self, rows: np.ndarray, n_items: int) -> np.ndarray:
+        """(b, n_items) bool, True at ``[r, i]`` when case ``rows[r]`` must not get item ``i``. Memory: b x N
+        bytes, and b x N int64 at most while building it (items are distinct within a slice).
+
+        Raises:
+            IndexError: an excluded item_idx is >= ``n_items``.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        cnt = self.count[rows]                                                   # (b,)
+        first = np.repeat(self.start[rows] - (np.cumsum(cnt) - cnt), cnt)       # (sum cnt,) slice start - offset
+        flat = first + np.arange(int(cnt.sum()))                                 # (sum cnt,) positions in items
+        out = np.zeros((rows.size, n_items), dtype=bool)
+        out[np.repeat(np.arange(rows.size), cnt), self.items[flat]] = True
+        return out
+
+
+def seen_before(user_idx: np.ndarray, item_idx: np.ndarray, case_pos: np.ndarray) -> SeenItems:
+    """What each case must not recommend: the items of its user's events at earlier positions of the log.
+
+    Args:
+        user_idx, item_idx: (E,) int64 every logged event, in replay order (``(event_time, event_id)``
+            ascending), so that an earlier position is exactly a smaller ``(event_time, event_id)``.
+        case_pos: (B,) int64 position of each case's own event in that order.
+
+    Returns:
+        ``SeenItems`` over the B cases.
+
+    >>> s = seen_before(np.array([1, 2, 1, 1, 1]), np.array([7, 8, 9, 7, 6]), case_pos=np.array([4, 1, 0]))
+    >>> [s.of(b).tolist() for b in range(3)]   # user 1 at position 4 has rated 7, 9, 7 again; the others nothing yet
+    [[7, 9], [], []]
+    """
+    n = max(int(user_idx.size), 1)
+    by_user = np.argsort(user_idx, kind="stable")       # (E,) grouped by user; stable keeps replay order inside
+    u, i = user_idx[by_user], item_idx[by_user]
+    # a user's repeated item is kept once, at its first event, so a slice never exceeds the catalogue
+    _, first = np.unique(u * (int(item_idx.max(initial=0)) + 1) + i, return_index=True)
+    keep = np.sort(first)                                # (P,) first events, still grouped and in replay order
+    key = u[keep] * n + by_user[keep]                    # (P,) ascending (user, position)
+    user = user_idx[case_pos]                            # (B,)
+    start = np.searchsorted(key, user * n, side="left")
+    end = np.searchsorted(key, user * n + case_pos, side="left")   # first events at positions < case_pos
+    return SeenItems(items=i[keep].astype(np.int64), start=start.astype(np.int64),
+                     count=(end - start).astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -106,16 +190,20 @@ class Cases:
     """Positive test events in replay order, ``(event_time, event_id)`` ascending.
 
     Args:
-        event_id: (B,) str; event_time: (B,) int64 microseconds; target: (B,) int64 item_idx of the event.
-        hist: (B, L) int64 history item_idx, most recent last, left-padded with -1.
+        event_id: (B,) str; event_time: (B,) int64 microseconds; user: (B,) int64 user_idx;
+            target: (B,) int64 item_idx of the event.
+        hist: (B, L) int64 history item_idx, most recent last, left-padded with -1 (the query's input only).
         hist_len: (B,) int64 number of real entries of each ``hist`` row.
+        seen: what each case must not recommend (module docstring).
     """
 
     event_id: np.ndarray
     event_time: np.ndarray
+    user: np.ndarray
     target: np.ndarray
     hist: np.ndarray
     hist_len: np.ndarray
+    seen: SeenItems
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -157,39 +245,70 @@ def read_samples(cfg: PlatformConfig) -> dict[str, pa.Table]:
     return out
 
 
+def _replay_order(t: pa.Table) -> pa.Table:
+    return t.take(pc.sort_indices(t, sort_keys=[("event_time", "ascending"), ("event_id", "ascending")]))
+
+
 def build_log(tables: list[pa.Table]) -> Log:
-    """Every logged event (any rating, any split): what popularity counts."""
-    t = pa.concat_tables([x.select(["event_time", "item_idx"]) for x in tables])
-    return Log(event_time=_micros(t.column("event_time")),
-               item_idx=t.column("item_idx").to_numpy(zero_copy_only=False).astype(np.int64))
+    """Every logged event (any rating, any split) in replay order: what popularity counts and what a case may
+    have seen."""
+    t = _replay_order(pa.concat_tables([x.select(["event_id", "event_time", "user_idx", "item_idx"])
+                                        for x in tables]))
+    col = lambda c: t.column(c).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
+    return Log(event_time=_micros(t.column("event_time")), user_idx=col("user_idx"), item_idx=col("item_idx"),
+               event_id=np.asarray(t.column("event_id").to_pylist(), dtype=object))
 
 
-def build_cases(test: pa.Table) -> Cases:
-    """Positive events of the test table in replay order."""
-    t = test.filter(pc.equal(test.column("label"), 1))
-    t = t.take(pc.sort_indices(t, sort_keys=[("event_time", "ascending"), ("event_id", "ascending")]))
+def build_cases(test: pa.Table, log_: Log) -> Cases:
+    """Positive events of the test table in replay order, each with what it must not recommend.
+
+    Args:
+        test: the test split (columns ``_COLUMNS``).
+        log_: ``build_log`` of every split, the test split included.
+
+    Raises:
+        ValueError: a case's ``event_id`` is not in ``log_`` (it was built without the test split).
+    """
+    t = _replay_order(test.filter(pc.equal(test.column("label"), 1)))
+    ids = t.column("event_id").cast(pa.string())
+    pos = pc.index_in(ids, value_set=pa.array(log_.event_id.tolist(), pa.string()))   # (B,) position in the log
+    if pos.null_count:
+        missing = ids.filter(pc.is_null(pos))[0].as_py()
+        raise ValueError(f"case event_id {missing!r} is not in the log; build the log from every split, the test "
+                         f"split included (build_log(list(read_samples(cfg).values())))")
+    pos = pos.to_numpy(zero_copy_only=False).astype(np.int64)
     hist, hist_len = _padded_lists(t.column("hist_item_idx"))
-    return Cases(event_id=np.asarray(t.column("event_id").to_pylist(), dtype=object),
-                 event_time=_micros(t.column("event_time")),
+    return Cases(event_id=np.asarray(ids.to_pylist(), dtype=object), event_time=_micros(t.column("event_time")),
+                 user=t.column("user_idx").to_numpy(zero_copy_only=False).astype(np.int64),
                  target=t.column("item_idx").to_numpy(zero_copy_only=False).astype(np.int64),
-                 hist=hist, hist_len=hist_len)
+                 hist=hist, hist_len=hist_len, seen=seen_before(log_.user_idx, log_.item_idx, pos))
 
 
-def first_k_allowed(cands: np.ndarray, banned: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` candidates of each row that are > 0 and not banned, in candidate order.
+def first_k_allowed(cands: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` candidates of each row that are > 0 and not seen, in candidate order.
 
     Args:
         cands: (B, C) item_idx, best first; values <= 0 (item 0, ``-1`` = none) are never kept.
-        banned: (B, L) item_idx to exclude (``-1`` pads).
+        seen: (B, N) bool, True where the row's case must not get the item (``SeenItems.mask``); a candidate
+            >= N counts as not seen.
         k: list length.
 
     Returns:
         (B, k) int64, ``-1`` where fewer than k candidates are allowed.
 
-    >>> first_k_allowed(np.array([[5, 0, 3, 4, 2]]), np.array([[3, -1]]), k=3).tolist()
+    Raises:
+        TypeError: ``seen`` is not boolean (e.g. a (B, L) list of item_idx instead of a mask).
+
+    >>> seen = np.zeros((1, 6), dtype=bool); seen[0, 3] = True
+    >>> first_k_allowed(np.array([[5, 0, 3, 4, 2]]), seen, k=3).tolist()
     [[5, 4, 2]]
     """
-    ok = (cands > 0) & ~(cands[:, :, None] == banned[:, None, :]).any(axis=2)   # (B, C)
+    if seen.dtype != np.bool_:
+        raise TypeError(f"seen must be a (B, N) bool mask (SeenItems.mask), got dtype {seen.dtype}")
+    inside = (cands > 0) & (cands < seen.shape[1])
+    # one lookup per candidate (B x C), not a comparison with every excluded item (B x C x S)
+    excluded = inside & np.take_along_axis(seen, np.where(inside, cands, 0), axis=1)      # (B, C)
+    ok = (cands > 0) & ~excluded
     order = np.argsort(~ok, axis=1, kind="stable")[:, :k]                       # allowed first, order kept
     out = np.take_along_axis(cands, order, axis=1).astype(np.int64)
     out[~np.take_along_axis(ok, order, axis=1)] = -1
@@ -198,14 +317,22 @@ def first_k_allowed(cands: np.ndarray, banned: np.ndarray, k: int) -> np.ndarray
     return out
 
 
-def popularity_recs(cases: Cases, log_: Log, k: int, n_items: int) -> np.ndarray:
-    """Popularity top-k per case from the events strictly before the case's time.
+def _fetch_size(k: int, seen: SeenItems, rows: np.ndarray, available: int) -> int:
+    """Candidates to take so that ``k`` remain after the exclusion: each excluded item and item 0 remove at most
+    one, hence K + S + 1 with S the batch's largest number of excluded items (at most ``available``)."""
+    return int(min(k + int(seen.count[rows].max(initial=0)) + 1, available))
+
+
+def popularity_recs(cases: Cases, log_: Log, k: int, n_items: int, batch: int = ReplayParams.batch) -> np.ndarray:
+    """Popularity top-k per case from the events strictly before the case's time, without the case's excluded
+    items.
 
     Args:
         cases: in ascending ``event_time`` (as ``build_cases`` orders them).
         log_: every logged event.
         k: list length.
-        n_items: item_idx range (max item_idx + 1).
+        n_items: item_idx range (max item_idx + 1), above every item of ``log_``.
+        batch: cases per step (memory: batch x n_items booleans).
 
     Returns:
         (B, k) int64 item_idx.
@@ -214,19 +341,22 @@ def popularity_recs(cases: Cases, log_: Log, k: int, n_items: int) -> np.ndarray
     times, items = log_.event_time[order], log_.item_idx[order]
     counts = np.zeros(n_items, dtype=np.int64)
     ids = np.arange(n_items)
-    n_cand = k + cases.hist.shape[1] + 1                    # enough after removing history and item 0
-    cands = np.empty((len(cases), min(n_cand, n_items)), dtype=np.int64)
+    out = np.empty((len(cases), k), dtype=np.int64)
     counted, ranking, last_t = 0, None, None
-    for b, t in enumerate(cases.event_time):
-        if t != last_t:
-            end = int(np.searchsorted(times, t, side="left"))  # events with time < t
-            if end > counted or ranking is None:
-                counts += np.bincount(items[counted:end], minlength=n_items)
-                counted = end
-                ranking = np.lexsort((ids, -counts))[:cands.shape[1]]     # count desc, then item_idx asc
-            last_t = t
-        cands[b] = ranking
-    return first_k_allowed(cands, cases.hist, k)
+    for s in range(0, len(cases), batch):
+        rows = np.arange(s, min(s + batch, len(cases)))
+        cands = np.empty((rows.size, _fetch_size(k, cases.seen, rows, n_items)), dtype=np.int64)   # (b, C)
+        for r, t in enumerate(cases.event_time[rows]):
+            if t != last_t:
+                end = int(np.searchsorted(times, t, side="left"))  # events with time < t
+                if end > counted or ranking is None:
+                    counts += np.bincount(items[counted:end], minlength=n_items)
+                    counted = end
+                    ranking = np.lexsort((ids, -counts))            # (N,) count desc, then item_idx asc
+                last_t = t
+            cands[r] = ranking[:cands.shape[1]]
+        out[rows] = first_k_allowed(cands, cases.seen.mask(rows, n_items), k)
+    return out
 
 
 def item_matrix(item_idx: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -263,19 +393,27 @@ def history_queries(hist: np.ndarray, matrix: np.ndarray, n_recent: int) -> tupl
 
 def embedding_recs(cases: Cases, index: ItemIndex, matrix: np.ndarray, params: ReplayParams,
                    fallback: np.ndarray) -> tuple[np.ndarray, int]:
-    """Top-k per case by ANN search from the history query; cold cases take the ``fallback`` (B, k) lists.
+    """Top-k per case by ANN search from the history query, without the case's excluded items; cold cases take
+    the ``fallback`` (B, k) lists.
+
+    Args:
+        matrix: (R, D) from ``item_matrix``; its rows are the index's items.
 
     Returns:
         (B, k) int64 item_idx and the number of cases that fell back.
     """
     queries, cold = history_queries(cases.hist, matrix, params.n_recent)
     out = fallback.copy()
-    n_search = min(params.k + cases.hist.shape[1] + 1, index.ntotal)
+    n_items = int(max(matrix.shape[0], cases.seen.items.max(initial=0) + 1))        # mask width
     warm = np.flatnonzero(~cold)
+    # Over-fetch from the ANN index rather than score every item exactly: the policy evaluated is the served
+    # HNSW index, which only returns a ranked prefix. Warm cases go lightest first, so a batch's fetch size
+    # follows its own heaviest user, not the log's.
+    warm = warm[np.argsort(cases.seen.count[warm], kind="stable")]
     for s in range(0, warm.size, params.batch):
         rows = warm[s:s + params.batch]
-        _, cands = index.search(queries[rows], n_search)                        # (b, C)
-        out[rows] = first_k_allowed(cands, cases.hist[rows], params.k)
+        _, cands = index.search(queries[rows], _fetch_size(params.k, cases.seen, rows, index.ntotal))  # (b, C)
+        out[rows] = first_k_allowed(cands, cases.seen.mask(rows, n_items), params.k)
     return out, int(cold.sum())
 
 
@@ -309,7 +447,7 @@ def evaluate(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndar
         ``{"retrieval": {...}, "cold_start_cases", "cases", "k", "n_recent"}``.
     """
     n_items = int(max(log_.item_idx.max(initial=0), cases.target.max(initial=0), cases.hist.max(initial=0))) + 1
-    pop = popularity_recs(cases, log_, params.k, n_items)
+    pop = popularity_recs(cases, log_, params.k, n_items, params.batch)
     retrieval = {"popularity": _scores(pop, cases.target, params.k)}
     for name, (index, matrix, version) in models.items():
         recs, fell_back = embedding_recs(cases, index, matrix, params, fallback=pop)
@@ -326,7 +464,7 @@ def policy_lists(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.
                  params: ReplayParams) -> dict[str, np.ndarray]:
     """(B, params.k) lists of popularity and every model on the cases (as ``evaluate`` builds them)."""
     n_items = int(max(log_.item_idx.max(initial=0), cases.target.max(initial=0), cases.hist.max(initial=0))) + 1
-    pop = popularity_recs(cases, log_, params.k, n_items)
+    pop = popularity_recs(cases, log_, params.k, n_items, params.batch)
     out = {"popularity": pop}
     for name, (index, matrix, _) in models.items():
         out[name] = embedding_recs(cases, index, matrix, params, fallback=pop)[0]
@@ -417,7 +555,8 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     """
     t0 = time.perf_counter()
     tables = read_samples(cfg)
-    cases, log_ = build_cases(tables["test"]), build_log(list(tables.values()))
+    log_ = build_log(list(tables.values()))
+    cases = build_cases(tables["test"], log_)
     loaded = {m: x for m in models if (x := load_model_index(cfg, m)) is not None}
     log.info("replay: %d positive test cases, %d logged events, models %s", len(cases), log_.item_idx.size,
              list(loaded))
@@ -437,7 +576,7 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     n_windows = min(windows, len(elog) - 1)          # a tiny log gets fewer windows (one event each at least)
     if n_windows >= 1:
         result["prequential"] = prequential(elog, PrequentialParams(n_windows=n_windows, k=params.k,
-                                                                    n_recent=params.n_recent),
+                                                                    n_recent=params.n_recent, batch=params.batch),
                                             lists_out=window_lists)
         result["prequential"]["wall_s"] = time.perf_counter() - t1
     for w, (wl, targets) in enumerate(window_lists, start=1):
@@ -448,11 +587,12 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     t1 = time.perf_counter()
     result["bandit"] = bandit_evaluation(bandit_path, bandit_events, seed)
     result["bandit"]["wall_s"] = time.perf_counter() - t1
-    if "item2vec" in result["retrieval"]:
-        cand = result["retrieval"]["item2vec"]
+    gated = cfg.models.retrieval  # the retriever the service publishes
+    if gated in result["retrieval"]:
+        cand = result["retrieval"][gated]
         metrics = {k: v for k, v in cand.items() if k.startswith(("hr@", "ndcg@", "mrr@"))}
         gate = PublishGate(metric=f"ndcg@{params.k}", guard=(f"hr@{params.k}",))
-        decision, serving = gate_and_publish(gate, pointer_path(cfg.artifacts_dir), "item2vec",
+        decision, serving = gate_and_publish(gate, pointer_path(cfg.artifacts_dir), gated,
                                              cand["model_version"], metrics)
         result["gate"] = {"decision": decision.value, "candidate": cand["model_version"],
                           "serving": serving["model_version"] if serving else None,

@@ -1,5 +1,6 @@
-"""serving.evaluation.prequential on hand-made logs: window cuts, the co-occurrence model, and per-window
-metrics computed by hand, including that a window's model never sees that window's events."""
+"""serving.evaluation.prequential on hand-made logs: window cuts, the co-occurrence model, per-window metrics
+computed by hand, including that a window's model never sees that window's events, and the seen-item rule shared
+with serving.replay (every item of the user's earlier events is excluded, not only the 50 of hist_item_idx)."""
 
 from __future__ import annotations
 
@@ -33,15 +34,27 @@ def test_cooccurrence_is_cosine_of_user_sets():
     assert s[2, 3] == 0 and s[1, 1] == 0 and (s == s.T).all()
 
 
-def test_top_k_ties_by_item_idx_and_history_removed():
+def _seen(n_items, *rows):
+    """(B, n_items) bool mask from one list of seen item_idx per row."""
+    m = np.zeros((len(rows), n_items), dtype=bool)
+    for b, items in enumerate(rows):
+        m[b, list(items)] = True
+    return m
+
+
+def test_top_k_ties_by_item_idx_and_seen_removed():
     scores = np.array([[9.0, 1.0, 2.0, 2.0, 2.0, 0.5]])
-    assert top_k(scores, np.array([[3]]), k=3).tolist() == [[2, 4, 1]]
+    assert top_k(scores, _seen(6, [3]), k=3).tolist() == [[2, 4, 1]]
+    # fewer allowed items than k: -1 pads, never a seen item
+    assert top_k(scores, _seen(6, [1, 2, 3, 4]), k=3).tolist() == [[5, -1, -1]]
+    with pytest.raises(TypeError, match="bool mask"):
+        top_k(scores, np.array([[3]]), k=3)
 
 
 def test_cold_user_falls_back_to_popularity_order():
     sim = np.zeros((4, 4), dtype=np.float32)
     pop = np.array([-np.inf, 1.0, 3.0, 2.0])
-    assert recommend_cooccurrence(sim, np.array([[-1, -1]]), 5, 2, pop).tolist() == [[2, 3]]
+    assert recommend_cooccurrence(sim, np.array([[-1, -1]]), _seen(4, []), 5, 2, pop).tolist() == [[2, 3]]
 
 
 def test_novelty_in_bits():
@@ -83,3 +96,42 @@ def test_window_model_never_sees_its_own_window():
     lists = []
     prequential(_log(rows), PrequentialParams(n_windows=2, k=1, n_recent=5), lists_out=lists)
     assert lists[1][0]["cooccurrence"][0].tolist() == [5]
+
+
+def _history_log(rows, max_history: int = 50):
+    """rows: (user, item, label) in time order (one second apart); hist = the user's earlier items, the last
+    ``max_history``, as the export's hist_item_idx."""
+    return _log([(u, i, y, [r[1] for r in rows[:j] if r[0] == u][-max_history:]) for j, (u, i, y) in enumerate(rows)])
+
+
+def test_item_rated_long_ago_is_never_recommended():
+    # user 0 rated item 1 long ago (label 0), then 60 items (10..69): item 1 is outside the 50 of hist_item_idx.
+    # Users 1..6 rate items 65..69 (user 0's 5 most recent) and item 1; users 1..4 item 3; users 1..3 item 2.
+    # Trained on these 104 events: co-occurrence scores for the query (65..69): item 1: 5 x 7/7 = 5,
+    # each of 65..69: 4, item 3: 5 x 4/sqrt(28) = 3.78, item 2: 5 x 3/sqrt(21) = 3.27, items 10..64: 1.89;
+    # popularity: item 1 and items 65..69 7 each (ties by item_idx: 1 first), item 3 4, item 2 3.
+    train = ([(0, 1, 0)] + [(0, i, 1) for i in range(10, 70)]
+             + [(u, i, 1) for u in range(1, 7) for i in (*range(65, 70), 1)]
+             + [(u, 3, 1) for u in range(1, 5)] + [(u, 2, 1) for u in range(1, 4)])
+    assert len(train) == 104
+    # window 1: the case (user 0, item 2), then user 0 rates item 3 AFTER it, then events of another user
+    rows = train + [(0, 2, 1), (0, 3, 0)] + [(7, 4, 0)] * 102
+    log_ = _history_log(rows)
+    assert 1 not in log_.hist[104] and (log_.hist[104] >= 0).sum() == 50
+    lists = []
+    prequential(log_, PrequentialParams(n_windows=1, k=2, n_recent=5), lists_out=lists)
+    (recs, targets), = lists
+    assert targets.tolist() == [2]
+    # item 1 and items 10..69 excluded, item 3 kept (rated later): the hist-only rule gave [1, 3]
+    assert recs["cooccurrence"].tolist() == [[3, 2]] and recs["popularity"].tolist() == [[3, 2]]
+
+
+def test_batches_give_the_same_windows():
+    rows = [(u, i, 1) for u, i in np.random.default_rng(3).integers(1, 6, size=(60, 2)).tolist()]
+    log_ = _history_log(rows)
+    runs = []
+    for batch in (1, 4, 2048):
+        lists = []
+        r = prequential(log_, PrequentialParams(n_windows=3, k=3, n_recent=5, batch=batch), lists_out=lists)
+        runs.append((r, [{m: x.tolist() for m, x in recs.items()} for recs, _ in lists]))
+    assert runs[0] == runs[1] == runs[2]

@@ -7,7 +7,12 @@ Window 0 only trains. For every later window ``w``:
 1. every model is (re)trained on all events strictly before the window's first event;
 2. every positive event (``label = 1``) of the window is a case: the model *as it stood at the window's start*
    ranks all items for the case's user, given the user's history strictly before the event (``hist_item_idx``,
-   which keeps growing inside the window: the model is frozen, the history is not);
+   which keeps growing inside the window: the model is frozen, the history is not). Never recommended, as in
+   serving.replay: item 0 and every item of every logged event of the user (any label, any window) strictly
+   before the case in log order, i.e. with a smaller ``(event_time, event_id)`` (an event of the same user at the
+   same ``event_time`` is excluded when its ``event_id`` is smaller); later events are never excluded. Inside a
+   window this includes events the frozen model was not trained on: the exclusion is what the online system
+   knows of the user, not what the model learnt;
 3. the case is scored: HR@K, NDCG@K, MRR@K (serving.ranking_metrics), and per window the catalogue coverage
    (distinct recommended items / catalogue size) and the novelty (mean self-information ``-log2 p(i)`` of the
    recommended items, ``p`` the item's smoothed share of the training events; Zhou et al. 2010).
@@ -22,7 +27,8 @@ Models, retrained per window:
   matrix), so it stands in for the trained embeddings at every window without a Ray job per window.
 - ``popularity``: items by number of training events, ties by ascending item_idx.
 
-Legend: E events, B cases in a window, N items (max item_idx + 1), L longest history, K list length.
+Legend: E events, B cases in a window (or a batch of them), N items (max item_idx + 1), L longest history,
+K list length.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class PrequentialParams:
         n_windows: evaluated windows (the log is cut into ``n_windows + 1``; the first only trains).
         k: list length.
         n_recent: history items that make a co-occurrence query.
+        batch: cases scored per step (memory: a few batch x N arrays of float64 and bool).
 
     Raises:
         ValueError: a value below 1.
@@ -52,11 +59,12 @@ class PrequentialParams:
     n_windows: int = 8
     k: int = 10
     n_recent: int = 15
+    batch: int = 2048
 
     def __post_init__(self) -> None:
-        if min(self.n_windows, self.k, self.n_recent) < 1:
-            raise ValueError(f"n_windows, k and n_recent must be >= 1, got {self.n_windows}, {self.k}, "
-                             f"{self.n_recent}")
+        if min(self.n_windows, self.k, self.n_recent, self.batch) < 1:
+            raise ValueError(f"n_windows, k, n_recent and batch must be >= 1, got {self.n_windows}, {self.k}, "
+                             f"{self.n_recent}, {self.batch}")
 
 
 @dataclass(frozen=True)
@@ -137,24 +145,28 @@ def popularity_scores(items: np.ndarray, n_items: int) -> np.ndarray:
     return s
 
 
-def top_k(scores: np.ndarray, hist: np.ndarray, k: int) -> np.ndarray:
-    """Top-k items per row with history items and item 0 removed.
+def top_k(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
+    """Top-k items per row with the seen items and item 0 removed.
 
     Args:
-        scores: (B, N) higher is better; hist: (B, L) item_idx, -1 pads.
+        scores: (B, N) higher is better; seen: (B, N) bool, True where the row must not get the item
+            (serving.replay.SeenItems.mask).
 
     Returns:
-        (B, k) int64, best first; ties by ascending item_idx.
+        (B, k) int64, best first; ties by ascending item_idx; ``-1`` where fewer than k items are allowed.
 
-    >>> top_k(np.array([[0.0, 3.0, 5.0, 5.0, 1.0]]), np.array([[-1, 2]]), k=2).tolist()
+    Raises:
+        TypeError: ``seen`` is not boolean (e.g. a (B, L) list of item_idx instead of a mask).
+
+    >>> seen = np.array([[False, False, True, False, False]])
+    >>> top_k(np.array([[0.0, 3.0, 5.0, 5.0, 1.0]]), seen, k=2).tolist()
     [[3, 1]]
     """
+    if seen.dtype != np.bool_:
+        raise TypeError(f"seen must be a (B, N) bool mask, got dtype {seen.dtype}")
     s = scores.astype(np.float64, copy=True)
     s[:, 0] = -np.inf
-    rows = np.repeat(np.arange(s.shape[0]), hist.shape[1])
-    h = hist.reshape(-1)
-    ok = h >= 0
-    s[rows[ok], h[ok]] = -np.inf
+    s[seen] = -np.inf
     part = np.argpartition(-s, k - 1, axis=1)[:, :k]                    # (B, k) some k best, unordered
     kth = np.take_along_axis(s, part, axis=1).min(axis=1, keepdims=True)   # (B, 1) k-th best score
     # every item tied with the k-th best competes for the last places: sort the rows' candidates by
@@ -163,16 +175,17 @@ def top_k(scores: np.ndarray, hist: np.ndarray, k: int) -> np.ndarray:
     for b in range(s.shape[0]):
         cand = np.flatnonzero(s[b] >= kth[b, 0])
         out[b] = cand[np.lexsort((cand, -s[b, cand]))][:k]
+    out[np.take_along_axis(s, out, axis=1) == -np.inf] = -1               # fewer than k allowed items
     return out
 
 
-def recommend_cooccurrence(sim: np.ndarray, hist: np.ndarray, n_recent: int, k: int,
+def recommend_cooccurrence(sim: np.ndarray, hist: np.ndarray, seen: np.ndarray, n_recent: int, k: int,
                            fallback: np.ndarray) -> np.ndarray:
-    """Top-k by summed similarity to the ``n_recent`` last history items; a row whose scores are all 0 (cold user
-    or items never seen in training) takes the popularity order ``fallback`` (N,).
+    """Top-k by summed similarity to the ``n_recent`` last history items, seen items removed; a row whose scores
+    are all 0 (cold user or items never seen in training) takes the popularity order ``fallback`` (N,).
 
     Args:
-        sim: (N, N); hist: (B, L).
+        sim: (N, N); hist: (B, L) item_idx, -1 pads (the query only); seen: (B, N) bool (``top_k``).
 
     Returns:
         (B, k) int64.
@@ -185,7 +198,7 @@ def recommend_cooccurrence(sim: np.ndarray, hist: np.ndarray, n_recent: int, k: 
     scores = onehot @ sim                                                  # (B, N) summed similarities
     cold = ~(scores > 0).any(axis=1)
     scores[cold] = fallback[None, :]
-    return top_k(scores, hist, k)
+    return top_k(scores, seen, k)
 
 
 def novelty(recs: np.ndarray, train_items: np.ndarray, n_items: int) -> float:
@@ -223,9 +236,13 @@ def prequential(log_: EventLog, params: PrequentialParams = PrequentialParams(),
     Raises:
         ValueError: fewer events than windows.
     """
+    from serving.replay import seen_before
+
     k = params.k
     n_items = int(max(log_.item_idx.max(initial=0), log_.hist.max(initial=0))) + 1
     bounds = window_bounds(len(log_), params.n_windows)
+    # every event's excluded items at once: the log is in (event_time, event_id) order, so position = replay order
+    seen = seen_before(log_.user_idx, log_.item_idx, np.arange(len(log_)))
     windows, all_recs, all_targets = [], {m: [] for m in MODELS}, []
     for w in range(1, params.n_windows + 1):
         start, end = int(bounds[w]), int(bounds[w + 1])
@@ -233,9 +250,15 @@ def prequential(log_: EventLog, params: PrequentialParams = PrequentialParams(),
         sim = cooccurrence_model(tr_u, tr_i, n_items)
         pop = popularity_scores(tr_i, n_items)
         case = start + np.flatnonzero(log_.label[start:end] == 1)             # (B,)
-        hist, targets = log_.hist[case], log_.item_idx[case]
-        recs = {"cooccurrence": recommend_cooccurrence(sim, hist, params.n_recent, k, pop),
-                "popularity": top_k(np.broadcast_to(pop, (case.size, n_items)), hist, k)}
+        targets = log_.item_idx[case]
+        parts = {m: [np.empty((0, k), dtype=np.int64)] for m in MODELS}
+        for s in range(0, case.size, params.batch):
+            rows = case[s:s + params.batch]                                    # (b,)
+            mask = seen.mask(rows, n_items)                                    # (b, N)
+            parts["cooccurrence"].append(recommend_cooccurrence(sim, log_.hist[rows], mask, params.n_recent, k,
+                                                                pop))
+            parts["popularity"].append(top_k(np.broadcast_to(pop, (rows.size, n_items)), mask, k))
+        recs = {m: np.concatenate(p) for m, p in parts.items()}
         windows.append({"window": w, "start_us": int(log_.event_time[start]),
                         "end_us": int(log_.event_time[end - 1]), "train_events": start, "cases": int(case.size),
                         "models": {m: _scores(r, targets, k, tr_i, n_items) for m, r in recs.items()}})
