@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -65,8 +66,10 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def ray_head(cfg: PlatformConfig, log_dir: Path, start_timeout_s: float = 120.0):
     """A local Ray head for the train stages (``ray start --head --block``, its own temp dir so that no other
-    ``ray.init()`` on the machine joins it); yields its address, stops it (SIGTERM: ``--block`` stops what it
-    started) on exit.
+    ``ray.init()`` on the machine joins it, its own session so that stopping it stops what it started); yields the
+    environment a train stage joins it with: ``RECSYS_TRAIN__RAY_ADDRESS`` and, as Ray 2.60 turns token
+    authentication on for a new cluster, ``RAY_AUTH_MODE=token`` with this head's own ``RAY_AUTH_TOKEN``
+    (docs/ray.md).
 
     Raises:
         SystemExit: the head did not listen within ``start_timeout_s`` seconds; the end of its log is printed.
@@ -77,10 +80,12 @@ def ray_head(cfg: PlatformConfig, log_dir: Path, start_timeout_s: float = 120.0)
     temp = Path("/tmp") / f"recsys-ray-{cfg.run_name}"  # short: Ray's unix sockets live under it
     cmd = [str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--block", "--port", str(port),
            "--num-cpus", str(cfg.train.ray_cpus), "--include-dashboard", "false", "--temp-dir", str(temp),
-           "--disable-usage-stats"]
-    env = {**os.environ, **stage_env(), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+           "--disable-usage-stats", "--object-store-memory", str(1 << 30)]
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **stage_env(), **auth, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -93,9 +98,9 @@ def ray_head(cfg: PlatformConfig, log_dir: Path, start_timeout_s: float = 120.0)
                     console.print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
                     raise SystemExit(1)
                 time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        yield {"RECSYS_TRAIN__RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
     finally:
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -192,11 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         for stage in STAGES[:STAGES.index(train[0])]:
             walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
         start = time.perf_counter()
-        with ray_head(cfg, cfg.run_dir / "logs") as address:
+        with ray_head(cfg, cfg.run_dir / "logs") as ray_env:
             walls["ray_start"] = time.perf_counter() - start
             for stage in train:
-                walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs",
-                                              {"RECSYS_TRAIN__RAY_ADDRESS": address})
+                walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs", ray_env)
         for stage in STAGES[STAGES.index(train[-1]) + 1:]:
             walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
     finally:
