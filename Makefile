@@ -26,7 +26,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv airflow-venv jars data demo test test-fast lock kafka-start kafka-stop clean-data
+.PHONY: setup venv airflow-venv jars data demo lineage test test-fast lock kafka-start kafka-stop clean-data
 
 setup: venv airflow-venv jars data
 
@@ -75,6 +75,10 @@ lock: | $(UV)
 
 demo: setup
 	$(PY) -m pipelines.demo
+
+# The main job with every registered model (make demo trains the configuration's models.demo, five of them).
+lineage: setup
+	$(PY) -m pipelines.demo --models all
 
 test: setup browser obp-venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -54,10 +54,12 @@ class TrainConfig(_Strict):
 class ModelsConfig(_Strict):
     """The registered models (``training.registry``) the service and the publish gate use unless told otherwise:
     ``retrieval`` gives candidates and similar items (a model with an item table; the one the gate publishes),
-    ``ranker`` orders the candidates of /recommend."""
+    ``ranker`` orders the candidates of /recommend; ``demo``: the models ``make demo`` trains (``make lineage``
+    trains every registered model)."""
 
     retrieval: str = "item2vec"
     ranker: str = "deepfm"
+    demo: tuple[str, ...] = ("deepfm", "din", "item2vec", "mf", "wide_deep")
 
 
 class ServingConfig(_Strict):

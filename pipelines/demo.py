@@ -11,7 +11,10 @@ cluster does, instead of starting and stopping a cluster of its own.
 A demo run starts from an empty broker, lake and run folder, so two runs measure the same thing. The downloaded
 data set and the environments are kept.
 
-    python -m pipelines.demo [--keep-kafka]
+    python -m pipelines.demo [--keep-kafka] [--models NAME,NAME|all]
+
+``--models`` picks the train stages (default: the configuration's ``models.demo``, five models; ``all``: every
+registered model, ``make lineage``); export, evaluation and the report take whatever was trained.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from rich.table import Table
 from features.config import ROOT, PlatformConfig, load_config
 from features.results import read_stage_result
 from pipelines import movielens
-from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, stage_env
+from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, model_names, stage_env
 
 console = Console()
 
@@ -135,9 +138,10 @@ TRAIN_FIGURES = ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_sa
                  "final_loss", "epochs", "model_version")
 
 
-def summarise(cfg: PlatformConfig, walls: dict[str, float]) -> dict:
-    """Assemble summary.json from the stage results; every figure was measured by its stage in this run."""
-    r = {s.name: read_stage_result(cfg, s.name) for s in STAGES}
+def summarise(cfg: PlatformConfig, walls: dict[str, float], stages: list[str]) -> dict:
+    """Assemble summary.json from the results of the stages that ran; every figure was measured by its stage in
+    this run."""
+    r = {name: read_stage_result(cfg, name) for name in stages}
     trained = {name.removeprefix("train_"): result for name, result in r.items() if name.startswith("train_")}
     return {
         "dataset": "MovieLens-100K",
@@ -167,8 +171,8 @@ def print_summary(summary: dict) -> None:
                       f"{m['test_auc']:.4f} / {m.get('test_gauc', float('nan')):.4f} / {m['test_logloss']:.4f}, "
                       f"{m['train_samples_per_s']:,.0f} ({m['epochs']} epochs)")
         elif "pairs_per_s" in m:
-            t.add_row(f"{model} pairs/s, final loss", f"{m['pairs_per_s']:,.0f}, {m.get('final_loss', float('nan')):.4f}"
-                      f" ({m['epochs']} epochs)")
+            loss = m.get("final_loss", float("nan"))
+            t.add_row(f"{model} pairs/s, final loss", f"{m['pairs_per_s']:,.0f}, {loss:.4f} ({m['epochs']} epochs)")
         else:
             t.add_row(model, ", ".join(f"{k} {v}" for k, v in m.items() if k != "model_version"))
     for model, plan in summary["sharding_plan"].items():
@@ -182,8 +186,16 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep-kafka", action="store_true", help="leave the broker running at the end")
+    parser.add_argument("--models", default=None, metavar="NAME,NAME|all",
+                        help="models to train (default: the configuration's models.demo; all: every registered)")
     args = parser.parse_args(argv)
     cfg = load_config()
+    registered = model_names()
+    chosen = registered if args.models == "all" else \
+        tuple(m for m in (args.models.split(",") if args.models else cfg.models.demo) if m)
+    unknown = sorted(set(chosen) - set(registered))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; registered: {', '.join(registered)}")
     kafka_state = ROOT / "var" / cfg.run_name / "kafka"
     movielens.fetch(cfg.raw_dir)
     kafka(cfg, "stop", kafka_state)
@@ -193,20 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         kafka(cfg, "start", kafka_state)
         walls["kafka_start"] = time.perf_counter() - start
-        train = [s for s in STAGES if s.name.startswith("train_")]
-        for stage in STAGES[:STAGES.index(train[0])]:
+        train_all = [s for s in STAGES if s.name.startswith("train_")]
+        train = [s for s in train_all if s.name.removeprefix("train_") in chosen]
+        for stage in STAGES[:STAGES.index(train_all[0])]:
             walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
         start = time.perf_counter()
         with ray_head(cfg, cfg.run_dir / "logs") as ray_env:
             walls["ray_start"] = time.perf_counter() - start
             for stage in train:
                 walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs", ray_env)
-        for stage in STAGES[STAGES.index(train[-1]) + 1:]:
+        for stage in STAGES[STAGES.index(train_all[-1]) + 1:]:
             walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
     finally:
         if not args.keep_kafka:
             kafka(cfg, "stop", kafka_state)
-    summary = summarise(cfg, walls)
+    summary = summarise(cfg, walls, [s.name for s in STAGES if s in train or not s.name.startswith("train_")])
     path = cfg.run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     print_summary(summary)

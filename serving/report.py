@@ -226,8 +226,11 @@ def build_sections(cfg: PlatformConfig, tsne: bool = True) -> list[tuple[str, st
     ev = read_stage_result(cfg, "evaluate")
     k = ev["k"]
     sections = []
-    curves, missing = {}, []
-    for model in list_models("ranker"):
+    curves, missing = {}, []  # every ranker trained in this run (make demo trains the configuration's models.demo)
+    trained = [m for m in list_models("ranker") if ModelLayout(model_dir(cfg.run_dir, m)).state.exists()]
+    if not trained:
+        missing.append("no ranker was trained in this run")
+    for model in trained:
         try:
             curves[model] = ranker_test_predictions(cfg, model)
         except Exception as e:  # a missing model must not hide the rest of the report
