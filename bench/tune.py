@@ -11,7 +11,8 @@ written), every trial is one ``training.train.train`` run (Ray Train, 1 worker, 
 ``bench.models``: at most 12 epochs, patience 2), all in ONE local Ray cluster started here (``train`` joins it
 instead of starting its own, which saves ~15 s of start-up per trial):
 
-1. baseline: each model's registered defaults (``ModelSpec.train``) at every seed of ``--seeds`` (the seed spread before tuning);
+1. baseline: each model's registered defaults (``ModelSpec.train``) at every seed of ``--seeds`` (the seed spread
+   before tuning);
 2. search: ``--trials`` configurations drawn by ``sample_configs`` (seeded random search over ``SPACE``) at the
    first seed; model sizes stay fixed (embedding dim 16, DeepFM MLP (128, 64), DIN activation unit (36,) and
    OverArch (200, 80));
@@ -214,7 +215,8 @@ def baseline_config(model: str) -> dict:
     from training.train import TrainOptions
 
     opts, config = TrainOptions(model=model), get_model(model).default_config()
-    return {k: getattr(config, k) if getattr(opts, k) is None else getattr(opts, k) for k in KNOBS}
+    return {k: getattr(config, k) if getattr(opts, k) is None else getattr(opts, k) for k in KNOBS
+            if hasattr(opts, k) and (getattr(opts, k) is not None or hasattr(config, k))}  # MF has no dropout
 
 
 def search(train_one, label: str, baseline: dict, space: dict[str, tuple], n_trials: int, seeds: list[int],
@@ -399,7 +401,8 @@ def render(results: dict, peers: list[dict], load0: float, commit: str, plot_pat
                          f"{k} in {{{', '.join(map(_num, v))}}}" for k, v in sp.items())
 
     parts = [
-        "Random search (Bergstra & Bengio 2012) on the VALIDATION split of MovieLens-100K (label rating >= 4, "
+        "Random search (Bergstra & Bengio 2012), or with `--grid` a grid around the defaults, on the VALIDATION "
+        "split of MovieLens-100K (label rating >= 4, "
         "global 80/10/10 time split; the features, model sizes, epochs (at most 12) and early stopping (patience 2) "
         "of `bench.models`), one Ray Train worker, one Ray cluster for all of our trials. Each search: the "
         "defaults at every seed, the random trials at the first seed, the best `top` of those re-run at the other "
@@ -409,7 +412,7 @@ def render(results: dict, peers: list[dict], load0: float, commit: str, plot_pat
         "missing from a search's table did not exist yet when it ran (`mba_lambda`, the mini-batch aware L2 "
         "on the user/item rows, Zhou et al. 2018 section 4.2: off then).\n\n"
         f"Load average (1 min) {load0:.1f} when this invocation started, {os.getloadavg()[0]:.1f} when written; the "
-        f"searches ran with `/work/heavy` (one of two CPU slots) while other work shared the 2 cores, so the seconds "
+        f"searches may have shared the 2 cores with other work (the load average says how much), so the seconds "
         f"here are not benchmarks (see `models`); written at commit {commit}. Plot of the valid "
         "AUC per trial: "
         f"[{plot_path.relative_to(ROOT)}]({plot_path.relative_to(ROOT)})."]
@@ -514,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="deepfm,din", help="our models to tune; empty: none (to run only the peers "
                    "or to re-render the last figures from <work>/tune.json)")
     p.add_argument("--peer-models", default="", help="DeepCTR-Torch models to tune the same way (deepfm,din)")
-    p.add_argument("--trials", default="12,8", help="random trials per model (one number or one per model)")
+    p.add_argument("--trials", default="12,8",
+                   help="random trials per model (one number, or one per model in --models order)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--top", type=int, default=2, help="best trials re-run at every seed")
     p.add_argument("--search-seed", type=int, default=2026)
@@ -529,10 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     peer_models = [m for m in a.peer_models.split(",") if m]
-    if set(models + peer_models) - {"deepfm", "din"}:
-        p.error("--models, --peer-models: deepfm and/or din")
+    from training.registry import list_models
+
+    if set(models) - set(list_models(task="ctr")) or set(peer_models) - {"deepfm", "din"}:
+        p.error(f"--models: models of the CTR task ({', '.join(list_models(task='ctr'))}); --peer-models: the "
+                f"peers' deepfm and/or din")
     n = [int(x) for x in a.trials.split(",")]
-    n_trials = {"deepfm": n[0], "din": n[-1]}
+    n_trials = {m: n[min(i, len(n) - 1)] for names in (models, peer_models) for i, m in enumerate(names)}
     seeds = [int(s) for s in a.seeds.split(",")]
     grid = [parse_grid(g) for g in a.grid]
     console = Console()

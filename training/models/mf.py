@@ -49,7 +49,7 @@ class MFConfig:
         init_range: vectors start uniform in [-init_range, init_range]; biases at 0.
     """
 
-    embedding_dim: int = 32
+    embedding_dim: int = 16
     init_range: float = 0.05
 
     def __post_init__(self) -> None:
