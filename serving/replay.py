@@ -17,9 +17,11 @@ The rule is wider than ``hist_item_idx``, which holds only the last ``MAX_HISTOR
 strictly earlier second and only makes the query. A user who had rated the case's own item before (a re-rating;
 MovieLens has none) cannot be hit on that case.
 
-- embedding policies (one per exported model): query = mean of the L2-normalised embeddings of the user's ``n``
-  most recent history items (``hist_item_idx`` of the sample: items the user rated strictly before
-  ``event_time``, most recent last, which already holds the user's earlier test events); the ANN index returns
+- embedding policies (one per exported model): query = the model's own query encoder when it declares one
+  (``ModelSpec.query_encoder``, e.g. matrix factorisation's user vector, given the case's user and history), else
+  the mean of the L2-normalised embeddings of the user's ``n`` most recent history items (``hist_item_idx`` of the
+  sample: items the user rated strictly before ``event_time``, most recent last, which already holds the user's
+  earlier test events); the ANN index returns
   the top ``K + S + 1`` items (``S`` the largest number of excluded items among the batch's cases), the excluded
   items and item 0 are removed and the first ``K`` kept. A case whose history has no item with an embedding (a
   cold-start user) falls back to the popularity list, so that every policy is scored on the same cases; how many
@@ -392,17 +394,23 @@ def history_queries(hist: np.ndarray, matrix: np.ndarray, n_recent: int) -> tupl
 
 
 def embedding_recs(cases: Cases, index: ItemIndex, matrix: np.ndarray, params: ReplayParams,
-                   fallback: np.ndarray) -> tuple[np.ndarray, int]:
-    """Top-k per case by ANN search from the history query, without the case's excluded items; cold cases take
+                   fallback: np.ndarray, encoder=None) -> tuple[np.ndarray, int]:
+    """Top-k per case by ANN search from the case's query, without the case's excluded items; cold cases take
     the ``fallback`` (B, k) lists.
 
     Args:
         matrix: (R, D) from ``item_matrix``; its rows are the index's items.
+        encoder: the retriever's own ``training.query.QueryEncoder`` (e.g. a user vector), given the case's user
+            and history; None: the mean of the history's most recent items (``history_queries``).
 
     Returns:
         (B, k) int64 item_idx and the number of cases that fell back.
     """
-    queries, cold = history_queries(cases.hist, matrix, params.n_recent)
+    if encoder is None:
+        queries, cold = history_queries(cases.hist, matrix, params.n_recent)
+    else:
+        queries, ok = encoder.encode(cases.user, [h[h > 0] for h in cases.hist])
+        cold = ~ok
     out = fallback.copy()
     n_items = int(max(matrix.shape[0], cases.seen.items.max(initial=0) + 1))        # mask width
     warm = np.flatnonzero(~cold)
@@ -436,12 +444,31 @@ def load_model_index(cfg: PlatformConfig, model: str) -> tuple[ItemIndex, np.nda
     return ItemIndex.load(d / INDEX_FILE), item_matrix(item_idx, vectors), version
 
 
+def load_encoder(cfg: PlatformConfig, model: str, version: str):
+    """The model's own query encoder (``ModelSpec.query_encoder``, built from its model folder), or None for a
+    model queried by the mean of its recent items (or whose folder holds another version than the exported one,
+    logged: its queries would not fit the exported item vectors)."""
+    from training.artifacts import model_dir, read_meta
+    from training.query import query_encoder
+    from training.registry import get_model
+
+    if get_model(model).query_encoder is None:
+        return None
+    folder = model_dir(cfg.run_dir, model)
+    if read_meta(folder).get("model_version") != version:
+        log.warning("model %s: %s holds another version than the exported %s; not evaluated with its own query",
+                    model, folder, version)
+        return None
+    return query_encoder(folder, np.zeros((0, 0), np.float32))
+
+
 def evaluate(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndarray, str]],
-             params: ReplayParams = ReplayParams()) -> dict:
+             params: ReplayParams = ReplayParams(), encoders: dict | None = None) -> dict:
     """Score popularity and every model on the same cases (see the module docstring).
 
     Args:
         models: name -> (index, (R, D) item matrix, model_version).
+        encoders: name -> the model's own query encoder, for the models that have one (``load_encoder``).
 
     Returns:
         ``{"retrieval": {...}, "cold_start_cases", "cases", "k", "n_recent"}``.
@@ -450,7 +477,8 @@ def evaluate(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndar
     pop = popularity_recs(cases, log_, params.k, n_items, params.batch)
     retrieval = {"popularity": _scores(pop, cases.target, params.k)}
     for name, (index, matrix, version) in models.items():
-        recs, fell_back = embedding_recs(cases, index, matrix, params, fallback=pop)
+        recs, fell_back = embedding_recs(cases, index, matrix, params, fallback=pop,
+                                         encoder=(encoders or {}).get(name))
         retrieval[name] = _scores(recs, cases.target, params.k) | {"fallback_cases": fell_back,
                                                                     "model_version": version}
     return {"retrieval": retrieval, "cold_start_cases": int((cases.hist_len == 0).sum()), "cases": len(cases),
@@ -461,13 +489,13 @@ CURVE_KS = (1, 2, 5, 10, 20, 50)
 
 
 def policy_lists(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndarray, str]],
-                 params: ReplayParams) -> dict[str, np.ndarray]:
+                 params: ReplayParams, encoders: dict | None = None) -> dict[str, np.ndarray]:
     """(B, params.k) lists of popularity and every model on the cases (as ``evaluate`` builds them)."""
     n_items = int(max(log_.item_idx.max(initial=0), cases.target.max(initial=0), cases.hist.max(initial=0))) + 1
     pop = popularity_recs(cases, log_, params.k, n_items, params.batch)
     out = {"popularity": pop}
     for name, (index, matrix, _) in models.items():
-        out[name] = embedding_recs(cases, index, matrix, params, fallback=pop)[0]
+        out[name] = embedding_recs(cases, index, matrix, params, fallback=pop, encoder=(encoders or {}).get(name))[0]
     return out
 
 
@@ -560,10 +588,11 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     loaded = {m: x for m in models if (x := load_model_index(cfg, m)) is not None}
     log.info("replay: %d positive test cases, %d logged events, models %s", len(cases), log_.item_idx.size,
              list(loaded))
-    result = evaluate(cases, log_, loaded, params)
+    encoders = {m: e for m, (_, _, version) in loaded.items() if (e := load_encoder(cfg, m, version)) is not None}
+    result = evaluate(cases, log_, loaded, params, encoders)
     rng = np.random.default_rng(seed)
     long_params = ReplayParams(k=max(CURVE_KS), n_recent=params.n_recent, batch=params.batch)
-    lists = policy_lists(cases, log_, loaded, long_params)
+    lists = policy_lists(cases, log_, loaded, long_params, encoders)
     result["hr_curve"] = hr_curve(lists, cases.target)
     comparisons = interleaving_comparisons(lists, cases.target, params.k, "test", rng)
 

@@ -102,3 +102,33 @@ def test_recommend_with_mf_retrieves_by_the_users_own_vector(tmp_path):
             assert [x["item_id"] for x in body["items"]] == [100 + c for c, _ in want]
             assert {x["source"] for x in body["items"]} == {"ann+deepfm"}
             assert body["model_version"] == "dfm-1+mf-1"
+
+
+def test_replay_queries_mf_by_the_users_vector():
+    """The replay's embedding policy for MF searches with the case user's own vector (not its recent items): its
+    lists are the model's inner-product order over all items, minus what the user saw before the case."""
+    from serving.ann import ItemIndex
+    from serving.replay import ReplayParams, embedding_recs, item_matrix
+    from test_replay import _inputs
+
+    spec, mf = get_model("mf"), _model(4)
+    state = {k: v.detach().clone() for k, v in mf.state_dict().items()}
+    vectors = spec.item_vectors(state, mf.config)  # (R, D + 2)
+    items = np.arange(1, vectors.shape[0])
+    index = ItemIndex.build(vectors[items], items)
+    # user u rates items u, u + 1 in train, then item u + 2 in test (the case); user 3 also item 30 after it
+    events = [(f"e{u}{j}", u, u + j, 5, 10 * u + j, "train" if j < 2 else "test", []) for u in (1, 2, 3)
+              for j in range(3)] + [("z", 3, 30, 5, 99, "test", [])]
+    cases, _ = _inputs(events)
+    k = 4
+    recs, fell_back = embedding_recs(cases, index, item_matrix(items, vectors[items]), ReplayParams(k=k),
+                                     fallback=np.full((len(cases), k), -1),
+                                     encoder=spec.query_encoder(state, mf.config))
+    assert fell_back == 0
+    for b in range(len(cases)):
+        u = int(cases.user[b])
+        seen = {e[2] for e in events if e[1] == u and (e[4], e[0]) < (int(cases.event_time[b] // 1_000_000)
+                                                                        - 1_704_067_200, cases.event_id[b])}
+        logits = mf(kjt_of_rows([{"user_idx": u, "item_idx": int(i)} for i in items], MF_FEATURES))
+        order = [int(items[j]) for j in np.argsort(-logits.detach().numpy(), kind="stable")]
+        assert recs[b].tolist() == [i for i in order if i not in seen][:k], (u, seen)
