@@ -40,6 +40,9 @@ Stage result (``<run_dir>/stages/evaluate.json``)::
 The stage also runs, and adds to its result:
 
 - ``hr_curve``: HR@K for K in ``CURVE_KS`` per policy on the same cases (lists of length max K);
+- ``ranking``: every ranker trained in the run reorders the served retriever's (``models.retrieval``) first 100
+  candidates of every case, with the case's point-in-time features: HR@K, NDCG@K, MRR@K of the ranked lists beside
+  each ranker's test AUC, GAUC and logloss (serving.evaluation.ranking);
 - ``prequential``: the prequential replay with rolling retraining (serving.evaluation.prequential), per window and
   overall, with team-draft interleaving of co-occurrence against popularity in every window;
 - ``interleaving``: team-draft interleaving (serving.evaluation.interleaving) of every pair of policies above on
@@ -595,6 +598,21 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     lists = policy_lists(cases, log_, loaded, long_params, encoders)
     result["hr_curve"] = hr_curve(lists, cases.target)
     comparisons = interleaving_comparisons(lists, cases.target, params.k, "test", rng)
+    retriever = cfg.models.retrieval  # the rankers reorder what the served retriever would return
+    if retriever in loaded:
+        from serving.evaluation.ranking import RankingParams, ranker_replay
+        from training.registry import list_models
+
+        t1 = time.perf_counter()
+        ranking = RankingParams(k=params.k)
+        n_items = int(max(log_.item_idx.max(initial=0), cases.target.max(initial=0))) + 1
+        pop = popularity_recs(cases, log_, ranking.candidates, n_items, params.batch)
+        index, matrix, _ = loaded[retriever]
+        cands, _ = embedding_recs(cases, index, matrix, ReplayParams(k=ranking.candidates, n_recent=params.n_recent,
+                                                                     batch=params.batch),
+                                  fallback=pop, encoder=encoders.get(retriever))
+        result["ranking"] = ranker_replay(cfg, cases, cands, retriever, ranking, list_models("ranker"))
+        result["ranking"]["wall_s"] = time.perf_counter() - t1
 
     from serving.evaluation.gate import PublishGate, gate_and_publish, pointer_path
     from serving.evaluation.prequential import PrequentialParams, event_log, prequential

@@ -6,7 +6,8 @@ Sections:
 1. ROC curves of every trained ranker of the registry on the test split (Fawcett 2006), one curve each. The
    trainer does not save its test predictions, so they are computed here: each model folder loaded by
    ``training.artifacts.load_model`` and scored on ``export/ctr_samples/split=test``.
-2. HR@K over K per retrieval policy (``hr_curve`` of the evaluate stage).
+2. HR@K over K per retrieval policy (``hr_curve`` of the evaluate stage), and the rankers on the served
+   retriever's candidates (``ranking``: HR/NDCG/MRR@K beside their test AUC, GAUC and logloss).
 3. Prequential replay per time window: HR@K, NDCG@K, coverage, novelty (``prequential``).
 4. Replay-estimator CTR per explore/exploit policy with its Wilson 95 % interval (``bandit``; Li et al. 2011).
 5. Team-draft interleaving against the replay HR@K difference (``interleaving``).
@@ -243,6 +244,20 @@ def build_sections(cfg: PlatformConfig, tsne: bool = True) -> list[tuple[str, st
     rows = [[n, r[f"hr@{k}"], r[f"ndcg@{k}"], r[f"mrr@{k}"], r["cases"]] for n, r in ev["retrieval"].items()]
     sections.append((f"Replay on the test cases: HR@K over K", plot_hr_curve(ev["hr_curve"]) if "hr_curve" in ev
                      else None, _table(rows, ["policy", f"HR@{k}", f"NDCG@{k}", f"MRR@{k}", "cases"])))
+    if "ranking" in ev:
+        r = ev["ranking"]
+        c = r["candidates"]
+        metrics = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr")]
+        rows = [[f"{r['retriever']} (its own order)", *[r["retriever_order"][m] for m in metrics], "", "", ""]]
+        rows += [[name, *[x[m] for m in metrics], *[x.get(m, "") for m in ("test_auc", "test_gauc", "test_logloss")]]
+                 for name, x in r["rankers"].items()]
+        sections.append((f"Rankers on the served retriever's candidates ({r['retriever']}, first {c})", None,
+                         f"<p>Every positive test event: the retriever's first {c} items (what the user saw before "
+                         f"excluded), reordered by each ranker with the event's point-in-time features. "
+                         f"recall@{c} (the event's item among the candidates): {r[f'recall@{c}']:.4f}; it bounds "
+                         f"every ranker's HR. AUC, GAUC and logloss: the ranker's own test split.</p>"
+                         + _table(rows, ["list", f"HR@{k}", f"NDCG@{k}", f"MRR@{k}", "test AUC", "test GAUC",
+                                         "test logloss"])))
     if "prequential" in ev:
         pre = ev["prequential"]
         rows = [[x["window"], x["cases"], x["train_events"], *[x["models"][m][f"hr@{k}"] for m in pre["overall"]]]
