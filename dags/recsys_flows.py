@@ -75,7 +75,25 @@ TASK_TABLES: dict[str, tuple[str, str | None]] = {
 }
 
 #: The entry points of the train and evaluate DAGs (``python -m`` modules with their arguments).
-TRAIN_MODELS = model_names()
+def train_models(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The models the train DAG trains: ``DAG_TRAIN_MODELS`` (comma-separated registered names), else every
+    registered model (``pipelines.stages.model_names``).
+
+    >>> train_models({"DAG_TRAIN_MODELS": "din, item2vec"})
+    ('din', 'item2vec')
+
+    Raises:
+        ValueError: a name that is not registered.
+    """
+    environ = os.environ if environ is None else environ
+    chosen = tuple(m.strip() for m in environ.get("DAG_TRAIN_MODELS", "").split(",") if m.strip())
+    unknown = sorted(set(chosen) - set(model_names()))
+    if unknown:
+        raise ValueError(f"DAG_TRAIN_MODELS names unregistered models {unknown}; registered: {model_names()}")
+    return chosen or model_names()
+
+
+TRAIN_MODELS = train_models()
 PUBLISH_MODULE = ("serving.evaluation.gate",)  # the serving team's publish gate; DAG_PUBLISH_COMMAND overrides
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from features.config import ROOT, PlatformConfig
-from pipelines.stages import STAGES, build_command, spark_jar_list, stage_env
+from pipelines.stages import STAGES, build_command, model_names, spark_jar_list, stage_env
 
 AIRFLOW_PY = ROOT / ".venv-airflow" / "bin" / "python"
 AIRFLOW_BIN = ROOT / ".venv-airflow" / "bin" / "airflow"
 DAGS = ROOT / "dags"
-MAIN_ORDER = ["kafka_start", "produce", "ingest", "features", "train_deepfm", "train_din", "train_item2vec", "export",
-              "evaluate", "kafka_stop"]
+MAIN_ORDER = ["kafka_start", "produce", "ingest", "features", *[f"train_{m}" for m in model_names()], "export",
+              "evaluate", "kafka_stop"]  # one train task per registered model
 needs_airflow = pytest.mark.skipif(not AIRFLOW_PY.exists(), reason="no .venv-airflow: run `make airflow-venv`")
 
 
@@ -337,7 +337,7 @@ def test_train_runs_after_gold_features_and_produces_embeddings(dagbag):
     dag = dagbag["dags"]["train"]
     assert rf.GOLD_FEATURES_ASSET in dag["schedule"]
     tasks = dag["tasks"]
-    order = ["training_set", "train_deepfm", "train_din", "train_item2vec", "export_embeddings"]
+    order = ["training_set", *[f"train_{m}" for m in model_names()], "export_embeddings"]  # DAG_TRAIN_MODELS unset
     assert sorted(tasks) == sorted(order)
     assert [tasks[t]["upstream"] for t in order] == [[]] + [[t] for t in order[:-1]]
     assert tasks["training_set"]["spark_submit"][-1] == str(ROOT / "pipelines" / "features_batch.py")
@@ -640,7 +640,8 @@ def test_scheduled_dags_run_end_to_end_with_training_as_ray_jobs(tmp_path, spark
         env = airflow_env(tmp_path / "airflow", RECSYS_DATA_DIR=str(data), RECSYS_ARTIFACTS_DIR=str(artifacts),
                           RECSYS_RUN_NAME=run_name, RECSYS_RAW_DIR=str(ROOT / "data" / "raw"),
                           RECSYS_SPARK__SHUFFLE_PARTITIONS="2", DAG_FEATURES_DAILY_START="1997-09-01",
-                          DAG_RAY_JOBS_ADDRESS=head.address, **head.client_env)
+                          DAG_RAY_JOBS_ADDRESS=head.address, DAG_TRAIN_MODELS="deepfm,din,item2vec",
+                          **head.client_env)
         env.pop("AIRFLOW_CONN_SPARK_DEFAULT", None)  # the DAG files' default: local[2]
         env.pop("RAY_ADDRESS", None)
         for name in [k for k in env if k.startswith("RECSYS_TEST_")]:  # the tests' own ports: features.config
