@@ -567,7 +567,8 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     result["hr_curve"] = hr_curve(lists, cases.target)
     comparisons = interleaving_comparisons(lists, cases.target, params.k, "test", rng)
 
-    from serving.evaluation.gate import PublishGate, gate_and_publish, pointer_path
+    from serving.evaluation.gate import PublishGate, gate_and_publish
+    from serving.publish import pointer_path
     from serving.evaluation.prequential import PrequentialParams, event_log, prequential
 
     t1 = time.perf_counter()

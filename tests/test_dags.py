@@ -630,7 +630,7 @@ def test_scheduled_dags_run_end_to_end_with_training_as_ray_jobs(tmp_path, spark
     from features.results import read_stage_result
     from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, USER_RECENT_ITEMS
     from pipelines.daily_features import feature_rows
-    from serving.evaluation.gate import pointer_path
+    from serving.publish import pointer_path
 
     data, artifacts, run_name = tmp_path / "data", tmp_path / "artifacts", "scheduled"
     cfg = PlatformConfig(data_dir=data, artifacts_dir=artifacts, run_name=run_name)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serving.evaluation.gate import (Decision, PointerError, PublishGate, gate_and_publish, pointer_path,
-                                     read_pointer)
+from serving.evaluation.gate import Decision, PublishGate, gate_and_publish
+from serving.publish import PointerError, pointer_path, read_pointer
 
 
 def test_decisions():
