@@ -52,11 +52,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("features", "pipelines/features_batch.py", spark=True),
     *(Stage(f"train_{m}", "training.train", ("--model", m)) for m in model_names()),
     Stage("export", "serving.export"),
-    Stage("evaluate", "serving.replay"),
+    Stage("evaluate", "evaluation.replay"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
-#: After the main job (not a task of the recsys_main DAG): the HTML evaluation report of the run, serving.report.
-REPORT_STAGE = Stage("report", "serving.report")
+#: After the main job (not a task of the recsys_main DAG): the HTML evaluation report of the run, evaluation.report.
+REPORT_STAGE = Stage("report", "evaluation.report")
 STAGE_BY_NAME[REPORT_STAGE.name] = REPORT_STAGE
 
 

@@ -288,7 +288,7 @@ def retrieval_dir(cfg: PlatformConfig, spec: BundleSpec) -> Path:
 
     version = retrieval_version(cfg, spec)
     if version is None:
-        raise BundleError("no embedding version has been published yet (serving.evaluation.gate writes "
+        raise BundleError("no embedding version has been published yet (evaluation.gate writes "
                           "<artifacts_dir>/serving/current.json); run the evaluate stage or serve a registry version")
     return materialize(cfg, spec.retrieval_model, version, spec.hnsw)
 

@@ -471,7 +471,7 @@ def test_service_follows_the_publish_gate(registry_world):
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
-    from serving.evaluation.gate import Decision, PublishGate, gate_and_publish
+    from evaluation.gate import Decision, PublishGate, gate_and_publish
     from serving.publish import pointer_path
 
     cfg, tables = registry_world

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.evaluation.policies import (UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Popularity,
+from evaluation.policies import (UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Popularity,
                                          ThompsonSampling)
 
 

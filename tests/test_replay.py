@@ -1,4 +1,4 @@
-"""serving.replay on hand-made logs whose HR@K / NDCG@K are computed by hand, the strict time order of the
+"""evaluation.replay on hand-made logs whose HR@K / NDCG@K are computed by hand, the strict time order of the
 popularity baseline, and the seen-item rule (every item of the user's events strictly before the case in
 ``(event_time, event_id)`` order is never recommended, by any policy), against a naive oracle and on a user whose
 excluded item lies beyond the 50 items of ``hist_item_idx``."""
@@ -18,7 +18,7 @@ from features.config import PlatformConfig
 from features.results import read_stage_result
 from serving.ann import HnswParams, ItemIndex, l2_normalise
 from serving.export import run_export
-from serving.replay import (ReplayParams, build_cases, build_log, first_k_allowed, item_matrix, policy_lists,
+from evaluation.replay import (ReplayParams, build_cases, build_log, first_k_allowed, item_matrix, policy_lists,
                             popularity_recs, run_replay)
 
 MAX_HISTORY = 50   # hist_item_idx's length in the export (features.definitions.MAX_HISTORY)

@@ -1,4 +1,4 @@
-"""serving.report: the ROC points against sklearn and training.metrics.auc, and the HTML page opened in headless
+"""evaluation.report: the ROC points against sklearn and training.metrics.auc, and the HTML page opened in headless
 Chromium (its DOM holds every plot as an <img> with PNG data, and its screenshot is not blank)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from features.config import PlatformConfig
 from features.results import write_stage_result
-from serving import report
+from evaluation import report
 from training.metrics import auc
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -18,7 +18,7 @@ from features.results import read_stage_result
 from serving.ann import HnswParams, IndexFileError, ItemIndex, exact_search, measure_recall, recall_at_k
 from serving.embeddings import map_rows, ModelEmbeddings, read_exported
 from serving.export import run_export
-from serving.ranking_metrics import hit_rate, mrr, ndcg, target_ranks
+from evaluation.metrics import hit_rate, mrr, ndcg, target_ranks
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from features.errors import PlatformError
-from serving.evaluation.policies import Policy
+from evaluation.policies import Policy
 
 RESERVED = ("event_time", "user_id", "candidates", "item_id", "click", "is_random")
 

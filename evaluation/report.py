@@ -1,4 +1,4 @@
-"""``python -m serving.report [--run demo]``: one self-contained HTML page of a run's evaluation,
+"""``python -m evaluation.report [--run demo]``: one self-contained HTML page of a run's evaluation,
 ``<run_dir>/report.html``, its plots drawn with matplotlib and embedded as base64 PNG (no files beside it).
 
 Sections:
@@ -40,7 +40,7 @@ from features.results import read_stage_result, write_stage_result  # noqa: E402
 from training.artifacts import ModelLayout, model_dir  # noqa: E402
 from training.registry import list_models  # noqa: E402
 
-log = logging.getLogger("serving.report")
+log = logging.getLogger("evaluation.report")
 REPORT_FILE = "report.html"
 
 

@@ -1,4 +1,4 @@
-"""Stage ``evaluate`` (``python -m serving.replay``): replay evaluation of item retrieval over the test period.
+"""Stage ``evaluate`` (``python -m evaluation.replay``): replay evaluation of item retrieval over the test period.
 
 The logged test events are replayed in time order as an online system would have met them (the replay method of
 Li et al. 2011, "Unbiased offline evaluation of contextual-bandit-based news article recommendation algorithms",
@@ -8,7 +8,7 @@ taken in order of ``(event_time, event_id)`` (*replay order*; the split orders e
 using only what was known strictly before the event.
 
 What a case may not be recommended, the same for every policy (and for the prequential replay,
-serving.evaluation.prequential): item 0 (padding / unknown) and every item of every logged event of the case's user
+evaluation.prequential): item 0 (padding / unknown) and every item of every logged event of the case's user
 that comes strictly before the case in replay order, i.e. every row of the ctr_samples export (any split, any
 rating, whatever its label) with the same ``user_idx`` and a smaller ``(event_time, event_id)``. Ties: an event of
 the same user at the same ``event_time`` is excluded when its ``event_id`` is smaller (the replay has met it
@@ -27,7 +27,7 @@ MovieLens has none) cannot be hit on that case.
 - popularity: items ranked by their number of interactions (all ratings, all splits) with ``event_time``
   strictly before the case's, ties by ascending ``item_idx``, the excluded items and item 0 removed.
 
-A case is a hit when the event's item is among the K; HR@K, NDCG@K and MRR@K are in serving.ranking_metrics.
+A case is a hit when the event's item is among the K; HR@K, NDCG@K and MRR@K are in evaluation.metrics.
 
 Stage result (``<run_dir>/stages/evaluate.json``)::
 
@@ -38,16 +38,16 @@ Stage result (``<run_dir>/stages/evaluate.json``)::
 The stage also runs, and adds to its result:
 
 - ``hr_curve``: HR@K for K in ``CURVE_KS`` per policy on the same cases (lists of length max K);
-- ``prequential``: the prequential replay with rolling retraining (serving.evaluation.prequential), per window and
+- ``prequential``: the prequential replay with rolling retraining (evaluation.prequential), per window and
   overall, with team-draft interleaving of co-occurrence against popularity in every window;
-- ``interleaving``: team-draft interleaving (serving.evaluation.interleaving) of every pair of policies above on
+- ``interleaving``: team-draft interleaving (evaluation.interleaving) of every pair of policies above on
   the test cases and in every prequential window, each with the sign of the HR@K difference, and the share of
   comparisons where the two agree (``sign_agreement``);
-- ``bandit``: the replay estimator of Li et al. 2011 (serving.evaluation.estimators) for the explore/exploit
+- ``bandit``: the replay estimator of Li et al. 2011 (evaluation.estimators) for the explore/exploit
   policies on a logged uniformly random slice (``--bandit-log`` Parquet in the generator's shape, or a simulated
   one with known CTRs), with Wilson 95 % intervals;
 - ``gate``: the publish gate's decision for the item2vec version against ``<artifacts_dir>/serving/current.json``
-  (serving.evaluation.gate); the pointer is rewritten on PUBLISH.
+  (evaluation.gate); the pointer is rewritten on PUBLISH.
 
 Legend: B cases, E logged events, L longest history, C candidates per case, N items (max item_idx + 1),
 S excluded items of a case, R embedding rows, D embedding dim.
@@ -73,9 +73,9 @@ from features.results import write_stage_result
 from features.tables import CTR_SAMPLES, parquet_export
 from serving.ann import ItemIndex, l2_normalise
 from serving.embeddings import INDEX_FILE, MODELS, PARQUET_FILE, embeddings_dir, read_exported
-from serving.ranking_metrics import hit_rate, mrr, ndcg
+from evaluation.metrics import hit_rate, mrr, ndcg
 
-log = logging.getLogger("serving.replay")
+log = logging.getLogger("evaluation.replay")
 
 SPLITS = ("train", "valid", "test")
 _COLUMNS = ["event_id", "user_idx", "item_idx", "label", "event_time", "hist_item_idx"]
@@ -480,7 +480,7 @@ def interleaving_comparisons(lists: dict[str, np.ndarray], targets: np.ndarray, 
                              rng: np.random.Generator) -> list[dict]:
     """Team-draft interleaving of every pair of policies on the same cases, with the sign of their HR@k
     difference."""
-    from serving.evaluation.interleaving import interleave
+    from evaluation.interleaving import interleave
 
     names, out = sorted(lists), []
     for i, a in enumerate(names):
@@ -499,8 +499,8 @@ def bandit_evaluation(bandit_path: str | None, n_events: int, seed: int) -> dict
     """
     import pandas as pd
 
-    from serving.evaluation import policies as P
-    from serving.evaluation.estimators import bandit_log, replay_estimate, simulate_uniform_log
+    from evaluation import policies as P
+    from evaluation.estimators import bandit_log, replay_estimate, simulate_uniform_log
 
     truth = None
     if bandit_path:
@@ -518,7 +518,7 @@ def bandit_evaluation(bandit_path: str | None, n_events: int, seed: int) -> dict
     else:
         df, truth = simulate_uniform_log(n_events, n_arms=50, n_candidates=10, n_users=500, dim=5,
                                          rng=np.random.default_rng(seed), scale=2.0)
-        source = "simulated (serving.evaluation.estimators.simulate_uniform_log, seed %d)" % seed
+        source = "simulated (evaluation.estimators.simulate_uniform_log, seed %d)" % seed
         blog = bandit_log(df)
     dim = blog.context.shape[1]
     pols = [P.EpsilonGreedy(0.1, np.random.default_rng(seed + 1)), P.ThompsonSampling(np.random.default_rng(seed + 2)),
@@ -567,9 +567,9 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     result["hr_curve"] = hr_curve(lists, cases.target)
     comparisons = interleaving_comparisons(lists, cases.target, params.k, "test", rng)
 
-    from serving.evaluation.gate import PublishGate, gate_and_publish
+    from evaluation.gate import PublishGate, gate_and_publish
     from serving.publish import pointer_path
-    from serving.evaluation.prequential import PrequentialParams, event_log, prequential
+    from evaluation.prequential import PrequentialParams, event_log, prequential
 
     t1 = time.perf_counter()
     window_lists: list = []
@@ -582,7 +582,7 @@ def run_replay(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
         result["prequential"]["wall_s"] = time.perf_counter() - t1
     for w, (wl, targets) in enumerate(window_lists, start=1):
         comparisons += interleaving_comparisons(wl, targets, params.k, f"window {w}", rng)
-    from serving.evaluation.interleaving import sign_agreement
+    from evaluation.interleaving import sign_agreement
     result["interleaving"] = {"comparisons": comparisons, "sign_agreement": sign_agreement(
         [c["preference"] for c in comparisons], [c["hr_diff"] for c in comparisons])}
     t1 = time.perf_counter()

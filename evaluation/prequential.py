@@ -8,12 +8,12 @@ Window 0 only trains. For every later window ``w``:
 2. every positive event (``label = 1``) of the window is a case: the model *as it stood at the window's start*
    ranks all items for the case's user, given the user's history strictly before the event (``hist_item_idx``,
    which keeps growing inside the window: the model is frozen, the history is not). Never recommended, as in
-   serving.replay: item 0 and every item of every logged event of the user (any label, any window) strictly
+   evaluation.replay: item 0 and every item of every logged event of the user (any label, any window) strictly
    before the case in log order, i.e. with a smaller ``(event_time, event_id)`` (an event of the same user at the
    same ``event_time`` is excluded when its ``event_id`` is smaller); later events are never excluded. Inside a
    window this includes events the frozen model was not trained on: the exclusion is what the online system
    knows of the user, not what the model learnt;
-3. the case is scored: HR@K, NDCG@K, MRR@K (serving.ranking_metrics), and per window the catalogue coverage
+3. the case is scored: HR@K, NDCG@K, MRR@K (evaluation.metrics), and per window the catalogue coverage
    (distinct recommended items / catalogue size) and the novelty (mean self-information ``-log2 p(i)`` of the
    recommended items, ``p`` the item's smoothed share of the training events; Zhou et al. 2010).
 
@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serving.ranking_metrics import hit_rate, mrr, ndcg
+from evaluation.metrics import hit_rate, mrr, ndcg
 
 MODELS = ("cooccurrence", "popularity")
 
@@ -88,8 +88,8 @@ class EventLog:
 
 
 def event_log(tables: list[pa.Table]) -> EventLog:
-    """The ctr_samples splits (columns of serving.replay._COLUMNS) as one EventLog in time order."""
-    from serving.replay import _micros, _padded_lists
+    """The ctr_samples splits (columns of evaluation.replay._COLUMNS) as one EventLog in time order."""
+    from evaluation.replay import _micros, _padded_lists
 
     t = pa.concat_tables([x.select(["event_id", "user_idx", "item_idx", "label", "event_time", "hist_item_idx"])
                           for x in tables])
@@ -150,7 +150,7 @@ def top_k(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
 
     Args:
         scores: (B, N) higher is better; seen: (B, N) bool, True where the row must not get the item
-            (serving.replay.SeenItems.mask).
+            (evaluation.replay.SeenItems.mask).
 
     Returns:
         (B, k) int64, best first; ties by ascending item_idx; ``-1`` where fewer than k items are allowed.
@@ -236,7 +236,7 @@ def prequential(log_: EventLog, params: PrequentialParams = PrequentialParams(),
     Raises:
         ValueError: fewer events than windows.
     """
-    from serving.replay import seen_before
+    from evaluation.replay import seen_before
 
     k = params.k
     n_items = int(max(log_.item_idx.max(initial=0), log_.hist.max(initial=0))) + 1
