@@ -212,9 +212,9 @@ def next_item_hr(lake_cfg: PlatformConfig, tables: dict[str, np.ndarray], k: int
     Args:
         tables: name -> (items, D) embeddings, row = item_idx.
     """
+    from evaluation.cases import build_cases, build_log, first_k_allowed, read_samples
     from evaluation.metrics import hit_rate, ndcg
-    from evaluation.replay import build_cases, build_log, first_k_allowed, history_queries, item_matrix, \
-        popularity_recs, read_samples
+    from evaluation.replay import history_queries, item_matrix, popularity_recs
 
     samples = read_samples(lake_cfg)
     log_ = build_log(list(samples.values()))

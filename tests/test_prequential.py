@@ -1,6 +1,7 @@
 """evaluation.prequential on hand-made logs: window cuts, the co-occurrence model, per-window metrics
-computed by hand, including that a window's model never sees that window's events, and the seen-item rule shared
-with evaluation.replay (every item of the user's earlier events is excluded, not only the 50 of hist_item_idx)."""
+computed by hand, including that a window's model never sees that window's events, and the seen-item rule of
+evaluation.cases, shared with the static replay (every item of the user's earlier events is excluded, not only the
+50 of hist_item_idx)."""
 
 from __future__ import annotations
 

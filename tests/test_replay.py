@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation.cases import build_cases, build_log, first_k_allowed
+from evaluation.replay import ReplayParams, item_matrix, policy_lists, popularity_recs, run_replay
 from features.config import PlatformConfig
 from features.results import read_stage_result
 from serving.ann import HnswParams, ItemIndex, l2_normalise
 from serving.export import run_export
-from evaluation.replay import (ReplayParams, build_cases, build_log, first_k_allowed, item_matrix, policy_lists,
-                            popularity_recs, run_replay)
 
 MAX_HISTORY = 50   # hist_item_idx's length in the export (features.definitions.MAX_HISTORY)
 
