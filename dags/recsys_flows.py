@@ -76,7 +76,7 @@ TASK_TABLES: dict[str, tuple[str, str | None]] = {
 
 #: The entry points of the train and evaluate DAGs (``python -m`` modules with their arguments).
 TRAIN_MODELS = model_names()
-PUBLISH_MODULE = ("evaluation.gate",)  # the serving team's publish gate; DAG_PUBLISH_COMMAND overrides
+PUBLISH_MODULE = ("evaluation.gate",)  # the publish gate (evaluation/gate.py); DAG_PUBLISH_COMMAND overrides
 
 
 def spark_profile(environ: Mapping[str, str] | None = None) -> str:
@@ -185,7 +185,7 @@ def ray_job_command(model: str, run_id: str, try_number: int | str = 1,
 def python_command(module: tuple[str, ...] | list[str], environ: Mapping[str, str] | None = None) -> str:
     """``python -m <module...>`` from the project's .venv, quoted for bash.
 
-    >>> python_command(("evaluation.replay", "--k", "10")).endswith("python -m evaluation.replay --k 10")
+    >>> python_command(("evaluation.evaluate", "--k", "10")).endswith("python -m evaluation.evaluate --k 10")
     True
     """
     return shlex.join([str(VENV_BIN / "python"), "-m", *module])

@@ -88,7 +88,7 @@ def gate_and_publish(gate: PublishGate, path: str | Path, model: str, model_vers
 def main(argv: list[str] | None = None) -> int:
     """``python -m evaluation.gate``: the publish step of the ``evaluate_and_publish`` DAG.
 
-    The evaluate stage (``evaluation.replay``) applies the gate right after it measures the candidate, so the decision
+    The evaluate stage (``evaluation.evaluate``) applies the gate right after it measures the candidate, so the decision
     and the pointer are taken in one place; this command reports that decision as the stage result ``publish``
     and prints it. A REJECT is an outcome, not a failure: the exit status is 0 either way.
 
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config()
     gate = read_stage_result(cfg, "evaluate").get("gate")
     if gate is None:
-        raise PlatformError("the evaluate stage recorded no gate decision; run `python -m evaluation.replay` with the "
-                            "item2vec embeddings exported")
+        raise PlatformError("the evaluate stage recorded no gate decision; run `python -m evaluation.evaluate` with "
+                            "the item2vec embeddings exported")
     write_stage_result(cfg, "publish", gate)
     print(f"publish gate: {gate['decision']} {gate['candidate']} (serving now: {gate['serving']})")
     return 0

@@ -52,7 +52,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("features", "pipelines/features_batch.py", spark=True),
     *(Stage(f"train_{m}", "training.train", ("--model", m)) for m in model_names()),
     Stage("export", "serving.export"),
-    Stage("evaluate", "evaluation.replay"),
+    Stage("evaluate", "evaluation.evaluate"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
 #: After the main job (not a task of the recsys_main DAG): the HTML evaluation report of the run, evaluation.report.

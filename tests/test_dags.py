@@ -175,7 +175,7 @@ def test_spark_stage_runs_spark_submit_from_the_project_venv_with_the_jars():
     ("train_deepfm", ["training.train", "--model", "deepfm"]),
     ("train_item2vec", ["training.train", "--model", "item2vec"]),
     ("export", ["serving.export"]),
-    ("evaluate", ["evaluation.replay"]),
+    ("evaluate", ["evaluation.evaluate"]),
 ])
 def test_python_stage_runs_python_m_from_the_project_venv(task_id, module_args):
     assert rt.task_argv(task_id, None, environ={}) == [str(ROOT / ".venv" / "bin" / "python"), "-m", *module_args]
@@ -355,7 +355,7 @@ def test_evaluate_and_publish_runs_after_embeddings(dagbag):
     assert rf.EMBEDDINGS_ASSET in dag["schedule"]
     tasks = dag["tasks"]
     assert tasks["publish"]["upstream"] == ["replay"]
-    assert shlex.split(tasks["replay"]["rendered"])[1:] == ["-m", "evaluation.replay"]
+    assert shlex.split(tasks["replay"]["rendered"])[1:] == ["-m", "evaluation.evaluate"]
     assert shlex.split(tasks["publish"]["rendered"])[1:] == ["-m", "evaluation.gate"]
 
 
