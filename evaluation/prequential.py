@@ -13,7 +13,7 @@ Window 0 only trains. For every later window ``w``:
    event of the same user at the same ``event_time`` is excluded when its ``event_id`` is smaller); later events
    are never excluded. Inside a window this includes events the frozen model was not trained on: the exclusion is
    what the online system knows of the user, not what the model learnt;
-3. the case is scored: HR@K, NDCG@K, MRR@K (evaluation.metrics), and per window the catalogue coverage
+3. the case is scored (evaluation.metrics): HR@K, NDCG@K, MRR@K, and per window the catalogue coverage
    (distinct recommended items / catalogue size) and the novelty (mean self-information ``-log2 p(i)`` of the
    recommended items, ``p`` the item's smoothed share of the training events; Zhou et al. 2010).
 
@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation.cases import COLUMNS, micros, padded_lists, replay_order, seen_before
-from evaluation.metrics import hit_rate, mrr, ndcg
+from evaluation.metrics import coverage, hit_rate, mrr, ndcg, novelty
 
 MODELS = ("cooccurrence", "popularity")
 
@@ -197,22 +197,9 @@ def recommend_cooccurrence(sim: np.ndarray, hist: np.ndarray, seen: np.ndarray, 
     return top_k(scores, seen, k)
 
 
-def novelty(recs: np.ndarray, train_items: np.ndarray, n_items: int) -> float:
-    """Mean self-information ``-log2 p(i)`` (bits) of the recommended items, ``p(i) = (c_i + 1) / (E + N)`` from
-    the training counts ``c`` (add-one smoothing, so an unseen item is finite).
-
-    >>> round(novelty(np.array([[1, 2]]), np.array([1, 1, 1]), n_items=3), 4)   # p = 4/6, 1/6: (0.585 + 2.585) / 2
-    1.585
-    """
-    c = np.bincount(train_items, minlength=n_items).astype(np.float64)
-    p = (c + 1.0) / (train_items.size + n_items)
-    r = recs[recs >= 0]
-    return float((-np.log2(p[r])).mean()) if r.size else float("nan")
-
-
 def _scores(recs: np.ndarray, targets: np.ndarray, k: int, train_items: np.ndarray, n_items: int) -> dict:
     return {f"hr@{k}": hit_rate(recs, targets, k), f"ndcg@{k}": ndcg(recs, targets, k),
-            f"mrr@{k}": mrr(recs, targets, k), "coverage": float(np.unique(recs[recs > 0]).size / (n_items - 1)),
+            f"mrr@{k}": mrr(recs, targets, k), "coverage": coverage(recs, n_items),
             "novelty_bits": novelty(recs, train_items, n_items), "cases": int(targets.size)}
 
 
@@ -267,7 +254,7 @@ def prequential(log_: EventLog, params: PrequentialParams = PrequentialParams(),
         r = np.concatenate(all_recs[m])
         overall[m] = {f"hr@{k}": hit_rate(r, targets, k), f"ndcg@{k}": ndcg(r, targets, k),
                       f"mrr@{k}": mrr(r, targets, k),
-                      "coverage": float(np.unique(r[r > 0]).size / (n_items - 1)),
+                      "coverage": coverage(r, n_items),
                       "novelty_bits": float(np.average([x["models"][m]["novelty_bits"] for x in windows],
                                                        weights=[max(x["cases"], 1) for x in windows])),
                       "cases": int(targets.size)}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from evaluation.estimators import (BanditLogError, bandit_log, replay_estimate, simulate_uniform_log,
-                                           wilson_interval)
+                                   wilson_interval)
 from evaluation.policies import UCB1, EmbeddingPolicy
 
 

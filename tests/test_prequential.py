@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.prequential import (EventLog, PrequentialParams, cooccurrence_model, novelty,
-                                            prequential, recommend_cooccurrence, top_k, window_bounds)
+from evaluation.metrics import novelty
+from evaluation.prequential import (EventLog, PrequentialParams, cooccurrence_model, prequential,
+                                    recommend_cooccurrence, top_k, window_bounds)
 
 
 def _log(rows):
