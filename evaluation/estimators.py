@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from features.errors import PlatformError
 from evaluation.policies import UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Policy, Popularity, ThompsonSampling
+from features.errors import PlatformError
 
 RESERVED = ("event_time", "user_id", "candidates", "item_id", "click", "is_random")
 
