@@ -21,7 +21,7 @@ scratch lake under ``--work``; the project's ``data/`` and ``artifacts/`` are ne
   per-rank rows, bytes and RSS.
 - item2vec: ours (1 worker) against gensim ``Word2Vec(sg=1)`` with the same window (5), dim (32), negatives (5),
   subsampling (1e-3) and epochs (8) on the same ``item_sequences``; both scored by one next-item protocol, HR@10 on
-  the positive test events (``serving.replay``'s cases and history query, exact search instead of the ANN index).
+  the positive test events (``evaluation.replay``'s cases and history query, exact search instead of the ANN index).
 
 Per model: training samples/s (optimisation passes only), test AUC, logloss, peak RSS (MiB, summed over the
 process tree and sampled every 0.2 s; Ray's own processes count for ours), wall s and CPU s of the whole command.
@@ -204,7 +204,7 @@ def run_peer(python: Path, peer: str, work: Path, args: list[str], tag: str = ""
 
 # ---------------------------------------------------------------------------------------- next-item HR@10
 def next_item_hr(lake_cfg: PlatformConfig, tables: dict[str, np.ndarray], k: int = 10, n_recent: int = 15) -> dict:
-    """HR@k / NDCG@k of item embeddings on the positive test events, by ``serving.replay``'s protocol (query = mean
+    """HR@k / NDCG@k of item embeddings on the positive test events, by ``evaluation.replay``'s protocol (query = mean
     of the normalised embeddings of the user's ``n_recent`` last items before the event; every item the user
     interacted with before the event and item 0 never recommended; cold cases take the popularity list) with exact
     inner-product search over all items.
@@ -212,9 +212,9 @@ def next_item_hr(lake_cfg: PlatformConfig, tables: dict[str, np.ndarray], k: int
     Args:
         tables: name -> (items, D) embeddings, row = item_idx.
     """
-    from serving.ranking_metrics import hit_rate, ndcg
-    from serving.replay import build_cases, build_log, first_k_allowed, history_queries, item_matrix, \
-        popularity_recs, read_samples
+    from evaluation.cases import build_cases, build_log, first_k_allowed, read_samples
+    from evaluation.metrics import hit_rate, ndcg
+    from evaluation.replay import history_queries, item_matrix, popularity_recs
 
     samples = read_samples(lake_cfg)
     log_ = build_log(list(samples.values()))
@@ -398,7 +398,7 @@ def render(ctr: list[dict], i2v: list[dict], hr: dict, notes: list[str], load0: 
             f"{ctr_table(ctr, refs)}\n\n"
             f"item2vec on `export/item_sequences` (train period): dim 32, window 5, 5 negatives, subsampling 1e-3, "
             f"8 epochs. Next-item HR@10 / NDCG@10 on the {hr.get('cases', 'n/a')} positive test events "
-            f"(`serving.replay` cases and query, exact search; popularity: HR@10 {_f(pop.get('hr@10'), '.4f')}). "
+            f"(`evaluation.replay` cases and query, exact search; popularity: HR@10 {_f(pop.get('hr@10'), '.4f')}). "
             f"gensim's pairs/s = the pairs our sampler draws for the same settings / gensim's training seconds.\n\n"
             f"{i2v_table(i2v, ref_pairs)}\n\n"
             f"{gen_text}"

@@ -1,5 +1,5 @@
 """``evaluate_and_publish``: runs when ``recsys.embeddings`` is updated (the train DAG's export). Replay evaluation
-over the held-out log (``python -m serving.replay``), then the publish gate (``python -m serving.evaluation.gate``,
+over the held-out log (``python -m evaluation.evaluate``), then the publish gate (``python -m evaluation.gate``,
 or ``DAG_PUBLISH_COMMAND``), which moves serving's pointer only when the new version beats the published one.
 """
 
@@ -34,7 +34,7 @@ with DAG(
                   "retries": 1, "retry_delay": timedelta(minutes=1)},
 ) as dag:
     common = {"env": rf.stage_env(), "append_env": True, "cwd": str(rf.REPO), "do_xcom_push": False}
-    replay = BashOperator(task_id="replay", bash_command="{{ recsys_python(['serving.replay']) }}",
+    replay = BashOperator(task_id="replay", bash_command="{{ recsys_python(['evaluation.evaluate']) }}",
                           execution_timeout=timedelta(minutes=30), **common)
     publish = BashOperator(task_id="publish", bash_command="{{ recsys_publish() }}",
                            execution_timeout=timedelta(minutes=10), **common)

@@ -94,7 +94,7 @@ def train_models(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
 
 
 TRAIN_MODELS = train_models()
-PUBLISH_MODULE = ("serving.evaluation.gate",)  # the serving team's publish gate; DAG_PUBLISH_COMMAND overrides
+PUBLISH_MODULE = ("evaluation.gate",)  # the publish gate (evaluation/gate.py); DAG_PUBLISH_COMMAND overrides
 
 
 def spark_profile(environ: Mapping[str, str] | None = None) -> str:
@@ -203,7 +203,7 @@ def ray_job_command(model: str, run_id: str, try_number: int | str = 1,
 def python_command(module: tuple[str, ...] | list[str], environ: Mapping[str, str] | None = None) -> str:
     """``python -m <module...>`` from the project's .venv, quoted for bash.
 
-    >>> python_command(("serving.replay", "--k", "10")).endswith("python -m serving.replay --k 10")
+    >>> python_command(("evaluation.evaluate", "--k", "10")).endswith("python -m evaluation.evaluate --k 10")
     True
     """
     return shlex.join([str(VENV_BIN / "python"), "-m", *module])
@@ -211,7 +211,7 @@ def python_command(module: tuple[str, ...] | list[str], environ: Mapping[str, st
 
 def publish_command(environ: Mapping[str, str] | None = None) -> str:
     """The publish gate's command: ``DAG_PUBLISH_COMMAND`` when set (a full shell command), else
-    ``python -m serving.evaluation.gate``."""
+    ``python -m evaluation.gate``."""
     environ = os.environ if environ is None else environ
     return environ.get("DAG_PUBLISH_COMMAND") or python_command(PUBLISH_MODULE)
 

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     console.print(f"summary written to {path}")
-    # the evaluation report (serving.report) over the stage results just written; no broker needed
+    # the evaluation report (evaluation.report) over the stage results just written; no broker needed
     run_stage("report", cfg.run_dir / "logs")
     console.print(f"report written to {cfg.run_dir / 'report.html'}")
     return 0

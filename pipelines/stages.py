@@ -7,8 +7,10 @@ figures with ``features.results.write_stage_result`` under the stage's name.
 
 >>> build_command("features", python="py", spark_submit="spark-submit")[:2]
 ['spark-submit', '--master']
->>> [s.name for s in STAGES]
-['produce', 'ingest', 'features', 'train_deepfm', 'train_din', 'train_item2vec', 'export', 'evaluate']
+>>> [s.name for s in STAGES if not s.name.startswith("train_")]
+['produce', 'ingest', 'features', 'export', 'evaluate']
+>>> [s.name for s in STAGES if s.name.startswith("train_")] == [f"train_{m}" for m in model_names()]
+True
 
 The train stages are one per registered model, in name order (``model_names``: the files of
 ``training/models/``, read without importing anything of ``training``, as a DAG file must at parse time).
@@ -52,11 +54,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("features", "pipelines/features_batch.py", spark=True),
     *(Stage(f"train_{m}", "training.train", ("--model", m)) for m in model_names()),
     Stage("export", "serving.export"),
-    Stage("evaluate", "serving.replay"),
+    Stage("evaluate", "evaluation.evaluate"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
-#: After the main job (not a task of the recsys_main DAG): the HTML evaluation report of the run, serving.report.
-REPORT_STAGE = Stage("report", "serving.report")
+#: After the main job (not a task of the recsys_main DAG): the HTML evaluation report of the run, evaluation.report.
+REPORT_STAGE = Stage("report", "evaluation.report")
 STAGE_BY_NAME[REPORT_STAGE.name] = REPORT_STAGE
 
 

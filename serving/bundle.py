@@ -5,8 +5,8 @@ A bundle holds
 - the retrieval model's items and HNSW index, from one of three sources (``BundleSpec.source``):
   ``export``, the run dir's newest export (``<run_dir>/embeddings/<retrieval>/``, ``serving.export``);
   ``registry``, a chosen version of the Delta registry ``gold.item_embeddings`` (``BundleSpec.version``); or
-  ``published``, the registry version the publish gate points at (``serving.evaluation.gate``). A registry
-  version's index is built once with ``BundleSpec.hnsw``, its recall@10 measured and both saved
+  ``published``, the registry version the publish gate points at (the pointer file of ``serving.publish``). A
+  registry version's index is built once with ``BundleSpec.hnsw``, its recall@10 measured and both saved
   (``serving.registry.materialize``);
 - the ranker, any registered ranker (``BundleSpec.ranker_model``; DeepFM by default), rebuilt unsharded from its
   model folder by ``training.artifacts.load_model``;
@@ -49,6 +49,7 @@ from features.errors import PlatformError
 from features.tables import CTR_SAMPLES, parquet_export
 from serving.ann import HnswParams, ItemIndex
 from serving.embeddings import INDEX_FILE, PARQUET_FILE, embeddings_dir, model_dir, read_exported
+from serving.publish import pointer_path, read_pointer
 from training.artifacts import ModelLayout, ModelOutputError
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,6 @@ def retrieval_version(cfg: PlatformConfig, spec: BundleSpec) -> str | None:
     if spec.source == "registry":
         return spec.version
     if spec.source == "published":
-        from serving.evaluation.gate import pointer_path, read_pointer
-
         pointer = read_pointer(pointer_path(cfg.artifacts_dir))
         if pointer is None:
             return None
@@ -289,7 +288,7 @@ def retrieval_dir(cfg: PlatformConfig, spec: BundleSpec) -> Path:
 
     version = retrieval_version(cfg, spec)
     if version is None:
-        raise BundleError("no embedding version has been published yet (serving.evaluation.gate writes "
+        raise BundleError("no embedding version has been published yet (evaluation.gate writes "
                           "<artifacts_dir>/serving/current.json); run the evaluate stage or serve a registry version")
     return materialize(cfg, spec.retrieval_model, version, spec.hnsw)
 

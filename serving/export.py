@@ -7,8 +7,9 @@ and ``index.json`` (M, efConstruction, efSearch, dim, ntotal, ``recall@10``, ``m
 
 With a Spark session (the stage command's default; ``--no-registry`` turns it off) each exported version is
 also written to the Delta table ``gold.item_embeddings`` with its training tables' Delta versions (as the trainer
-recorded them in ``meta.json``) and its training metrics (``serving.registry``). ``write_index`` is also what builds
-the index of a registry version the service is asked to serve (``serving.registry.materialize``).
+recorded them in ``meta.json``) and its training metrics (``serving.registry``). The files are written by
+``serving.index_files.write_index``, which also builds the index of a registry version the service is asked to serve
+(``serving.registry.materialize``).
 
 Stage result (``<run_dir>/stages/export.json``)::
 
@@ -23,20 +24,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import faiss
 
 from features.config import PlatformConfig, load_config
 from features.errors import PlatformError
 from features.results import write_stage_result
-from serving.ann import HnswParams, ItemIndex, measure_recall
-from serving.embeddings import (INDEX_FILE, MODELS, embeddings_dir, load_model_embeddings, map_rows,
-                                read_item_vocab, to_arrow, write_parquet)
+from serving.ann import HnswParams
+from serving.embeddings import MODELS, embeddings_dir, load_model_embeddings, map_rows, read_item_vocab
+from serving.index_files import RECALL_K, write_index
 
 log = logging.getLogger("serving.export")
-
-RECALL_K = 10
 
 
 def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswParams, spark=None) -> dict | None:
@@ -67,31 +65,6 @@ def export_model(cfg: PlatformConfig, model: str, vocab: tuple, params: HnswPara
             "unmapped_rows": items.unmapped_rows, "items_without_row": items.items_without_row,
             "hnsw": {"M": params.m, "efConstruction": params.ef_construction, "efSearch": params.ef_search},
             **({"registry": registry} if registry else {})}
-
-
-def write_index(items, model_version: str, params: HnswParams, out: Path, extra: dict | None = None) -> dict:
-    """Write ``items.parquet``, build the HNSW index, measure its recall@10 against exact search (every item a
-    query) and save the index with its parameters, the recall and ``extra`` in ``index.json`` (``ItemIndex.save``).
-    The Parquet file is written first and the index last, so a reader that finds the index finds its items.
-
-    Args:
-        items: ``ExportedItems`` ((N,) ids and idx, (N, D) vectors).
-        out: the directory (created).
-
-    Returns:
-        ``path``, ``index_path``, ``recall@10`` and ``index_build_s`` (seconds).
-    """
-    parquet_path = write_parquet(to_arrow(items, model_version), out)
-    t0 = time.perf_counter()
-    index = ItemIndex.build(items.vectors, items.item_idx, params)
-    build_s = time.perf_counter() - t0
-    recall = measure_recall(index, items.vectors, items.item_idx, k=RECALL_K)
-    index.extra.update({f"recall@{RECALL_K}": recall, "recall_queries": int(items.item_idx.size),
-                        "model_version": model_version, "build_s": build_s, **(extra or {})})
-    index_path = out / INDEX_FILE
-    index.save(index_path)
-    return {"path": str(parquet_path), "index_path": str(index_path), f"recall@{RECALL_K}": recall,
-            "index_build_s": build_s}
 
 
 def _register(cfg: PlatformConfig, model: str, items, model_version: str, spark) -> dict:

@@ -36,7 +36,8 @@ from features.config import PlatformConfig
 from features.errors import PlatformError, TableNotFoundError
 from features.results import read_stage_result
 from features.tables import ITEM_EMBEDDINGS, TableSpec
-from serving.embeddings import ExportedItems
+from serving.embeddings import INDEX_FILE, ExportedItems
+from serving.index_files import write_index
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ def materialize(cfg: PlatformConfig, model: str, model_version: str, params, spa
 
     The files are reused when their ``index.json`` holds this version and the same HNSW parameters; otherwise the
     version is read from ``gold.item_embeddings`` (pinned at the table's current Delta version, recorded as
-    ``registry_table_version``) and the index is built and its recall@10 measured (``serving.export.write_index``).
+    ``registry_table_version``) and the index is built and its recall@10 measured
+    (``serving.index_files.write_index``).
 
     Args:
         params: ``serving.ann.HnswParams`` to build and search with.
@@ -233,9 +235,6 @@ def materialize(cfg: PlatformConfig, model: str, model_version: str, params, spa
         ValueError: ``model_version`` is not a valid version name.
     """
     from dataclasses import asdict
-
-    from serving.embeddings import INDEX_FILE
-    from serving.export import write_index
 
     out = version_dir(cfg, model, model_version)
     index_json = out / Path(INDEX_FILE).with_suffix(".json")

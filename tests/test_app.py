@@ -471,7 +471,8 @@ def test_service_follows_the_publish_gate(registry_world):
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
-    from serving.evaluation.gate import Decision, PublishGate, gate_and_publish, pointer_path
+    from evaluation.gate import Decision, PublishGate, gate_and_publish
+    from serving.publish import pointer_path
 
     cfg, tables = registry_world
     pointer, gate = pointer_path(cfg.artifacts_dir), PublishGate(metric="ndcg@10", guard=("hr@10",))

@@ -175,7 +175,7 @@ def test_spark_stage_runs_spark_submit_from_the_project_venv_with_the_jars():
     ("train_deepfm", ["training.train", "--model", "deepfm"]),
     ("train_item2vec", ["training.train", "--model", "item2vec"]),
     ("export", ["serving.export"]),
-    ("evaluate", ["serving.replay"]),
+    ("evaluate", ["evaluation.evaluate"]),
 ])
 def test_python_stage_runs_python_m_from_the_project_venv(task_id, module_args):
     assert rt.task_argv(task_id, None, environ={}) == [str(ROOT / ".venv" / "bin" / "python"), "-m", *module_args]
@@ -355,8 +355,8 @@ def test_evaluate_and_publish_runs_after_embeddings(dagbag):
     assert rf.EMBEDDINGS_ASSET in dag["schedule"]
     tasks = dag["tasks"]
     assert tasks["publish"]["upstream"] == ["replay"]
-    assert shlex.split(tasks["replay"]["rendered"])[1:] == ["-m", "serving.replay"]
-    assert shlex.split(tasks["publish"]["rendered"])[1:] == ["-m", "serving.evaluation.gate"]
+    assert shlex.split(tasks["replay"]["rendered"])[1:] == ["-m", "evaluation.evaluate"]
+    assert shlex.split(tasks["publish"]["rendered"])[1:] == ["-m", "evaluation.gate"]
 
 
 @needs_airflow
@@ -630,7 +630,7 @@ def test_scheduled_dags_run_end_to_end_with_training_as_ray_jobs(tmp_path, spark
     from features.results import read_stage_result
     from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, USER_RECENT_ITEMS
     from pipelines.daily_features import feature_rows
-    from serving.evaluation.gate import pointer_path
+    from serving.publish import pointer_path
 
     data, artifacts, run_name = tmp_path / "data", tmp_path / "artifacts", "scheduled"
     cfg = PlatformConfig(data_dir=data, artifacts_dir=artifacts, run_name=run_name)

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.evaluation.estimators import (BanditLogError, bandit_log, replay_estimate, simulate_uniform_log,
-                                           wilson_interval)
-from serving.evaluation.policies import UCB1, EmbeddingPolicy
+from evaluation.estimators import (BanditLogError, bandit_log, replay_estimate, simulate_uniform_log,
+                                   wilson_interval)
+from evaluation.policies import UCB1, EmbeddingPolicy
 
 
 def uniform_log(ctr: np.ndarray, n_events: int, n_candidates: int, seed: int) -> pd.DataFrame:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serving.evaluation.gate import (Decision, PointerError, PublishGate, gate_and_publish, pointer_path,
-                                     read_pointer)
+from evaluation.gate import Decision, PublishGate, gate_and_publish
+from serving.publish import PointerError, pointer_path, read_pointer
 
 
 def test_decisions():
@@ -41,7 +41,7 @@ def test_pointer_moves_only_on_publish(tmp_path):
 def test_cli_reports_the_evaluate_stage_decision(tmp_path, monkeypatch, capsys):
     from features.config import PlatformConfig
     from features.results import read_stage_result, write_stage_result
-    from serving.evaluation import gate as gate_mod
+    from evaluation import gate as gate_mod
 
     monkeypatch.setenv("RECSYS_ARTIFACTS_DIR", str(tmp_path))
     cfg = PlatformConfig(artifacts_dir=tmp_path)

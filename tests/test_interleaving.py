@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.evaluation.interleaving import interleave, sign_agreement, team_draft
+from evaluation.interleaving import interleave, sign_agreement, team_draft
 
 
 class Coin:

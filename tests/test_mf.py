@@ -108,7 +108,7 @@ def test_replay_queries_mf_by_the_users_vector():
     """The replay's embedding policy for MF searches with the case user's own vector (not its recent items): its
     lists are the model's inner-product order over all items, minus what the user saw before the case."""
     from serving.ann import ItemIndex
-    from serving.replay import ReplayParams, embedding_recs, item_matrix
+    from evaluation.replay import ReplayParams, embedding_recs, item_matrix
     from test_replay import _inputs
 
     spec, mf = get_model("mf"), _model(4)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.evaluation.policies import (UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Popularity,
-                                         ThompsonSampling)
+from evaluation.policies import UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Popularity, ThompsonSampling
 
 
 def test_ucb1_picks_highest_bound_on_a_tiny_table():

@@ -1,14 +1,16 @@
-"""serving.evaluation.prequential on hand-made logs: window cuts, the co-occurrence model, per-window metrics
-computed by hand, including that a window's model never sees that window's events, and the seen-item rule shared
-with serving.replay (every item of the user's earlier events is excluded, not only the 50 of hist_item_idx)."""
+"""evaluation.prequential on hand-made logs: window cuts, the co-occurrence model, per-window metrics
+computed by hand, including that a window's model never sees that window's events, and the seen-item rule of
+evaluation.cases, shared with the static replay (every item of the user's earlier events is excluded, not only the
+50 of hist_item_idx)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving.evaluation.prequential import (EventLog, PrequentialParams, cooccurrence_model, novelty,
-                                            prequential, recommend_cooccurrence, top_k, window_bounds)
+from evaluation.metrics import novelty
+from evaluation.prequential import (EventLog, PrequentialParams, cooccurrence_model, prequential,
+                                    recommend_cooccurrence, top_k, window_bounds)
 
 
 def _log(rows):

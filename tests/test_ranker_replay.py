@@ -1,4 +1,4 @@
-"""Rankers in the replay (serving.evaluation.ranking): each ranker reorders a case's candidates with the case's
+"""Rankers in the replay (evaluation.ranking): each ranker reorders a case's candidates with the case's
 point-in-time features, batched, exactly as a one-row-at-a-time reference built by hand; the item counters at a
 case are the item's events at strictly earlier seconds."""
 
@@ -15,7 +15,7 @@ import torch
 
 from features.config import PlatformConfig
 from features.definitions import DENSE_FEATURES, dense_inputs
-from serving.evaluation.ranking import ItemHistory, RankingParams, rank_candidates, read_case_features
+from evaluation.ranking import ItemHistory, RankingParams, rank_candidates, read_case_features
 from training.artifacts import load_model, save_model
 from training.data import kjt_of_rows, synthetic_vocab_sizes
 from training.registry import get_model

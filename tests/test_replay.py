@@ -1,7 +1,8 @@
-"""serving.replay on hand-made logs whose HR@K / NDCG@K are computed by hand, the strict time order of the
-popularity baseline, and the seen-item rule (every item of the user's events strictly before the case in
-``(event_time, event_id)`` order is never recommended, by any policy), against a naive oracle and on a user whose
-excluded item lies beyond the 50 items of ``hist_item_idx``."""
+"""evaluation.replay (and the evaluate stage, evaluation.evaluate) on hand-made logs whose HR@K / NDCG@K are
+computed by hand, the strict time order of the popularity baseline, and the seen-item rule of evaluation.cases
+(every item of the user's events strictly before the case in ``(event_time, event_id)`` order is never
+recommended, by any policy), against a naive oracle and on a user whose excluded item lies beyond the 50 items of
+``hist_item_idx``."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation.cases import build_cases, build_log, first_k_allowed
+from evaluation.evaluate import run_evaluation
+from evaluation.replay import ReplayParams, item_matrix, policy_lists, popularity_recs
 from features.config import PlatformConfig
 from features.results import read_stage_result
 from serving.ann import HnswParams, ItemIndex, l2_normalise
 from serving.export import run_export
-from serving.replay import (ReplayParams, build_cases, build_log, first_k_allowed, item_matrix, policy_lists,
-                            popularity_recs, run_replay)
 
 MAX_HISTORY = 50   # hist_item_idx's length in the export (features.definitions.MAX_HISTORY)
 
@@ -44,7 +46,7 @@ def _split_table(rows) -> pa.Table:
 
 
 def _inputs(events):
-    """(cases, log) as run_replay builds them from the export holding ``events``."""
+    """(cases, log) as run_evaluation builds them from the export holding ``events``."""
     tables = [_split_table([e for e in events if e[5] == split]) for split in ("train", "valid", "test")]
     log_ = build_log(tables)
     return build_cases(tables[2], log_), log_
@@ -233,7 +235,7 @@ def test_replay_hand_computed(tmp_path, caplog):
     _write_model(cfg, "deepfm", DEEPFM)
     run_export(cfg, HnswParams(m=4, ef_construction=32, ef_search=32))
 
-    result = run_replay(cfg, ReplayParams(k=2, n_recent=10))
+    result = run_evaluation(cfg, ReplayParams(k=2, n_recent=10))
     assert read_stage_result(cfg, "evaluate")["retrieval"] == json.loads(json.dumps(result["retrieval"]))
     assert (result["cases"], result["cold_start_cases"]) == (3, 1)
     r = result["retrieval"]
@@ -262,7 +264,7 @@ def test_replay_skips_a_model_that_was_not_exported(tmp_path, caplog):
     _write_model(cfg, "item2vec", ITEM2VEC)
     run_export(cfg, HnswParams(m=4, ef_construction=32, ef_search=32))
     with caplog.at_level("WARNING"):
-        result = run_replay(cfg, ReplayParams(k=2))
+        result = run_evaluation(cfg, ReplayParams(k=2))
     assert set(result["retrieval"]) == {"popularity", "item2vec"}
     assert "deepfm" in caplog.text and "serving.export" in caplog.text
 
@@ -274,7 +276,7 @@ def test_replay_excludes_every_earlier_item_end_to_end(tmp_path):
     _write_lake(cfg, HEAVY)
     _write_model(cfg, "item2vec", _heavy_vectors())
     run_export(cfg, HnswParams(m=8, ef_construction=64, ef_search=64))
-    r = run_replay(cfg, ReplayParams(k=2, n_recent=10), models=("item2vec",))["retrieval"]
+    r = run_evaluation(cfg, ReplayParams(k=2, n_recent=10), models=("item2vec",))["retrieval"]
     for name in ("popularity", "item2vec"):
         assert (r[name]["cases"], r[name]["hr@2"]) == (1, 1.0)
         assert r[name]["ndcg@2"] == pytest.approx(1 / math.log2(3))

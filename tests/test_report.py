@@ -1,5 +1,6 @@
-"""serving.report: the ROC points against sklearn and training.metrics.auc, and the HTML page opened in headless
-Chromium (its DOM holds every plot as an <img> with PNG data, and its screenshot is not blank)."""
+"""evaluation.report: the ROC points it draws (evaluation.metrics.roc_points) against sklearn and
+training.metrics.auc, and the HTML page opened in headless Chromium (its DOM holds every plot as an <img> with PNG
+data, and its screenshot is not blank)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from evaluation import report
+from evaluation.metrics import roc_points
 from features.config import PlatformConfig
 from features.results import write_stage_result
-from serving import report
 from training.metrics import auc
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,12 +30,12 @@ def test_roc_points_match_sklearn_and_auc():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 500)
     scores = np.round(labels * 0.5 + rng.normal(0, 0.5, 500), 1)          # rounded: many ties
-    fpr, tpr = report.roc_points(labels, scores)
+    fpr, tpr = roc_points(labels, scores)
     ref_fpr, ref_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     assert fpr == pytest.approx(ref_fpr) and tpr == pytest.approx(ref_tpr)
     assert np.trapezoid(tpr, fpr) == pytest.approx(auc(labels, scores))
     with pytest.raises(ValueError):
-        report.roc_points(np.ones(3), np.arange(3))
+        roc_points(np.ones(3), np.arange(3))
 
 
 def _evaluate_result() -> dict:

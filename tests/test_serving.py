@@ -1,10 +1,9 @@
-"""serving: ranking metrics against hand-computed cases, the embedding export (ids, row 0, schema) and the HNSW
-index (recall against exact search, parameters restored on load)."""
+"""serving: the embedding export (ids, row 0, schema) and the HNSW index (recall against exact search, parameters
+restored on load). The ranking metrics' hand-computed cases are in tests/test_metrics.py."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +17,6 @@ from features.results import read_stage_result
 from serving.ann import HnswParams, IndexFileError, ItemIndex, exact_search, measure_recall, recall_at_k
 from serving.embeddings import map_rows, ModelEmbeddings, read_exported
 from serving.export import run_export
-from serving.ranking_metrics import hit_rate, mrr, ndcg, target_ranks
-
-
-# ---------------------------------------------------------------------------------------------------- metrics
-def test_metrics_hand_cases():
-    recs = np.array([[4, 9, 2, 7],     # target 4 at rank 0
-                     [1, 2, 3, 5],     # target 5 at rank 3
-                     [8, 6, -1, -1],   # target 3 absent (short list)
-                     [3, 5, 6, 0]])    # target 6 at rank 2
-    targets = np.array([4, 5, 3, 6])
-    assert target_ranks(recs, targets).tolist() == [0, 3, -1, 2]
-    assert hit_rate(recs, targets) == pytest.approx(3 / 4)
-    assert ndcg(recs, targets) == pytest.approx((1 + 1 / math.log2(5) + 0 + 1 / math.log2(4)) / 4)
-    assert mrr(recs, targets) == pytest.approx((1 + 1 / 4 + 0 + 1 / 3) / 4)
-    # cut-off K = 3: the rank-3 hit no longer counts
-    assert hit_rate(recs, targets, k=3) == pytest.approx(2 / 4)
-    assert ndcg(recs, targets, k=3) == pytest.approx((1 + 0.5) / 4)
-
-
-def test_metrics_padding_never_matches_and_bad_shapes_raise():
-    assert hit_rate(np.array([[-1, -1]]), np.array([7])) == 0.0
-    assert math.isnan(ndcg(np.zeros((0, 3), dtype=int), np.zeros(0, dtype=int)))
-    with pytest.raises(ValueError):
-        hit_rate(np.array([1, 2]), np.array([1]))
-    with pytest.raises(ValueError):
-        ndcg(np.array([[1, 2]]), np.array([1]), k=0)
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -4,7 +4,8 @@ The trainer (``training.trainer``) runs one loop for every model -- resume, chec
 ``ray.train.report``, early stopping, the dense learning-rate schedule, progress and the stage result -- over a
 small task protocol (RecBole gives each kind of model one interface in the same spirit):
 
-- ``Task(ctx)`` reads this rank's data (no torch random numbers are drawn: the trainer seeds torch after it);
+- ``Task(ctx)`` (``ctx`` a ``TaskContext``, training.tasks.context) reads this rank's data (no torch random
+  numbers are drawn: the trainer seeds torch after it);
 - ``bind(dmp)`` after the model is sharded;
 - ``steps_per_epoch`` and ``batches(epoch)``: exactly that many batches on every rank (the sharded lookup is a
   collective), already on ``ctx.device``;
@@ -21,38 +22,9 @@ SGNS pairs from item sequences).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from training.tasks.context import TaskContext
 
-
-@dataclass
-class TaskContext:
-    """What a task is given on one rank.
-
-    Args:
-        spec: the model's ``training.registry.ModelSpec``.
-        config: the model's resolved config.
-        opts: the run's ``training.trainer.TrainOptions``.
-        lake_dir: the lake whose Parquet exports are read.
-        vocab: rows per vocabulary (``vocab_sizes.json``).
-        rank, world_size: this worker's rank and the number of workers.
-        device: this rank's torch device.
-        local_batch_size: rows (or pairs) per step on this rank.
-    """
-
-    spec: Any
-    config: Any
-    opts: Any
-    lake_dir: str
-    vocab: dict
-    rank: int
-    world_size: int
-    device: Any
-    local_batch_size: int
-
-    def log(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[train rank0] {msg}", flush=True)
+__all__ = ["TaskContext", "task_class"]
 
 
 def task_class(name: str):

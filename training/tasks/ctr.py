@@ -23,7 +23,7 @@ import torch
 
 from features.definitions import HISTORY_FEATURE, HISTORY_RATING_FEATURE, SPARSE_FEATURES
 from training.distributed.collectives import all_gather_arrays, all_reduce_max, all_reduce_sum
-from training.tasks import TaskContext
+from training.tasks.context import TaskContext
 
 #: The vocabulary each id table's rows come from.
 _TABLE_VOCAB = {f.table: f.vocab for f in (*SPARSE_FEATURES, HISTORY_FEATURE, HISTORY_RATING_FEATURE)}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from training.distributed.collectives import all_reduce_sum, to_device
-from training.tasks import TaskContext
+from training.tasks.context import TaskContext
 
 
 class SkipGramTask:

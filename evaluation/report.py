@@ -1,11 +1,11 @@
-"""``python -m serving.report [--run demo]``: one self-contained HTML page of a run's evaluation,
+"""``python -m evaluation.report [--run demo]``: one self-contained HTML page of a run's evaluation,
 ``<run_dir>/report.html``, its plots drawn with matplotlib and embedded as base64 PNG (no files beside it).
 
 Sections:
 
-1. ROC curves of every trained ranker of the registry on the test split (Fawcett 2006), one curve each. The
-   trainer does not save its test predictions, so they are computed here: each model folder loaded by
-   ``training.artifacts.load_model`` and scored on ``export/ctr_samples/split=test``.
+1. ROC curves of every trained ranker of the registry on the test split (Fawcett 2006; ``roc_points`` of
+   evaluation.metrics), one curve each. The trainer does not save its test predictions, so they are computed here:
+   each model folder loaded by ``training.artifacts.load_model`` and scored on ``export/ctr_samples/split=test``.
 2. HR@K over K per retrieval policy (``hr_curve`` of the evaluate stage), and the rankers on the served
    retriever's candidates (``ranking``: HR/NDCG/MRR@K beside their test AUC, GAUC and logloss).
 3. Prequential replay per time window: HR@K, NDCG@K, coverage, novelty (``prequential``).
@@ -36,40 +36,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evaluation.metrics import auc, roc_points  # noqa: E402
 from features.config import PlatformConfig, load_config  # noqa: E402
 from features.results import read_stage_result, write_stage_result  # noqa: E402
 from training.artifacts import ModelLayout, model_dir  # noqa: E402
 from training.registry import list_models  # noqa: E402
 
-log = logging.getLogger("serving.report")
+log = logging.getLogger("evaluation.report")
 REPORT_FILE = "report.html"
-
-
-def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC curve: false and true positive rates at every distinct score threshold, from (0, 0) to (1, 1).
-
-    Args:
-        labels: (N,) 0/1; scores: (N,) higher = more likely positive.
-
-    Returns:
-        fpr, tpr: (T + 1,) float64, T distinct scores.
-
-    Raises:
-        ValueError: only one class present.
-
-    >>> fpr, tpr = roc_points(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1]))
-    >>> fpr.tolist(), tpr.tolist()
-    ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0])
-    """
-    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    pos, neg = labels.sum(), (1 - labels).sum()
-    if pos == 0 or neg == 0:
-        raise ValueError("ROC needs both classes in the labels")
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]          # last index of each distinct score
-    tp, fp = np.cumsum(y)[last], np.cumsum(1 - y)[last]
-    return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
 
 
 def ranker_test_predictions(cfg: PlatformConfig, model: str, batch_size: int = 4096
@@ -121,9 +95,8 @@ def _png(fig) -> str:
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
-    """ROC curves, one per ``{model: (labels (N,), scores (N,))}``, AUC in the legend."""
-    from training.metrics import auc
-
+    """ROC curves (``evaluation.metrics.roc_points``), one per ``{model: (labels (N,), scores (N,))}``, AUC in the
+    legend."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for model, (labels, scores) in curves.items():
         fpr, tpr = roc_points(labels, scores)

@@ -1,14 +1,16 @@
 """Publish gate: a new embedding version goes to serving only if its replay metrics beat those of the version
 serving now.
 
-The serving version is a pointer file, ``<artifacts_dir>/serving/current.json``::
+The serving version is a pointer file, ``<artifacts_dir>/serving/current.json``, read and written by
+serving.publish (the HTTP service reads it without importing the gate)::
 
     {"model": "item2vec", "model_version": "item2vec-20261121T185130Z", "metrics": {"ndcg@10": ..., ...},
      "published_at": "2026-11-21T19:00:00+00:00"}
 
 ``PublishGate.decide`` returns ``Decision.PUBLISH`` when there is no pointer yet, or when the candidate's
 ``metric`` exceeds the serving one by more than ``min_gain`` and no metric of ``guard`` falls by more than
-``max_drop``; otherwise ``Decision.REJECT``. ``publish`` rewrites the pointer atomically.
+``max_drop``; otherwise ``Decision.REJECT``. ``gate_and_publish`` rewrites the pointer atomically on PUBLISH
+(``serving.publish.write_pointer``).
 
 >>> gate = PublishGate(metric="ndcg@10", min_gain=0.001)
 >>> gate.decide({"ndcg@10": 0.051, "hr@10": 0.10}, None)
@@ -20,21 +22,16 @@ The serving version is a pointer file, ``<artifacts_dir>/serving/current.json``:
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from features.errors import PlatformError
+from serving.publish import PointerError, read_pointer, write_pointer
 
 
 class Decision(enum.Enum):
     PUBLISH = "publish"
     REJECT = "reject"
-
-
-class PointerError(PlatformError):
-    """The serving pointer file exists but cannot be read, or lacks the gate's metric."""
 
 
 @dataclass(frozen=True)
@@ -77,40 +74,6 @@ class PublishGate:
         return Decision.PUBLISH
 
 
-def pointer_path(artifacts_dir: str | Path) -> Path:
-    return Path(artifacts_dir) / "serving" / "current.json"
-
-
-def read_pointer(path: str | Path) -> dict | None:
-    """The serving pointer, ``None`` when no version has been published.
-
-    Raises:
-        PointerError: the file is not valid JSON or lacks ``metrics``.
-    """
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        pointer = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PointerError(f"serving pointer {path} is not valid JSON ({e}); delete it to publish afresh") from e
-    if not isinstance(pointer, dict) or "metrics" not in pointer:
-        raise PointerError(f"serving pointer {path} lacks 'metrics'; delete it to publish afresh")
-    return pointer
-
-
-def publish(path: str | Path, model: str, model_version: str, metrics: dict[str, float]) -> dict:
-    """Point serving at ``model_version`` (atomic rename); returns the pointer written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pointer = {"model": model, "model_version": model_version, "metrics": metrics,
-               "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(pointer, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return pointer
-
-
 def gate_and_publish(gate: PublishGate, path: str | Path, model: str, model_version: str,
                      metrics: dict[str, float]) -> tuple[Decision, dict | None]:
     """Decide against the current pointer and publish on PUBLISH. Returns the decision and the pointer that serves
@@ -118,14 +81,14 @@ def gate_and_publish(gate: PublishGate, path: str | Path, model: str, model_vers
     current = read_pointer(path)
     decision = gate.decide(metrics, current["metrics"] if current else None)
     if decision is Decision.PUBLISH:
-        return decision, publish(path, model, model_version, metrics)
+        return decision, write_pointer(path, model, model_version, metrics)
     return decision, current
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m serving.evaluation.gate``: the publish step of the ``evaluate_and_publish`` DAG.
+    """``python -m evaluation.gate``: the publish step of the ``evaluate_and_publish`` DAG.
 
-    The evaluate stage (``serving.replay``) applies the gate right after it measures the candidate, so the decision
+    The evaluate stage (``evaluation.evaluate``) applies the gate right after it measures the candidate, so the decision
     and the pointer are taken in one place; this command reports that decision as the stage result ``publish``
     and prints it. A REJECT is an outcome, not a failure: the exit status is 0 either way.
 
@@ -141,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config()
     gate = read_stage_result(cfg, "evaluate").get("gate")
     if gate is None:
-        raise PlatformError("the evaluate stage recorded no gate decision; run `python -m serving.replay` with the "
-                            "item2vec embeddings exported")
+        raise PlatformError("the evaluate stage recorded no gate decision; run `python -m evaluation.evaluate` with "
+                            "the item2vec embeddings exported")
     write_stage_result(cfg, "publish", gate)
     print(f"publish gate: {gate['decision']} {gate['candidate']} (serving now: {gate['serving']})")
     return 0

@@ -7,13 +7,13 @@ Window 0 only trains. For every later window ``w``:
 1. every model is (re)trained on all events strictly before the window's first event;
 2. every positive event (``label = 1``) of the window is a case: the model *as it stood at the window's start*
    ranks all items for the case's user, given the user's history strictly before the event (``hist_item_idx``,
-   which keeps growing inside the window: the model is frozen, the history is not). Never recommended, as in
-   serving.replay: item 0 and every item of every logged event of the user (any label, any window) strictly
-   before the case in log order, i.e. with a smaller ``(event_time, event_id)`` (an event of the same user at the
-   same ``event_time`` is excluded when its ``event_id`` is smaller); later events are never excluded. Inside a
-   window this includes events the frozen model was not trained on: the exclusion is what the online system
-   knows of the user, not what the model learnt;
-3. the case is scored: HR@K, NDCG@K, MRR@K (serving.ranking_metrics), and per window the catalogue coverage
+   which keeps growing inside the window: the model is frozen, the history is not). Never recommended, as in the
+   static replay (the rule of evaluation.cases): item 0 and every item of every logged event of the user (any
+   label, any window) strictly before the case in log order, i.e. with a smaller ``(event_time, event_id)`` (an
+   event of the same user at the same ``event_time`` is excluded when its ``event_id`` is smaller); later events
+   are never excluded. Inside a window this includes events the frozen model was not trained on: the exclusion is
+   what the online system knows of the user, not what the model learnt;
+3. the case is scored (evaluation.metrics): HR@K, NDCG@K, MRR@K, and per window the catalogue coverage
    (distinct recommended items / catalogue size) and the novelty (mean self-information ``-log2 p(i)`` of the
    recommended items, ``p`` the item's smoothed share of the training events; Zhou et al. 2010).
 
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from serving.ranking_metrics import hit_rate, mrr, ndcg
+from evaluation.cases import COLUMNS, micros, padded_lists, replay_order, seen_before
+from evaluation.metrics import coverage, hit_rate, mrr, ndcg, novelty
 
 MODELS = ("cooccurrence", "popularity")
 
@@ -88,15 +88,11 @@ class EventLog:
 
 
 def event_log(tables: list[pa.Table]) -> EventLog:
-    """The ctr_samples splits (columns of serving.replay._COLUMNS) as one EventLog in time order."""
-    from serving.replay import _micros, _padded_lists
-
-    t = pa.concat_tables([x.select(["event_id", "user_idx", "item_idx", "label", "event_time", "hist_item_idx"])
-                          for x in tables])
-    t = t.take(pc.sort_indices(t, sort_keys=[("event_time", "ascending"), ("event_id", "ascending")]))
-    hist, _ = _padded_lists(t.column("hist_item_idx"))
+    """The ctr_samples splits (columns ``evaluation.cases.COLUMNS``) as one EventLog in replay order."""
+    t = replay_order(pa.concat_tables([x.select(list(COLUMNS)) for x in tables]))
+    hist, _ = padded_lists(t.column("hist_item_idx"))
     col = lambda c: t.column(c).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
-    return EventLog(event_time=_micros(t.column("event_time")), user_idx=col("user_idx"),
+    return EventLog(event_time=micros(t.column("event_time")), user_idx=col("user_idx"),
                     item_idx=col("item_idx"), label=col("label"), hist=hist)
 
 
@@ -150,7 +146,7 @@ def top_k(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
 
     Args:
         scores: (B, N) higher is better; seen: (B, N) bool, True where the row must not get the item
-            (serving.replay.SeenItems.mask).
+            (evaluation.cases.SeenItems.mask).
 
     Returns:
         (B, k) int64, best first; ties by ascending item_idx; ``-1`` where fewer than k items are allowed.
@@ -201,22 +197,9 @@ def recommend_cooccurrence(sim: np.ndarray, hist: np.ndarray, seen: np.ndarray, 
     return top_k(scores, seen, k)
 
 
-def novelty(recs: np.ndarray, train_items: np.ndarray, n_items: int) -> float:
-    """Mean self-information ``-log2 p(i)`` (bits) of the recommended items, ``p(i) = (c_i + 1) / (E + N)`` from
-    the training counts ``c`` (add-one smoothing, so an unseen item is finite).
-
-    >>> round(novelty(np.array([[1, 2]]), np.array([1, 1, 1]), n_items=3), 4)   # p = 4/6, 1/6: (0.585 + 2.585) / 2
-    1.585
-    """
-    c = np.bincount(train_items, minlength=n_items).astype(np.float64)
-    p = (c + 1.0) / (train_items.size + n_items)
-    r = recs[recs >= 0]
-    return float((-np.log2(p[r])).mean()) if r.size else float("nan")
-
-
 def _scores(recs: np.ndarray, targets: np.ndarray, k: int, train_items: np.ndarray, n_items: int) -> dict:
     return {f"hr@{k}": hit_rate(recs, targets, k), f"ndcg@{k}": ndcg(recs, targets, k),
-            f"mrr@{k}": mrr(recs, targets, k), "coverage": float(np.unique(recs[recs > 0]).size / (n_items - 1)),
+            f"mrr@{k}": mrr(recs, targets, k), "coverage": coverage(recs, n_items),
             "novelty_bits": novelty(recs, train_items, n_items), "cases": int(targets.size)}
 
 
@@ -236,8 +219,6 @@ def prequential(log_: EventLog, params: PrequentialParams = PrequentialParams(),
     Raises:
         ValueError: fewer events than windows.
     """
-    from serving.replay import seen_before
-
     k = params.k
     n_items = int(max(log_.item_idx.max(initial=0), log_.hist.max(initial=0))) + 1
     bounds = window_bounds(len(log_), params.n_windows)
@@ -273,7 +254,7 @@ def prequential(log_: EventLog, params: PrequentialParams = PrequentialParams(),
         r = np.concatenate(all_recs[m])
         overall[m] = {f"hr@{k}": hit_rate(r, targets, k), f"ndcg@{k}": ndcg(r, targets, k),
                       f"mrr@{k}": mrr(r, targets, k),
-                      "coverage": float(np.unique(r[r > 0]).size / (n_items - 1)),
+                      "coverage": coverage(r, n_items),
                       "novelty_bits": float(np.average([x["models"][m]["novelty_bits"] for x in windows],
                                                        weights=[max(x["cases"], 1) for x in windows])),
                       "cases": int(targets.size)}

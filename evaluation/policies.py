@@ -1,4 +1,4 @@
-"""Explore/exploit policies for the replay estimator (serving.evaluation.estimators): each picks one arm of the
+"""Explore/exploit policies for the replay estimator (evaluation.estimators): each picks one arm of the
 candidate set of a logged event and learns only from the events the estimator keeps.
 
 - ``EpsilonGreedy``: the best empirical mean with probability ``1 - epsilon``, a uniform arm otherwise

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from evaluation.metrics import hit_rate
+
 
 def team_draft(a: np.ndarray, b: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Interleave two ranked lists.
@@ -85,3 +87,32 @@ def sign_agreement(preferences: list[float], metric_diffs: list[float]) -> float
     if not preferences:
         return float("nan")
     return float(np.mean(np.sign(preferences) == np.sign(metric_diffs)))
+
+
+def pairwise_comparisons(lists: dict[str, np.ndarray], targets: np.ndarray, k: int, label: str,
+                         rng: np.random.Generator) -> list[dict]:
+    """Team-draft interleaving of every pair of policies on the same cases, beside the difference of their HR@k.
+
+    Args:
+        lists: policy name -> (B, K') recommended lists, K' >= k, best first (``-1`` pads).
+        targets: (B,) the logged item of each case (the simulated click).
+        k: length of each policy's list that is interleaved, and the HR cut-off.
+        label: what the cases are (``"test"``, ``"window 3"``), recorded as ``on``.
+        rng: the coins of every team draft, drawn pair by pair in sorted order of the names.
+
+    Returns:
+        One dict per pair ``a < b`` (by name): ``{"on", "a", "b", "wins_a", "wins_b", "ties", "cases",
+        "preference", "hr_diff"}``, ``hr_diff`` = HR@k(a) - HR@k(b).
+
+    >>> lists = {"x": np.array([[1, 2]]), "y": np.array([[3, 4]])}   # x has the target first: shown whoever starts
+    >>> [(c["a"], c["b"], c["preference"], c["hr_diff"]) for c in
+    ...  pairwise_comparisons(lists, np.array([1]), 2, "test", np.random.default_rng(0))]
+    [('x', 'y', 1.0, 1.0)]
+    """
+    names, out = sorted(lists), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            r = interleave(lists[a][:, :k], lists[b][:, :k], targets, k, rng)
+            out.append({"on": label, "a": a, "b": b, **r,
+                        "hr_diff": hit_rate(lists[a], targets, k) - hit_rate(lists[b], targets, k)})
+    return out

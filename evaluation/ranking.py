@@ -218,7 +218,7 @@ def ranker_replay(cfg: PlatformConfig, cases, candidates: np.ndarray, retriever:
         ModelOutputError: a ranker's folder is unusable.
     """
     from features.results import read_stage_result
-    from serving.ranking_metrics import hit_rate, mrr, ndcg
+    from evaluation.metrics import hit_rate, mrr, ndcg
     from training.artifacts import ModelLayout, load_model, model_dir
 
     def scores(recs: np.ndarray) -> dict:
