@@ -1,11 +1,17 @@
-"""Unsharded building blocks: embedding collections (SparseArch, sequence embeddings), the FM interaction, the
-wide part's cross products, DIN's target attention and MLPs."""
+"""Unsharded building blocks: embedding collections (SparseArch, sequence embeddings), the FM interaction and its
+field-aware, bi-interaction and attentional variants, the wide part's cross products, DCN's cross network, DIN's
+target attention and MLPs."""
 
+from training.modules.afm_attention import AttentionalPooling, pairwise_products
 from training.modules.attention import ActivationUnit, TargetAttention
+from training.modules.bi_interaction import BiInteractionPooling
 from training.modules.cross import CrossProduct
+from training.modules.cross_network import CrossNetwork
 from training.modules.embedding import FirstOrder, SequenceEmbedding, SparseArch, table_configs
+from training.modules.ffm import FieldAwareInteraction, field_block
 from training.modules.interaction import FactorizationMachine
 from training.modules.mlp import MLP, Dice, check_dense
 
-__all__ = ["ActivationUnit", "TargetAttention", "CrossProduct", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
-           "FactorizationMachine", "MLP", "Dice", "check_dense"]
+__all__ = ["ActivationUnit", "TargetAttention", "AttentionalPooling", "pairwise_products", "BiInteractionPooling",
+           "CrossProduct", "CrossNetwork", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
+           "FactorizationMachine", "FieldAwareInteraction", "field_block", "MLP", "Dice", "check_dense"]
