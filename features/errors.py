@@ -35,3 +35,17 @@ class DeviceUnavailableError(PlatformError):
     def __init__(self, cause: str, fix: str) -> None:
         super().__init__(f"use_gpu=True (RECSYS_TRAIN__USE_GPU / --use-gpu) but {cause}; {fix}")
         self.cause, self.fix = cause, fix
+
+
+class ConfigError(PlatformError, ValueError):
+    """The configuration cannot be read: a ``RECSYS_*`` environment variable or the YAML file (``RECSYS_CONFIG``)
+    names an unknown key, holds a value of the wrong type, is not a mapping, or the file is missing.
+
+    ``source`` names where the value came from (``environment variable RECSYS_...`` or ``configuration file
+    <path>, line N``), ``problem`` what is wrong, ``fix`` what to do; ``also`` holds further problems found in the
+    same read, one line each in the message.
+    """
+
+    def __init__(self, source: str, problem: str, fix: str, also: tuple["ConfigError", ...] = ()) -> None:
+        super().__init__("\n".join([f"{source}: {problem}; {fix}", *(str(e) for e in also)]))
+        self.source, self.problem, self.fix, self.also = source, problem, fix, also

@@ -27,7 +27,7 @@ import argparse
 import logging
 from datetime import date, timedelta
 
-from features.config import PlatformConfig, load_config
+from features.config import HelpFormatter, PlatformConfig, describe, load_config_or_exit, settings_help
 from features.definitions import POSITIVE_RATING
 from features.errors import TableNotFoundError
 from features.results import write_stage_result
@@ -185,15 +185,26 @@ def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: arguments first (``--help`` returns before Spark starts), then the configuration (an error in
+    it: the message on stderr, exit status 2), then :func:`run_daily`."""
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, description=describe(__doc__),
+        epilog=settings_help({
+            "data_dir": "lake (<data_dir>/lake): bronze read, the feature views' day partitions replaced",
+            "spark.master": "Spark master when not run by spark-submit (which sets its own)",
+            "spark.shuffle_partitions": "shuffle partitions (count)",
+            "artifacts_dir": "stage result under <artifacts_dir>/<run_name>/stages/daily_features.json",
+            "run_name": "name of the run"}))
+    parser.add_argument("--date", required=True, type=date.fromisoformat, default=argparse.SUPPRESS,
+                        help="the day to recompute: YYYY-MM-DD, UTC event date (required)")
+    parser.add_argument("--until", type=date.fromisoformat, default=None,
+                        help="backfill every day from --date to this one (YYYY-MM-DD, inclusive; default: --date "
+                             "only)")
+    args = parser.parse_args(argv)
     from pipelines.spark import get_spark
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--date", required=True, type=date.fromisoformat, help="YYYY-MM-DD (UTC event date)")
-    parser.add_argument("--until", type=date.fromisoformat, default=None,
-                        help="backfill every day from --date to this one (YYYY-MM-DD, inclusive)")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config()
+    cfg = load_config_or_exit(parser.prog)
     spark = get_spark(cfg, app_name="recsys-daily-features")
     result = run_daily(spark, cfg, args.date, args.until)
     path = write_stage_result(cfg, STAGE, result)

@@ -38,6 +38,13 @@ reads the configuration from ``RECSYS_*`` and writes the stage result ``features
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a script (spark-submit, python pipelines/features_batch.py): repo imports
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
 import json
 import logging
 import time
@@ -51,7 +58,7 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from features.config import PlatformConfig, load_config
+from features.config import HelpFormatter, PlatformConfig, describe, load_config_or_exit, settings_help
 from features.definitions import (
     CATEGORY_FEATURES,
     HISTORY_RATING_FEATURE,
@@ -531,10 +538,26 @@ def run_features(spark, cfg: PlatformConfig, user_vocab_spec: VocabSpec = USER_V
     }
 
 
-def main() -> None:
-    """Entry point of the ``features`` stage: configuration from ``RECSYS_*``, result to the run's stage dir."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``features`` stage: arguments first (``--help`` returns before Spark starts), then the
+    configuration from ``RECSYS_*`` (an error in it: the message on stderr, exit status 2), result to the run's
+    stage dir."""
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, description=describe(__doc__),
+        epilog=settings_help({
+            "data_dir": "lake (<data_dir>/lake) read and written",
+            "raw_dir": "MovieLens-100K user and item files (make data)",
+            "spark.master": "Spark master when not run by spark-submit (which sets its own)",
+            "spark.shuffle_partitions": "shuffle partitions (count)",
+            "artifacts_dir": "stage result under <artifacts_dir>/<run_name>/stages/features.json",
+            "run_name": "name of the run"}))
+    # The daily DAG may run this job in place of pipelines/daily_features.py (DAG_DAILY_FEATURES_APP): it passes
+    # the day, which this stage does not need, since it rebuilds every day (idempotent as well).
+    parser.add_argument("--date", default=None, help="accepted and ignored (YYYY-MM-DD): every day is rebuilt")
+    parser.add_argument("--until", default=None, help="accepted and ignored (YYYY-MM-DD): every day is rebuilt")
+    parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config()
+    cfg = load_config_or_exit(parser.prog)
     spark = get_spark(cfg, app_name="recsys-features")
     try:
         result = run_features(spark, cfg)

@@ -47,7 +47,7 @@ import os
 import time
 from pathlib import Path
 
-from features.config import PlatformConfig, load_config
+from features.config import HelpFormatter, PlatformConfig, describe, load_config_or_exit, settings_help
 from features.events import (
     EVENT_SCHEMA_DDL,
     EVENT_TYPES,
@@ -577,12 +577,26 @@ def finish_swap(live: PlatformConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.spark import get_spark
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trigger", choices=TRIGGERS, default="available-now")
-    parser.add_argument("--interval-s", type=float, default=10.0, help="seconds between micro-batches")
-    parser.add_argument("--max-offsets-per-trigger", type=int, default=None)
+    """Command line: arguments first (``--help`` returns before Spark or the broker is touched), then the
+    configuration (an error in it: the message on stderr, exit status 2), then :func:`run_ingest` or
+    :func:`reprocess`."""
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, description=describe(__doc__),
+        epilog=settings_help({
+            "kafka.bootstrap": "broker host:port the stream reads",
+            "kafka.topic": "topic the stream reads",
+            "data_dir": "lake (<data_dir>/lake) and the query's checkpoint (<data_dir>/checkpoints/ingest)",
+            "spark.master": "Spark master when not run by spark-submit (which sets its own)",
+            "spark.shuffle_partitions": "shuffle partitions (count)",
+            "artifacts_dir": "stage result under <artifacts_dir>/<run_name>/stages/ingest.json",
+            "run_name": "name of the run"}))
+    parser.add_argument("--trigger", choices=TRIGGERS, default="available-now",
+                        help="available-now: drain what the topic holds, write the stage result and exit; "
+                             "continuous: a micro-batch every --interval-s seconds until stopped")
+    parser.add_argument("--interval-s", type=float, default=10.0,
+                        help="seconds between micro-batches (continuous only)")
+    parser.add_argument("--max-offsets-per-trigger", type=int, default=None,
+                        help="cap on messages per micro-batch (count; default: no cap)")
     parser.add_argument("--speed-layer", action=argparse.BooleanOptionalAction, default=None,
                         help="maintain the speed-layer feature tables (default: on for continuous only)")
     parser.add_argument("--closed-vocab", action="store_true", help="quarantine ids outside the vocabularies")
@@ -590,8 +604,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="replay the topic from the earliest offset into a shadow lake and swap it in "
                              "(stop the continuous query first)")
     args = parser.parse_args(argv)
+    from pipelines.spark import get_spark
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config()
+    cfg = load_config_or_exit(parser.prog)
     spark = get_spark(cfg, app_name="recsys-ingest")
     if args.reprocess:
         if args.closed_vocab:

@@ -10,6 +10,7 @@ Run ``python -m pipelines.movielens`` (``make data``) to fetch; it does nothing 
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from features.config import load_config
+from features.config import HelpFormatter, describe, load_config_or_exit, settings_help
 from features.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,19 @@ def load(raw_dir: Path) -> MovieLens:
     return MovieLens(ratings, users, items, (base / "SOURCE").read_text().strip())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Command line: arguments first (``--help`` returns before anything is fetched), then the configuration (an
+    error in it: the message on stderr, exit status 2), then :func:`fetch` and :func:`load`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.movielens", formatter_class=HelpFormatter,
+        description=describe(f"Fetch MovieLens-100K into <raw_dir>/ml-100k (the GroupLens archive, else the copy in "
+                             f"the {RECBOLE_WHEEL} wheel from PyPI), check its counts ({N_RATINGS:,} ratings, "
+                             f"{N_USERS} users, {N_ITEMS:,} items) and print them. Does nothing when the files are "
+                             "already there."),
+        epilog=settings_help({"raw_dir": "folder the data set is written to (ml-100k/ under it)"}))
+    parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config()
+    cfg = load_config_or_exit(parser.prog)
     path = fetch(cfg.raw_dir)
     ml = load(cfg.raw_dir)
     print(f"MovieLens-100K ready in {path} (source: {ml.source}): {len(ml.ratings):,} ratings, "

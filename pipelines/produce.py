@@ -12,13 +12,14 @@ publish raw (also malformed) messages with them.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Iterable, Iterator
 
 import pandas as pd
 
-from features.config import PlatformConfig, load_config
+from features.config import HelpFormatter, PlatformConfig, describe, load_config_or_exit, settings_help
 from features.errors import PlatformError
 from features.events import Event, format_time
 from features.results import write_stage_result
@@ -153,12 +154,24 @@ def run_produce(cfg: PlatformConfig, ratings: pd.DataFrame, show_progress: bool 
             "produce_wall_s": round(wall_s, 3), "events_per_s": round(n / wall_s, 1)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Command line of the stage: arguments first (``--help`` returns before any broker or data is touched), then
+    the configuration (an error in it: the message on stderr, exit status 2), then the replay."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.produce", formatter_class=HelpFormatter, description=describe(__doc__),
+        epilog=settings_help({
+            "kafka.bootstrap": "broker host:port (waits up to 30 s for it)",
+            "kafka.topic": "topic the events go to",
+            "kafka.partitions": "partitions of the topic when it is created (count)",
+            "raw_dir": "folder of the MovieLens-100K files (make data)",
+            "artifacts_dir": "stage result under <artifacts_dir>/<run_name>/stages/produce.json",
+            "run_name": "name of the run"}))
+    parser.parse_args(argv)
     from pipelines import movielens
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # the client logs every connection at INFO
-    cfg = load_config()
+    cfg = load_config_or_exit(parser.prog)
     ratings = movielens.load(cfg.raw_dir).ratings
     result = run_produce(cfg, ratings)
     path = write_stage_result(cfg, STAGE, result)
