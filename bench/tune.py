@@ -215,8 +215,12 @@ def baseline_config(model: str) -> dict:
     from training.train import TrainOptions
 
     opts, config = TrainOptions(model=model), get_model(model).default_config()
-    return {k: getattr(config, k) if getattr(opts, k) is None else getattr(opts, k) for k in KNOBS
-            if hasattr(opts, k) and (getattr(opts, k) is not None or hasattr(config, k))}  # MF has no dropout
+    out = {}
+    for k in KNOBS:  # a knob left unset (dropout) is the config's; a config without it (MF) does not search it
+        value = getattr(opts, k) if getattr(opts, k) is not None else getattr(config, k, None)
+        if value is not None:
+            out[k] = value
+    return out
 
 
 def search(train_one, label: str, baseline: dict, space: dict[str, tuple], n_trials: int, seeds: list[int],

@@ -201,18 +201,19 @@ def load_encoder(cfg: PlatformConfig, model: str, version: str):
     """The model's own query encoder (``ModelSpec.query_encoder``, built from its model folder), or None for a
     model queried by the mean of its recent items (or whose folder holds another version than the exported one,
     logged: its queries would not fit the exported item vectors)."""
-    from training.artifacts import model_dir, read_meta
-    from training.query import query_encoder
+    from training.artifacts import model_dir
+    from training.query import own_query_encoder
     from training.registry import get_model
 
     if get_model(model).query_encoder is None:
         return None
     folder = model_dir(cfg.run_dir, model)
-    if read_meta(folder).get("model_version") != version:
+    encoder, meta = own_query_encoder(folder)
+    if meta.get("model_version") != version:
         log.warning("model %s: %s holds another version than the exported %s; not evaluated with its own query",
                     model, folder, version)
         return None
-    return query_encoder(folder, np.zeros((0, 0), np.float32))
+    return encoder
 
 
 def evaluate(cases: Cases, log_: Log, models: dict[str, tuple[ItemIndex, np.ndarray, str]],

@@ -331,21 +331,21 @@ def _load_encoder(cfg: PlatformConfig, spec: BundleSpec, version: str):
         BundleError: the model folder holds another version than the one served (a registry or published version
             keeps item vectors only), or is unusable.
     """
-    from training.query import query_encoder
+    from training.query import own_query_encoder
     from training.registry import get_model
 
     if get_model(spec.retrieval_model).query_encoder is None:
-        return None
+        return None  # no model folder needed: a registry version keeps item vectors only
     folder = model_dir(cfg, spec.retrieval_model)
     try:
-        meta_version = json.loads(ModelLayout(folder).meta.read_text()).get("model_version")
-        if meta_version != version:
-            raise BundleError(f"{spec.retrieval_model} queries with its own encoder, from {folder} (version "
-                              f"{meta_version!r}), but the served item vectors are version {version!r}; serve the "
-                              f"export of that model folder")
-        return query_encoder(folder, np.zeros((0, 0), np.float32))
+        encoder, meta = own_query_encoder(folder)
     except (OSError, ModelOutputError) as e:
         raise BundleError(f"{folder}: {e}") from e
+    if meta.get("model_version") != version:
+        raise BundleError(f"{spec.retrieval_model} queries with its own encoder, from {folder} (version "
+                          f"{meta.get('model_version')!r}), but the served item vectors are version {version!r}; "
+                          f"serve the export of that model folder")
+    return encoder
 
 
 def _counters(t, key: str, entity: str) -> dict:

@@ -103,12 +103,13 @@ class UserVector(QueryEncoder):
         return q.astype(np.float32), np.ones(len(idx), bool)
 
 
-def query_encoder(model_folder, vectors: np.ndarray, n_recent: int = 5) -> QueryEncoder:
-    """The query encoder of the model saved in ``model_folder``: its own (``ModelSpec.query_encoder``, built from
-    the saved state), else ``RecentItemsMean`` over ``vectors`` (the item vectors being searched).
+def own_query_encoder(model_folder) -> tuple[QueryEncoder | None, dict]:
+    """The query encoder the model saved in ``model_folder`` declares (``ModelSpec.query_encoder``, built from the
+    saved state), or None for a model queried by its recent items (``RecentItemsMean`` over the searched vectors);
+    and the folder's ``meta.json``, read once.
 
     Raises:
-        ModelOutputError: the folder's files are missing or unusable (a model with its own encoder only).
+        ModelOutputError: the folder's files are missing or unusable.
     """
     from training.artifacts import ModelLayout, read_meta
     from training.registry import get_model
@@ -116,8 +117,8 @@ def query_encoder(model_folder, vectors: np.ndarray, n_recent: int = 5) -> Query
     meta = read_meta(model_folder)
     spec = get_model(meta["model"])
     if spec.query_encoder is None:
-        return RecentItemsMean(vectors, n_recent)
+        return None, meta
     import torch
 
     state = torch.load(ModelLayout(model_folder).state, map_location="cpu", weights_only=True)
-    return spec.query_encoder(state, spec.config_from_dict(meta["model_config"]))
+    return spec.query_encoder(state, spec.config_from_dict(meta["model_config"])), meta

@@ -227,14 +227,11 @@ def register(spec: ModelSpec) -> ModelSpec:
     """Add ``spec`` to the registry; returns it (a model file's last statement: ``SPEC = register(...)``).
 
     Raises:
-        ValueError: another spec already has this name, or the model's file is not ``training/models/<name>.py``.
+        ValueError: the model's file is not ``training/models/<name>.py`` (which also makes names unique).
     """
     module = spec.build.__module__
-    if module.rsplit(".", 1)[-1] != spec.name:
+    if module != f"training.models.{spec.name}":
         raise ValueError(f"model {spec.name!r} must be declared in training/models/{spec.name}.py, not in {module}")
-    old = _REGISTRY.get(spec.name)
-    if old is not None and old is not spec and old.build.__module__ != spec.build.__module__:
-        raise ValueError(f"model {spec.name!r} is registered twice ({old.build.__module__}, {spec.build.__module__})")
     _REGISTRY[spec.name] = spec
     return spec
 
