@@ -1,6 +1,6 @@
 """Unsharded building blocks: embedding collections (SparseArch, sequence embeddings), the FM interaction and its
 field-aware, bi-interaction and attentional variants, the wide part's cross products, DCN's cross network, DIN's
-target attention and MLPs."""
+target attention, PNN's product layer and MLPs."""
 
 from training.modules.afm_attention import AttentionalPooling, pairwise_products
 from training.modules.attention import ActivationUnit, TargetAttention
@@ -11,7 +11,9 @@ from training.modules.embedding import FirstOrder, SequenceEmbedding, SparseArch
 from training.modules.ffm import FieldAwareInteraction, field_block
 from training.modules.interaction import FactorizationMachine
 from training.modules.mlp import MLP, Dice, check_dense
+from training.modules.product import ProductLayer
 
 __all__ = ["ActivationUnit", "TargetAttention", "AttentionalPooling", "pairwise_products", "BiInteractionPooling",
            "CrossProduct", "CrossNetwork", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
-           "FactorizationMachine", "FieldAwareInteraction", "field_block", "MLP", "Dice", "check_dense"]
+           "FactorizationMachine", "FieldAwareInteraction", "field_block", "MLP", "Dice", "check_dense",
+           "ProductLayer"]
