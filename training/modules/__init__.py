@@ -1,6 +1,6 @@
 """Unsharded building blocks: embedding collections (SparseArch, sequence embeddings), the FM interaction and its
 field-aware, bi-interaction and attentional variants, the wide part's cross products, DCN's cross network, DIN's
-target attention, PNN's product layer and MLPs."""
+target attention, Deep Crossing's residual unit, PNN's product layer and MLPs."""
 
 from training.modules.afm_attention import AttentionalPooling, pairwise_products
 from training.modules.attention import ActivationUnit, TargetAttention
@@ -12,8 +12,9 @@ from training.modules.ffm import FieldAwareInteraction, field_block
 from training.modules.interaction import FactorizationMachine
 from training.modules.mlp import MLP, Dice, check_dense
 from training.modules.product import ProductLayer
+from training.modules.residual import ResidualUnit
 
 __all__ = ["ActivationUnit", "TargetAttention", "AttentionalPooling", "pairwise_products", "BiInteractionPooling",
            "CrossProduct", "CrossNetwork", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
-           "FactorizationMachine", "FieldAwareInteraction", "field_block", "MLP", "Dice", "check_dense",
+           "FactorizationMachine", "FieldAwareInteraction", "field_block", "MLP", "Dice", "check_dense", "ResidualUnit",
            "ProductLayer"]
