@@ -99,9 +99,14 @@ class ModelSpec:
             the last forward looked up, for the mini-batch aware L2 (a ranker with ``id_tables``).
         query_encoder: ``query_encoder(state, config) -> training.query.QueryEncoder`` for a model whose query is
             its own (e.g. a user vector); ``None``: the mean of the user's recent items (``RecentItemsMean``).
+        ctr_loss: ``ctr_loss(config, vocab_sizes) -> BatchLoss | None`` for a model of the ``ctr`` task whose data
+            loss is its own (e.g. MF's BPR); ``None`` (or a ``None`` returned for a config): the task's weighted
+            BCE. A ``BatchLoss`` is called ``(model, batch, generator) -> (loss, rows)`` and runs the model once
+            (``training.tasks.ctr.CtrObjective``).
 
     Raises:
-        ValueError: a bad name or kind, a config that is not a frozen dataclass, or a ranker without ``features``.
+        ValueError: a bad name or kind, a config that is not a frozen dataclass, a ranker without ``features``,
+            or a ``ctr_loss`` on a model of another task.
     """
 
     name: str
@@ -120,6 +125,7 @@ class ModelSpec:
     id_lookups: Callable[..., dict] | None = None
     item_vectors: Callable[..., Any] | None = None
     query_encoder: Callable[..., Any] | None = None
+    ctr_loss: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c == "_" for c in self.name) or self.name != self.name.lower():
@@ -131,6 +137,8 @@ class ModelSpec:
             raise ValueError(f"model {self.name}: config must be a frozen dataclass, got {self.config!r}")
         if self.kind == "ranker" and self.features is None:
             raise ValueError(f"model {self.name}: a ranker declares the features it reads")
+        if self.ctr_loss is not None and self.task != "ctr":
+            raise ValueError(f"model {self.name}: ctr_loss is read by the ctr task only, not by {self.task!r}")
 
     # ------------------------------------------------------------------------------------------- configs
     def default_config(self):

@@ -11,6 +11,9 @@ levers, each off unless the run asks for it (``TrainOptions``):
 - ``mba_lambda`` > 0: the DIN paper's mini-batch aware L2 on the id rows each batch looked up (``CtrObjective``);
 - ``recency_half_life_days`` > 0: time-decayed sample weights (``training.data.recency_weights``).
 
+A model whose data loss is not the weighted BCE declares ``ModelSpec.ctr_loss`` (e.g. MF's BPR,
+``training.models.mf``); the objective calls it instead, the mini-batch aware L2 and the evaluation stay the same.
+
 Legend: B batch size, V rows of a table, N ids.
 """
 
@@ -79,11 +82,11 @@ def pooled_id_lookups(sparse_arch, features, out: torch.Tensor, real: torch.Tens
 
 class CtrObjective:
     """What a ranker minimises on one batch: the weighted mean of ``BCEWithLogitsLoss`` over the batch's real rows
-    (``weight`` 0 = padding) plus, when ``lam > 0``, the mini-batch aware L2 penalty (Zhou et al. 2018, section
-    4.2; ``training.modules.regularization.MiniBatchAwareL2``) on the id rows the batch looked up. The penalty is
-    taken from the rows the model's ``sparse_arch`` returned in this very forward (a forward hook), so that with
-    fused optimizer-in-backward tables its gradient ``lam * w_j / n_j`` reaches the kernel with the data gradient
-    in the one backward.
+    (``weight`` 0 = padding), or the model's own ``batch_loss``, plus, when ``lam > 0``, the mini-batch aware L2
+    penalty (Zhou et al. 2018, section 4.2; ``training.modules.regularization.MiniBatchAwareL2``) on the id rows the
+    batch looked up. The penalty is taken from the rows the model's ``sparse_arch`` returned in this very forward (a
+    forward hook), so that with fused optimizer-in-backward tables its gradient ``lam * w_j / n_j`` reaches the
+    kernel with the data gradient in the one backward.
 
     Args:
         model: the ranker, plain or wrapped by DistributedModelParallel.
@@ -94,6 +97,13 @@ class CtrObjective:
         lam: lambda; 0 adds nothing (no hook): the objective is the data loss itself.
         world_size: ranks; TorchRec divides the tables' gradients by it (as DDP averages the dense ones), so the
             penalty is multiplied by it: a row in one rank's batch gets exactly ``lam * w_j / n_j``.
+        batch_loss: the model's own data loss (``ModelSpec.ctr_loss(config, vocab_sizes)``), called
+            ``batch_loss(model, batch, generator) -> (loss, rows)``: it runs ``model`` exactly once, on N rows of
+            its own making (on every rank: the sharded lookup is a collective), and returns the scalar loss and
+            ``rows`` (N,) bool, the rows of that forward whose ids the penalty counts. None: the weighted BCE
+            (N = B, ``rows`` the real rows).
+        generator: what ``batch_loss`` draws its random numbers from (e.g. negative samples), on the model's
+            device; None: torch's default generator.
 
     Raises:
         ValueError: ``lam > 0`` for a model that declares no ``id_lookups``.
@@ -102,12 +112,12 @@ class CtrObjective:
     """
 
     def __init__(self, model, id_lookups: Callable | None, counts: dict | None, lam: float, world_size: int = 1,
-                 device=None) -> None:
+                 device=None, batch_loss: Callable | None = None, generator: torch.Generator | None = None) -> None:
         from torchrec.distributed.model_parallel import get_unwrapped_module
 
         from training.modules.regularization import MiniBatchAwareL2
 
-        self.model = model
+        self.model, self.batch_loss, self.generator = model, batch_loss, generator
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.penalty, self._seen = None, None
         if lam > 0:
@@ -122,12 +132,16 @@ class CtrObjective:
         self._seen = (args[0], out)  # the KJT the sparse arch read, what it returned
 
     def __call__(self, batch):
-        data = (self.loss_fn(self.model(batch.features, batch.dense), batch.label) * batch.weight).sum() \
-            / batch.weight.sum().clamp_min(1.0)
+        if self.batch_loss is None:
+            data = (self.loss_fn(self.model(batch.features, batch.dense), batch.label) * batch.weight).sum() \
+                / batch.weight.sum().clamp_min(1.0)
+            rows = batch.weight > 0
+        else:
+            data, rows = self.batch_loss(self.model, batch, self.generator)
         if self.penalty is None:
             return data, data, None
         features, out = self._seen
-        penalty = self.penalty(self.id_lookups(self.sparse_arch, features, out, batch.weight > 0))
+        penalty = self.penalty(self.id_lookups(self.sparse_arch, features, out, rows))
         self._seen = None
         return data + penalty, data, penalty
 
@@ -171,12 +185,17 @@ class CtrTask:
                 read_cold_as_oov(shard, spec.id_tables, self.counts)
             self.cold = {t: int((n[1:] == 0).sum()) for t, n in self.counts.items()}
             ctx.log(f"id dropout {opts.id_dropout}: cold rows read as OOV {self.cold}")
-        self.objective, self._total = None, 0.0
+        self.objective, self._total, self.generator = None, 0.0, None
 
     def bind(self, dmp) -> None:
+        """The objective of the sharded model: the model's own ``ctr_loss`` when it declares one for this config,
+        drawing from a generator of this rank (seeded by ``seed`` and the rank, resumed with the task's state)."""
         ctx = self.ctx
+        batch_loss = ctx.spec.ctr_loss(ctx.config, ctx.vocab) if ctx.spec.ctr_loss is not None else None
+        if batch_loss is not None:
+            self.generator = torch.Generator(ctx.device).manual_seed(ctx.opts.seed * 1000 + ctx.rank)
         self.objective = CtrObjective(dmp, ctx.spec.id_lookups, self.counts, ctx.opts.mba_lambda, ctx.world_size,
-                                      ctx.device)
+                                      ctx.device, batch_loss, self.generator)
 
     def batches(self, epoch: int) -> Iterator:
         from training.data import ctr_batches
@@ -225,10 +244,11 @@ class CtrTask:
         return {}
 
     def state_dict(self) -> dict:
-        return {}
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
     def finish(self, state: dict) -> dict:
         """The saved model reads a cold id as its OOV row with no remap of its own."""
