@@ -10,6 +10,7 @@ from training.modules.cross_network import CrossNetwork
 from training.modules.embedding import FirstOrder, SequenceEmbedding, SparseArch, table_configs
 from training.modules.ffm import FieldAwareInteraction, field_block
 from training.modules.interaction import FactorizationMachine
+from training.modules.interest import AUGRUCell, AuxiliaryNet, InterestEvolution, InterestExtractor
 from training.modules.mlp import MLP, Dice, check_dense
 from training.modules.product import ProductLayer
 from training.modules.residual import ResidualUnit
@@ -17,4 +18,4 @@ from training.modules.residual import ResidualUnit
 __all__ = ["ActivationUnit", "TargetAttention", "AttentionalPooling", "pairwise_products", "BiInteractionPooling",
            "CrossProduct", "CrossNetwork", "FirstOrder", "SequenceEmbedding", "SparseArch", "table_configs",
            "FactorizationMachine", "FieldAwareInteraction", "field_block", "MLP", "Dice", "check_dense", "ResidualUnit",
-           "ProductLayer"]
+           "ProductLayer", "AUGRUCell", "AuxiliaryNet", "InterestEvolution", "InterestExtractor"]
