@@ -14,7 +14,8 @@ The stage only orchestrates; each part is its module's:
    comparisons where the two agree (``sign_agreement``);
 4. the replay estimator of Li et al. 2011 (evaluation.estimators) for the explore/exploit policies
    (evaluation.policies) on a logged uniformly random slice (``--bandit-log`` Parquet in the generator's shape, or
-   a simulated one with known CTRs), with Wilson 95 % intervals;
+   a simulated one with known CTRs), with Wilson 95 % intervals; on a simulated log, beside them the true values
+   the simulator knows (``simulated_truth``);
 5. the publish gate (evaluation.gate) for the configured retriever's version (``models.retrieval``, item2vec by
    default) against the version serving now (``<artifacts_dir>/serving/current.json``, serving.publish); the
    pointer is rewritten on PUBLISH.
@@ -28,8 +29,9 @@ Stage result (``<run_dir>/stages/evaluate.json``)::
      "ranking": {"retriever", "candidates", "recall@100", "retriever_order": {...}, "rankers": {name: {...}}},
      "prequential": {"windows": [...], "overall": {...}, "k", "n_windows", "n_recent", "wall_s"},
      "interleaving": {"comparisons": [...], "sign_agreement"},
-     "bandit": {"source", "events", "candidates", "expected_kept", "policies": {...}, "uniform_ctr", "wall_s"},
-     "gate": {"decision", "candidate", "serving", "pointer"},
+     "bandit": {"source", "events", "candidates", "expected_kept", "policies": {...}, "uniform_ctr", "wall_s",
+                "truth": {"uniform_ctr", "arm_ctr", "policies": {...}, "method"}},   # truth: simulated log only
+     "gate": {"decision", "candidate", "serving", "pointer", "candidate_metrics", "previous", "rule"},
      "evaluate_wall_s"}
 
 Every ``*wall_s`` is seconds. ``prequential`` is absent on a log of one event, ``gate`` when the configured
@@ -52,8 +54,8 @@ from evaluation.gate import PublishGate, gate_and_publish
 from evaluation.replay import ReplayParams
 from features.config import PlatformConfig, load_config
 from features.results import write_stage_result
-from serving.embeddings import MODELS
-from serving.publish import pointer_path
+from serving.embeddings import embedding_models
+from serving.publish import pointer_path, read_pointer
 
 log = logging.getLogger("evaluation.evaluate")
 
@@ -66,8 +68,11 @@ def gate_decision(cfg: PlatformConfig, retrieval: dict, k: int) -> dict | None:
         retrieval: the static replay's ``retrieval`` result, policy -> figures.
 
     Returns:
-        ``{"decision", "candidate", "serving", "pointer"}``: the decision, the candidate's model_version, the
-        version serving afterwards (``None`` if none) and the pointer's path.
+        ``{"decision", "candidate", "serving", "pointer", "candidate_metrics", "previous", "rule"}``: the decision,
+        the candidate's model_version, the version serving afterwards (``None`` if none), the pointer's path, the
+        candidate's replay metrics, the pointer as it stood before the decision (``{"model_version", "metrics"}``,
+        ``None`` when nothing was published yet: a first publication) and the gate's rule (``PublishGate``'s
+        fields).
 
     Raises:
         PointerError: the pointer is unreadable, or its metrics lack ``ndcg@k`` or ``hr@k``.
@@ -78,11 +83,75 @@ def gate_decision(cfg: PlatformConfig, retrieval: dict, k: int) -> dict | None:
     cand = retrieval[gated]
     metrics = {m: v for m, v in cand.items() if m.startswith(("hr@", "ndcg@", "mrr@"))}
     gate = PublishGate(metric=f"ndcg@{k}", guard=(f"hr@{k}",))
+    before = read_pointer(pointer_path(cfg.artifacts_dir))   # what the gate compares the candidate with
     decision, serving = gate_and_publish(gate, pointer_path(cfg.artifacts_dir), gated, cand["model_version"],
                                          metrics)
     return {"decision": decision.value, "candidate": cand["model_version"],
             "serving": serving["model_version"] if serving else None,
-            "pointer": str(pointer_path(cfg.artifacts_dir))}
+            "pointer": str(pointer_path(cfg.artifacts_dir)), "candidate_metrics": metrics,
+            "previous": {"model_version": before["model_version"], "metrics": before["metrics"]} if before else None,
+            "rule": {"metric": gate.metric, "min_gain": gate.min_gain, "guard": list(gate.guard),
+                     "max_drop": gate.max_drop}}
+
+
+#: The simulated bandit log of ``estimators.bandit_evaluation`` (its arguments to ``simulate_uniform_log``); the
+#: truth below re-simulates it and checks that it met the same log (same events, candidates and clicks).
+SIMULATED_LOG = {"n_arms": 50, "n_candidates": 10, "n_users": 500, "dim": 5, "scale": 2.0}
+
+
+def simulated_policies(truth: estimators.SyntheticBandit, seed: int) -> list:
+    """Fresh instances of the policies ``estimators.bandit_evaluation`` replays on a simulated log, with the same
+    parameters and seeds (its embedding policy sees the true item factors through the same noise)."""
+    from evaluation.policies import UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Popularity, ThompsonSampling
+
+    noisy = truth.item_vectors + np.random.default_rng(seed + 3).normal(0, 0.3, truth.item_vectors.shape)
+    return [EpsilonGreedy(0.1, np.random.default_rng(seed + 1)), ThompsonSampling(np.random.default_rng(seed + 2)),
+            UCB1(), Popularity(), LinUCB(dim=truth.user_context.shape[1], alpha=1.0),
+            EmbeddingPolicy(noisy, truth.user_context)]
+
+
+def simulated_truth(bandit: dict, seed: int) -> dict | None:
+    """What the simulator knows about its own log, beside the replay estimates of ``bandit`` (the ``bandit`` part
+    of the stage result, from a simulated log): the true click probabilities ``SyntheticBandit.ctr``.
+
+    - ``uniform_ctr``: the logging policy's true CTR, the mean click probability of the logged arms (the log's
+      observed ``uniform_ctr`` is a draw around it);
+    - ``arm_ctr``: ``min``, ``mean``, ``max`` over the arms of each arm's true CTR averaged over the users;
+    - ``policies``: per policy its true value, the mean click probability of the arms it chooses when run online
+      in the simulator for as many events as the replay kept for it (Li et al. 2011, Theorem 1: the replay
+      estimate over ``kept`` events is distributed as that online run), with clicks drawn from the truth
+      (``seed + 4``).
+
+    Returns:
+        ``{"uniform_ctr", "arm_ctr", "policies": {name: true CTR}, "method"}``, or ``None`` when the
+        re-simulated log differs from the one replayed (other events, candidates or clicks): the truth would
+        belong to another log.
+    """
+    df, truth = estimators.simulate_uniform_log(bandit["events"], rng=np.random.default_rng(seed), **SIMULATED_LOG)
+    blog = estimators.bandit_log(df)
+    pols = simulated_policies(truth, seed)
+    if (len(blog) != bandit["events"] or blog.candidates.shape[1] != bandit["candidates"]
+            or float(blog.click.mean()) != bandit["uniform_ctr"] or {p.name for p in pols} != set(bandit["policies"])):
+        log.warning("bandit truth skipped: the re-simulated log is not the replayed one")
+        return None
+    rng = np.random.default_rng(seed + 4)
+    values = {}
+    for p in pols:
+        steps = min(int(bandit["policies"][p.name]["kept"]), len(blog))
+        chosen = np.empty(steps)
+        for e in range(steps):                                     # the policy online, updated on every event
+            user, ctx = int(blog.user[e]), blog.context[e]
+            arm = p.choose(blog.candidates[e], ctx, user)
+            chosen[e] = truth.ctr(np.array([user]), np.array([arm]))[0]
+            p.update(arm, ctx, user, float(rng.random() < chosen[e]))
+        values[p.name] = float(chosen.mean()) if steps else float("nan")
+    users = np.arange(truth.user_context.shape[0])
+    arms = np.arange(truth.bias.shape[0])
+    per_arm = truth.ctr(np.repeat(users, arms.size), np.tile(arms, users.size)).reshape(users.size, -1).mean(axis=0)
+    return {"uniform_ctr": float(truth.ctr(blog.user, blog.item).mean()),
+            "arm_ctr": {"min": float(per_arm.min()), "mean": float(per_arm.mean()), "max": float(per_arm.max())},
+            "policies": values,
+            "method": "each policy run online in the simulator for as many events as the replay kept for it"}
 
 
 def ranker_evaluation(cfg: PlatformConfig, cases, log_, retrieval: tuple, encoder, retriever: str,
@@ -108,7 +177,7 @@ def ranker_evaluation(cfg: PlatformConfig, cases, log_, retrieval: tuple, encode
 
 
 def run_evaluation(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
-                   models: tuple[str, ...] = MODELS, windows: int = 8, bandit_path: str | None = None,
+                   models: tuple[str, ...] | None = None, windows: int = 8, bandit_path: str | None = None,
                    bandit_events: int = 10_000, seed: int = 0) -> dict:
     """Read the samples and exported models, run every evaluation (module docstring), write the stage result.
 
@@ -132,6 +201,7 @@ def run_evaluation(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     tables = read_samples(cfg)
     log_ = build_log(list(tables.values()))
     cases = build_cases(tables["test"], log_)
+    models = models if models is not None else embedding_models()  # default: every model with an item table
     loaded = {m: x for m in models if (x := replay.load_model_index(cfg, m)) is not None}
     log.info("replay: %d positive test cases, %d logged events, models %s", len(cases), log_.item_idx.size,
              list(loaded))
@@ -165,6 +235,10 @@ def run_evaluation(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
         [c["preference"] for c in comparisons], [c["hr_diff"] for c in comparisons])}
     t1 = time.perf_counter()
     result["bandit"] = estimators.bandit_evaluation(bandit_path, bandit_events, seed)
+    if bandit_path is None:   # a simulated log: its true CTRs are known, the report shows them beside the estimates
+        truth = simulated_truth(result["bandit"], seed)
+        if truth is not None:
+            result["bandit"]["truth"] = truth
     result["bandit"]["wall_s"] = time.perf_counter() - t1
     gate = gate_decision(cfg, result["retrieval"], params.k)
     if gate is not None:
@@ -176,7 +250,8 @@ def run_evaluation(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="models to replay (default: every registered model with an item table)")
     p.add_argument("--k", type=int, default=ReplayParams.k)
     p.add_argument("--n-recent", type=int, default=ReplayParams.n_recent)
     p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
@@ -185,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandit-events", type=int, default=50_000, help="events of the simulated bandit log")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    unknown = sorted(set(args.models or ()) - set(embedding_models()))
+    if unknown:  # checked after parsing: the registry imports every model (torch), which --help must not wait for
+        p.error(f"argument --models: {', '.join(unknown)} not a model with item embeddings; choose from "
+                f"{', '.join(embedding_models())}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faiss.omp_set_num_threads(args.threads)
-    result = run_evaluation(load_config(), ReplayParams(k=args.k, n_recent=args.n_recent), tuple(args.models),
+    result = run_evaluation(load_config(), ReplayParams(k=args.k, n_recent=args.n_recent),
+                            tuple(args.models or embedding_models()),
                             windows=args.windows, bandit_path=args.bandit_log, bandit_events=args.bandit_events,
                             seed=args.seed)
     for name, r in result["retrieval"].items():

@@ -24,8 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-from torchrec import KeyedJaggedTensor
 
 from features.config import PlatformConfig
 from features.definitions import dense_features_named, dense_inputs
@@ -160,6 +158,9 @@ def candidate_batch(feats: CaseFeatures, cases: np.ndarray, cands: np.ndarray, k
                     dense_names: tuple[str, ...]) -> tuple[KeyedJaggedTensor, torch.Tensor | None]:
     """The KJT (keys ``keys``, b x C rows, case-major) and (b x C, F_dense) dense input of ``cands`` (b, C) for the
     cases ``cases`` (b,), each row holding its case's point-in-time features and its candidate item."""
+    import torch  # here, not at import: the evaluate command's --help must not wait for torch and torchrec
+    from torchrec import KeyedJaggedTensor
+
     b, c = cands.shape
     case_row = np.repeat(cases, c)                            # (b * C,)
     item = cands.reshape(-1)
@@ -191,6 +192,8 @@ def candidate_batch(feats: CaseFeatures, cases: np.ndarray, cands: np.ndarray, k
 def rank_candidates(loaded, feats: CaseFeatures, cands: np.ndarray, params: RankingParams) -> np.ndarray:
     """(B, k) item_idx: each case's candidates (B, C; -1 = none) reordered by the ranker's logit (ties by
     item_idx), the first k kept; ``loaded`` a ``training.artifacts.LoadedModel`` ranker."""
+    import torch
+
     keys = [f.name for f in loaded.spec.features_of(loaded.config)]
     dense_names = tuple(getattr(loaded.config, "dense_features", ()))
     out = np.full((len(cands), params.k), -1, np.int64)

@@ -32,11 +32,20 @@ from training.registry import get_model, list_models
 log = logging.getLogger(__name__)
 
 #: The registered models with an item table (``ModelSpec.item_table``): what the export writes and the replay reads.
-MODELS = tuple(m for m in list_models() if get_model(m).item_table is not None)
+def embedding_models() -> tuple[str, ...]:
+    """Every registered model with an item table (what ``serving.export`` exports and ``serving.app`` retrieves
+    with). Reading it imports every model file (torch), so it is a function, not an import-time constant."""
+    return tuple(m for m in list_models() if get_model(m).item_table is not None)
+
+
+def __getattr__(name: str):  # ``MODELS`` computed on first use: importing this module stays cheap
+    if name == "MODELS":
+        return embedding_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 PARQUET_FILE = "items.parquet"
 INDEX_FILE = "index.faiss"
-__all__ = ["MODELS", "PARQUET_FILE", "INDEX_FILE", "ModelOutputError", "ModelEmbeddings", "ExportedItems",
-           "model_dir", "embeddings_dir", "load_model_embeddings", "read_item_vocab", "map_rows", "to_arrow",
+__all__ = ["MODELS", "embedding_models", "PARQUET_FILE", "INDEX_FILE", "ModelOutputError", "ModelEmbeddings",
+           "ExportedItems", "model_dir", "embeddings_dir", "load_model_embeddings", "read_item_vocab", "map_rows", "to_arrow",
            "write_parquet", "read_exported"]
 
 

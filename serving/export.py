@@ -31,7 +31,7 @@ from features.config import PlatformConfig, load_config
 from features.errors import PlatformError
 from features.results import write_stage_result
 from serving.ann import HnswParams
-from serving.embeddings import MODELS, embeddings_dir, load_model_embeddings, map_rows, read_item_vocab
+from serving.embeddings import embedding_models, embeddings_dir, load_model_embeddings, map_rows, read_item_vocab
 from serving.index_files import RECALL_K, write_index
 
 log = logging.getLogger("serving.export")
@@ -85,7 +85,7 @@ def _register(cfg: PlatformConfig, model: str, items, model_version: str, spark)
             "training_versions_source": source}
 
 
-def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: tuple[str, ...] = MODELS,
+def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: tuple[str, ...] | None = None,
                spark=None) -> dict:
     """Export every model of ``models`` that has outputs and write the stage result; with ``spark``, also write
     each version to ``gold.item_embeddings``.
@@ -95,6 +95,7 @@ def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: t
         PlatformError: no model has outputs (run the training stages first).
     """
     t0 = time.perf_counter()
+    models = models if models is not None else embedding_models()  # default: every model with an item table
     vocab = read_item_vocab(cfg)
     results = {}
     for m in models:
@@ -111,13 +112,18 @@ def run_export(cfg: PlatformConfig, params: HnswParams = HnswParams(), models: t
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="models to export (default: every registered model with an item table)")
     p.add_argument("--hnsw-m", type=int, default=HnswParams.m)
     p.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
     p.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
     p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
     p.add_argument("--no-registry", action="store_true", help="skip the Delta table gold.item_embeddings")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.models or ()) - set(embedding_models()))
+    if unknown:  # checked after parsing: the registry imports every model (torch), which --help must not wait for
+        p.error(f"argument --models: {', '.join(unknown)} not a model with item embeddings; choose from "
+                f"{', '.join(embedding_models())}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     faiss.omp_set_num_threads(args.threads)
     cfg = load_config()
@@ -126,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.spark import get_spark  # the one place a Spark session is built
 
         spark = get_spark(cfg, app_name="export")
-    result = run_export(cfg, HnswParams(args.hnsw_m, args.ef_construction, args.ef_search), tuple(args.models),
-                        spark)
+    result = run_export(cfg, HnswParams(args.hnsw_m, args.ef_construction, args.ef_search),
+                        tuple(args.models or embedding_models()), spark)
     log.info("export: %s", {m: r[f"recall@{RECALL_K}"] for m, r in result["models"].items()})
     return 0
 
