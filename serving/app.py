@@ -168,6 +168,41 @@ class BundleHolder:
         self._stop.set()
 
 
+class RequestMetrics:
+    """ASGI middleware counting and timing every HTTP request by route template (a bounded label set: the routes,
+    or ``other``) and status. Plain ASGI rather than ``@app.middleware("http")``, whose per-request task and
+    streamed body cost a large share of a sub-millisecond answer.
+
+    Args:
+        app: the ASGI app it wraps.
+        requests: Counter labelled (endpoint, status).
+        latency: Histogram labelled (endpoint), in seconds.
+    """
+
+    def __init__(self, app, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500  # an exception before the response started is answered 500 by the server
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "other")  # the router sets it on this scope
+            self.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.requests.labels(endpoint, str(status)).inc()
+
+
 def _items(scored: list[Scored]) -> list[ScoredItem]:
     return [ScoredItem(item_id=s.item_id, score=s.score, source=s.source) for s in scored]
 
@@ -324,18 +359,10 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
     if watch_s > 0:
         holder.watch(watch_s)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")          # bounded label set: routes, or "other"
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
-        requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
 
     @app.get("/health", response_model=HealthResponse)
-    def health() -> HealthResponse:
+    async def health() -> HealthResponse:
         b = holder.current
         return HealthResponse(status="ok", model_version=b.version, ranker_version=b.ranker_version,
                               retrieval_model=b.spec.retrieval_model, retrieval_version=b.retrieval_version,
@@ -343,7 +370,7 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
                               ef_search=b.index.ef_search, recall_at_10=b.index.extra.get("recall@10"))
 
     @app.get("/similar-items", response_model=SimilarItemsResponse)
-    def similar_items(item_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens item id"),
+    async def similar_items(item_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens item id"),
                       k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> SimilarItemsResponse:
         """The ``k`` items most similar (cosine) to ``item_id``; popularity fallback for an unknown item."""
         b = holder.current
@@ -352,7 +379,7 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
                                     items=_items(scored))
 
     @app.get("/recommend", response_model=RecommendResponse)
-    def recommend(user_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens user id"),
+    async def recommend(user_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens user id"),
                   k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> RecommendResponse:
         """Top-``k`` items for ``user_id``: ANN candidates ranked by the ranker; popularity fallback if unknown."""
         b = holder.current
@@ -396,26 +423,22 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
 
 
 def main(argv: list[str] | None = None) -> int:
-    import faiss
-    import torch
-    import uvicorn
-
-    p = argparse.ArgumentParser(description="recsys serving: /similar-items, /recommend, /health, /metrics")
+    p = argparse.ArgumentParser(description="recsys serving: /similar-items, /recommend, /health, /metrics",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (loopback by default; any other needs an admin token: "
                         "RECSYS_SERVING__ADMIN_TOKEN or serving.admin_token_file)")
     p.add_argument("--port", type=int, default=8000)
-    from serving.embeddings import MODELS
-    from training.registry import list_models
-
-    p.add_argument("--retrieval", default=None, choices=MODELS,
-                   help="model whose embeddings give candidates and similar items (a model with an item table; "
-                        "default: the configuration's models.retrieval)")
-    p.add_argument("--ranker", default=None, choices=list_models("ranker"),
+    # Model names are checked after parsing: the registry imports every model (torch), which --help must not wait for
+    p.add_argument("--retrieval", default=None, metavar="NAME",
+                   help="registered model whose item embeddings give candidates and similar items (a model with an "
+                        "item table; default: the configuration's models.retrieval)")
+    p.add_argument("--ranker", default=None, metavar="NAME",
                    help="registered ranker that orders the candidates of /recommend (default: the "
                         "configuration's models.ranker)")
-    p.add_argument("--recent-items", type=int, default=BundleSpec.recent_items)
-    p.add_argument("--per-item", type=int, default=BundleSpec.per_item)
+    p.add_argument("--recent-items", type=int, default=BundleSpec.recent_items,
+                   help="most recent items of a user used as ANN queries")
+    p.add_argument("--per-item", type=int, default=BundleSpec.per_item, help="ANN neighbours per recent item")
     p.add_argument("--watch-s", type=float, default=0.0, help="seconds between reload checks; 0: only on POST")
     p.add_argument("--embedding-version", default=None, metavar="VERSION|published",
                    help="serve this version of the registry gold.item_embeddings, or 'published': the version the "
@@ -425,6 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads per request")
     args = p.parse_args(argv)
+    import faiss
+    import torch
+    import uvicorn
+
+    from serving.embeddings import embedding_models
+    from training.registry import list_models
+
+    if args.retrieval is not None and args.retrieval not in embedding_models():
+        p.error(f"argument --retrieval: {args.retrieval!r} is not a model with item embeddings; choose from "
+                f"{', '.join(embedding_models())}")
+    if args.ranker is not None and args.ranker not in list_models("ranker"):
+        p.error(f"argument --ranker: {args.ranker!r} is not a registered ranker; choose from "
+                f"{', '.join(list_models('ranker'))}")
     cfg = load_config()
     try:  # before anything is loaded: a refused bind needs no run dir
         admin_token = resolve_admin_token(cfg.serving)

@@ -123,6 +123,78 @@ class UserProfile:
     levels: tuple[int, ...] = ()
 
 
+class RankerInputs:
+    """The ranker's inputs for one user and C candidates, built with numpy from arrays prepared once per bundle:
+    the same KJT as ``kjt_of_rows(bundle.request_rows(profile, cand), features)`` and the same dense matrix, without
+    a Python dict per candidate.
+
+    Args:
+        features: the sparse features the ranker reads (``ModelSpec.features_of``), in KJT key order.
+        dense_names: the dense features it reads (its config's ``dense_features``), in input order.
+        item_genres: item_idx -> genre_idx tuple.
+        item_counters: item_idx -> ``{item_prior_events, item_prior_rating}``.
+        n_rows: item_idx values are below this.
+
+    Call: ``build(profile, cand (C,) int64 item_idx) -> (KJT with C rows per key, dense (C, F_dense) | None)``.
+
+    Raises (from ``build``):
+        KeyError: the ranker reads a sparse feature that serving does not provide.
+    """
+
+    def __init__(self, features, dense_names, item_genres: dict, item_counters: dict, n_rows: int) -> None:
+        self.features = tuple(features)
+        self.dense = dense_features_named(dense_names) if dense_names else ()
+        lengths = np.zeros(n_rows, np.int64)
+        for i, g in item_genres.items():
+            lengths[i] = len(g)
+        self.genre_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n_rows + 1,)
+        self.genre_values = np.fromiter((x for i in range(n_rows) for x in item_genres.get(i, ())), np.int64,
+                                        count=int(lengths.sum()))
+        self.item_counters = {f.name: np.full(n_rows, np.nan) for f in self.dense if f.name.startswith("item_")}
+        for i, counters in item_counters.items():
+            for name, column in self.item_counters.items():
+                column[i] = counters.get(name, np.nan)
+
+    def _genres(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = self.genre_offsets[cand]
+        lens = self.genre_offsets[cand + 1] - starts
+        # position p of candidate j's slice reads genre_values[starts_j + p - (first position of j)]
+        gather = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        return self.genre_values[gather], lens
+
+    def build(self, profile: UserProfile, cand: np.ndarray):
+        import torch
+        from torchrec import KeyedJaggedTensor
+
+        c = len(cand)
+        history = np.asarray(profile.items[-MAX_HISTORY:], dtype=np.int64)
+        levels = (np.asarray(profile.levels[-MAX_HISTORY:], dtype=np.int64) if profile.levels
+                  else np.zeros(len(history), np.int64))
+        same = {**profile.features, "hist_item_idx": history, "hist_rating": levels}  # one value for every row
+        values, lengths = [], []
+        for f in self.features:
+            if f.name == "item_idx":
+                v, n = cand, np.ones(c, np.int64)
+            elif f.name == "genre_idx":
+                v, n = self._genres(cand)
+            elif f.multi_hot:
+                row = np.asarray(same[f.name], dtype=np.int64)
+                v, n = np.tile(row, c), np.full(c, len(row), np.int64)
+            else:
+                v, n = np.full(c, int(same[f.name]), np.int64), np.ones(c, np.int64)
+            values.append(v)
+            lengths.append(n)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f.name for f in self.features],
+                                                  values=torch.from_numpy(np.concatenate(values)),
+                                                  lengths=torch.from_numpy(np.concatenate(lengths)))
+        if not self.dense:
+            return kjt, None
+        columns = {f.name: self.item_counters[f.name][cand] if f.name in self.item_counters
+                   else np.full(c, np.nan if profile.counters.get(f.name) is None else profile.counters[f.name])
+                   for f in self.dense}  # null (no event yet) read as 0, as in training
+        return kjt, torch.from_numpy(dense_inputs(columns, self.dense))  # (C, F_dense)
+
+
 @dataclass(frozen=True)
 class Scored:
     item_id: int
@@ -151,6 +223,7 @@ class ServingBundle:
     loaded_at: float = 0.0                   # unix seconds
     item_counters: dict = field(default_factory=dict)  # item_idx -> {item_prior_events, item_prior_rating}
     encoder: object | None = None            # the retriever's own training.query.QueryEncoder, or None
+    ranker_inputs: RankerInputs | None = None  # built from the fields above when a ranker is present
 
     @property
     def version(self) -> str:
@@ -209,21 +282,12 @@ class ServingBundle:
 
     def score(self, profile: UserProfile, cand: list[int]) -> np.ndarray:
         """(C,) the ranker's probabilities of a positive rating for ``profile`` and each candidate item_idx, in one
-        batched forward pass."""
+        batched forward pass over inputs built by ``RankerInputs`` (the values of ``request_rows``)."""
         import torch
 
-        from training.data import kjt_of_rows
-
-        ranker = self.ranker
-        features = ranker.spec.features_of(ranker.config)
-        dense = None
-        names = getattr(ranker.config, "dense_features", ())
-        if names:  # None for an item with no event yet: read as 0, as a null counter in training
-            columns = {k: [profile.counters.get(k)] * len(cand) if k.startswith("user_")
-                       else [self.item_counters.get(c, {}).get(k) for c in cand] for k in names}
-            dense = torch.from_numpy(dense_inputs(columns, dense_features_named(names)))  # (C, F_dense)
+        features, dense = self.ranker_inputs.build(profile, np.asarray(cand, dtype=np.int64))
         with torch.no_grad():
-            logits = ranker.module(kjt_of_rows(self.request_rows(profile, cand), features), dense)  # (C,)
+            logits = self.ranker.module(features, dense)  # (C,)
             return torch.sigmoid(logits).numpy().astype(np.float64)
 
     def recommend(self, user_id: int, k: int) -> tuple[list[Scored], str | None]:
@@ -237,7 +301,7 @@ class ServingBundle:
         if not cand:
             return self.popular_items(k, self._seen_ids(profile)), "popularity"
         probs = self.score(profile, cand)
-        order = sorted(range(len(cand)), key=lambda j: (-probs[j], cand[j]))[:k]
+        order = np.lexsort((np.asarray(cand), -probs))[:k].tolist()  # best first, ties by item_idx
         source = f"ann+{self.spec.ranker_model}"
         out = [Scored(self.id_of_idx[cand[j]], float(probs[j]), source) for j in order]
         if len(out) < k:
@@ -382,7 +446,7 @@ def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple, dict]:
     return users, genres, popular, _counters(t, "item_idx", "item")
 
 
-def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> ServingBundle:
+def load_bundle(cfg: PlatformConfig, spec: BundleSpec | None = None) -> ServingBundle:
     """Read everything a bundle needs (seconds: the lake export dominates).
 
     Raises:
@@ -391,6 +455,7 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
         BundleError: the ranker's weights do not fit its configuration, the index and the Parquet file hold
             different versions (an export is being written), or nothing is published yet.
     """
+    spec = spec if spec is not None else BundleSpec()  # not a default argument: it reads the registry (torch)
     t0 = time.time()
     d = retrieval_dir(cfg, spec)
     index = ItemIndex.load(d / INDEX_FILE)
@@ -406,6 +471,11 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
     users, genres, popular, item_counters = _load_lake(cfg)
     if not popular:  # no lake: every exported item, in id order, so the fallback is still defined
         popular = tuple((int(i), 0) for i in sorted(item_ids.tolist()))
+    ranker_inputs = None
+    if ranker is not None:
+        n_rows = 1 + max([int(item_idx.max(initial=0)), *genres, *item_counters])
+        ranker_inputs = RankerInputs(ranker.spec.features_of(ranker.config),
+                                     getattr(ranker.config, "dense_features", ()), genres, item_counters, n_rows)
     return ServingBundle(
         spec=spec, retrieval_version=version, ranker_version=ranker_version, item_ids=item_ids,
         item_idx=item_idx, vectors=vectors, index=index,
@@ -413,7 +483,7 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec = BundleSpec()) -> Serving
         id_of_idx=dict(zip(item_idx.tolist(), item_ids.tolist())),
         row_of_idx={int(i): r for r, i in enumerate(item_idx)},
         popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0, item_counters=item_counters,
-        encoder=encoder)
+        encoder=encoder, ranker_inputs=ranker_inputs)
 
 
 # ----------------------------------------------------------------------------------------------- policy
