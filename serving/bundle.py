@@ -286,7 +286,7 @@ class ServingBundle:
         import torch
 
         features, dense = self.ranker_inputs.build(profile, np.asarray(cand, dtype=np.int64))
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = self.ranker.module(features, dense)  # (C,)
             return torch.sigmoid(logits).numpy().astype(np.float64)
 
@@ -433,12 +433,17 @@ def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple, dict]:
                  "genre_idx", *USER_FEATURES]).to_pandas()
     t = t.sort_values(["event_time", "event_id"], kind="stable")
     user_counters = _counters(t, "user_id", "user")
+    by_user = t.sort_values("user_id", kind="stable")  # user-major, each user's events still in time order
+    uid = by_user["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
+    ends = np.r_[starts[1:], len(uid)]
+    item_col, level_col = by_user["item_idx"].to_numpy(), rating_levels(by_user["rating"])
+    side = {f: by_user[f].to_numpy() for f in USER_FEATURES}
     users = {}
-    for uid, g in t.groupby("user_id", sort=False):
-        last = g.iloc[-1]
-        items = tuple(int(i) for i in g["item_idx"])
-        users[int(uid)] = UserProfile({f: int(last[f]) for f in USER_FEATURES}, items, frozenset(items),
-                                      user_counters[int(uid)], tuple(rating_levels(g["rating"]).tolist()))
+    for s, e in zip(starts.tolist(), ends.tolist()):  # the user's side features from their latest sample
+        items = tuple(item_col[s:e].tolist())
+        users[int(uid[s])] = UserProfile({f: int(side[f][e - 1]) for f in USER_FEATURES}, items, frozenset(items),
+                                         user_counters[int(uid[s])], tuple(level_col[s:e].tolist()))
     genres = {int(i): tuple(int(x) for x in gs) for i, gs in
               t.drop_duplicates("item_idx", keep="last")[["item_idx", "genre_idx"]].itertuples(index=False)}
     pos = t[(t["split"] == "train") & (t["label"] == 1)].groupby("item_id").size()
