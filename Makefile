@@ -150,11 +150,13 @@ TUNE_ARGS ?=
 tune: venv
 	CACHE=$(CACHE) $(PY) -m bench.tune $(TUNE_ARGS)
 
-# Serving benchmark (bench/serving_load.py): the service on loopback over the demo's artifacts (run `make demo`
-# first), a fixed load at concurrency 16 on /similar-items and /recommend, ANN recall@10 (HNSW and LSH vs exact).
+# Serving benchmark (bench/serving_load.py): wrk at 64 connections on loopback against the service over the demo's
+# artifacts (run `make demo` first) and a plain FastAPI app in the same run, a hot swap under load, ANN recall@10
+# (HNSW and LSH vs exact); then where a request's time goes, in one process (bench/serving_profile.py).
 .PHONY: bench-serving
 bench-serving: venv
 	$(PY) -m bench.serving_load
+	$(PY) -m bench.serving_profile
 
 # Open Bandit Pipeline for the replay-estimator cross-check in tests/test_estimators.py (skipped without it): its own
 # small environment from requirements/obp.lock (obp 0.5.7 declares Python < 3.11, hence pip --ignore-requires-python
