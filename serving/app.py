@@ -19,7 +19,7 @@ Embedding versions: by default the retrieval embeddings are the run dir's newest
 serves version ``V`` of the Delta registry ``gold.item_embeddings``; ``--embedding-version published`` serves the
 version the publish gate points at and follows the pointer (on ``/admin/reload`` or with ``--watch-s``). A registry
 version's HNSW index is built once, its recall@10 measured, and both saved with all their parameters
-(``serving.registry.materialize``; reading the registry needs Spark the first time).
+(``serving.registry.materialize``; the registry is read with delta-rs, never Spark).
 
 Fallback (documented contract): an unknown ``item_id`` or ``user_id`` is not an error; the answer is the most
 popular items (positive ratings in the train split) with ``"fallback": "popularity"``; a known user whose

@@ -340,7 +340,7 @@ def retrieval_version(cfg: PlatformConfig, spec: BundleSpec) -> str | None:
 
 def retrieval_dir(cfg: PlatformConfig, spec: BundleSpec) -> Path:
     """The directory with the retrieval items and index ``spec`` asks for; a registry version is materialized
-    first (Spark, seconds) unless it already was.
+    first (delta-rs, no Spark; seconds) unless it already was.
 
     Raises:
         BundleError: nothing is published yet (``source="published"``).

@@ -17,8 +17,11 @@ Serving a chosen version (``python -m serving.app --embedding-version V``, ``POS
 version the publish gate points at): ``materialize`` reads that version from the table (pinned at the table's
 Delta version of the moment), builds its HNSW index, measures its recall@10 against exact search, and saves both
 with every parameter (efSearch included) under ``<artifacts_dir>/serving/versions/<model>/<model_version>/``
-(``items.parquet``, ``index.faiss``, ``index.json``); a later load with the same parameters reads these files and
-needs no Spark.
+(``items.parquet``, ``index.faiss``, ``index.json``); a later load with the same parameters reads these files.
+
+Writing needs Spark (the export stage's session); reading does not: ``read_version`` and ``materialize`` read the
+table with delta-rs (the ``deltalake`` package: Rust, no JVM), so the HTTP service never imports pyspark. delta-rs
+reads what delta-spark 4.0 writes, deletion vectors included (reader protocol 3).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -136,37 +138,59 @@ def write_version(spark, cfg: PlatformConfig, model: str, items: ExportedItems, 
     return len(pdf)
 
 
-def read_version(spark, cfg: PlatformConfig, model: str, model_version: str | None = None,
-                 as_of: int | None = None):
-    """A pandas frame of one version of ``model`` (``None``: the newest by ``created_at``), ordered by item_idx.
+def read_version(cfg: PlatformConfig, model: str, model_version: str | None = None, as_of: int | None = None):
+    """A pandas frame of one version of ``model`` (``None``: the newest by ``created_at``), ordered by item_idx, with
+    the columns of ``ITEM_EMBEDDINGS`` (``embedding``: one (D,) float32 array per row). Read with delta-rs: no Spark.
 
     Args:
-        as_of: the table's Delta version to read (time travel); ``None``: the newest.
+        as_of: the table's Delta version to read (time travel); ``None``: its newest.
 
     Raises:
-        TableNotFoundError: nothing has been written yet.
-        VersionNotFoundError: the model or version is not in the table.
+        TableNotFoundError: ``gold.item_embeddings`` is not a Delta table under the lake.
+        VersionNotFoundError: the table holds no (such) version of ``model``.
     """
-    from delta.tables import DeltaTable
-    from pyspark.sql import functions as F
+    from deltalake import DeltaTable
 
     path = ITEM_EMBEDDINGS.path(cfg.lake_dir)
-    if not DeltaTable.isDeltaTable(spark, path):
+    if not DeltaTable.is_deltatable(path):
         raise TableNotFoundError(ITEM_EMBEDDINGS.name, path, "`python -m serving.export` (registry on)")
-    reader = spark.read.format("delta")
-    if as_of is not None:
-        reader = reader.option("versionAsOf", as_of)
-    df = reader.load(path).where(F.col("model") == model)
+    return _read_rows(DeltaTable(path, version=as_of), path, model, model_version).to_pandas()
+
+
+def _sql_str(value: str) -> str:
+    """``value`` as a quoted SQL string literal (``'`` doubled), for a delta-rs scan predicate."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _read_rows(dt, path: str, model: str, model_version: str | None):
+    """One version of ``model`` from the registry ``dt`` (a ``deltalake.DeltaTable`` of ``path``, pinned at some Delta
+    version) as a pyarrow table ordered by item_idx; ``None``: the newest by ``created_at``.
+
+    ``DeltaTable.scan`` runs delta-rs' own engine (DataFusion), which applies deletion vectors; with the predicate on
+    the partition column ``model`` it skips the other models' files.
+
+    Raises:
+        VersionNotFoundError: ``dt`` holds no (such) version of ``model``.
+    """
+    import pyarrow as pa
+
+    schema = pa.schema(dt.schema().to_arrow())   # the table's own types: the scan gives strings as string_view
+
+    def scan(columns: list[str], predicate: str) -> pa.Table:
+        rows = pa.table(dt.scan(columns=columns, predicate=predicate))
+        return rows.cast(pa.schema([schema.field(c) for c in columns]))
+
+    where = f"model = {_sql_str(model)}"
     if model_version is None:
-        newest = df.orderBy(F.col("created_at").desc()).select("model_version").limit(1).collect()
-        if not newest:
+        seen = scan(["model_version", "created_at"], where)
+        if seen.num_rows == 0:
             raise VersionNotFoundError(f"{ITEM_EMBEDDINGS.name} has no version of {model!r}; export it first")
-        model_version = newest[0]["model_version"]
-    out = df.where(F.col("model_version") == model_version).orderBy("item_idx").toPandas()
-    if out.empty:
+        model_version = seen.sort_by([("created_at", "descending")]).column("model_version")[0].as_py()
+    rows = scan(list(ITEM_EMBEDDINGS.columns), f"{where} AND model_version = {_sql_str(model_version)}")
+    if rows.num_rows == 0:
         raise VersionNotFoundError(f"{ITEM_EMBEDDINGS.name} has no {model!r} version {model_version!r}; list them "
                                    f"with `SELECT DISTINCT model_version FROM delta.`{path}``")
-    return out
+    return rows.sort_by("item_idx")
 
 
 # ----------------------------------------------------------------------------------------------- serving a version
@@ -198,37 +222,17 @@ def registry_exists(cfg: PlatformConfig) -> bool:
     return (Path(ITEM_EMBEDDINGS.path(cfg.lake_dir)) / "_delta_log").is_dir()
 
 
-@contextmanager
-def spark_session(cfg: PlatformConfig):
-    """A Spark session for reading the registry: the process's running one if there is one (left running), else a
-    new local one, stopped on exit."""
-    from pyspark import SparkContext
-    from pyspark.sql import SparkSession
-
-    from pipelines.spark import get_spark  # the one place a Spark session is built
-
-    if SparkContext._active_spark_context is not None:   # from any thread: the process's session, as it is
-        yield SparkSession.builder.getOrCreate()
-        return
-    spark = get_spark(cfg, app_name="serving-registry")
-    try:
-        yield spark
-    finally:
-        spark.stop()
-
-
-def materialize(cfg: PlatformConfig, model: str, model_version: str, params, spark=None) -> Path:
+def materialize(cfg: PlatformConfig, model: str, model_version: str, params) -> Path:
     """Items and HNSW index of one registry version, built once and kept under ``version_dir`` (see the module
     docstring); returns that directory.
 
     The files are reused when their ``index.json`` holds this version and the same HNSW parameters; otherwise the
-    version is read from ``gold.item_embeddings`` (pinned at the table's current Delta version, recorded as
-    ``registry_table_version``) and the index is built and its recall@10 measured
+    version is read from ``gold.item_embeddings`` with delta-rs (no Spark; pinned at the table's current Delta
+    version, recorded as ``registry_table_version``) and the index is built and its recall@10 measured
     (``serving.index_files.write_index``).
 
     Args:
         params: ``serving.ann.HnswParams`` to build and search with.
-        spark: a Spark session; ``None``: ``spark_session`` provides one when the files must be built.
 
     Raises:
         VersionNotFoundError: the registry does not exist or lacks the version.
@@ -245,13 +249,14 @@ def materialize(cfg: PlatformConfig, model: str, model_version: str, params, spa
     if not registry_exists(cfg):
         raise VersionNotFoundError(f"no registry at {ITEM_EMBEDDINGS.path(cfg.lake_dir)}: run `python -m "
                                    f"serving.export` with the registry on before serving {model} {model_version!r}")
-    if spark is None:
-        with spark_session(cfg) as session:
-            return materialize(cfg, model, model_version, params, session)
-    table_version = table_version_at(spark, cfg, ITEM_EMBEDDINGS, None)
-    rows = read_version(spark, cfg, model, model_version, as_of=table_version)
+    from deltalake import DeltaTable
+
+    path = ITEM_EMBEDDINGS.path(cfg.lake_dir)
+    dt = DeltaTable(path)                                     # pinned: every read below sees this Delta version
+    table_version = dt.version()
+    rows = _read_rows(dt, path, model, model_version).to_pandas()
     items = ExportedItems(item_idx=rows["item_idx"].to_numpy(np.int64), item_id=rows["item_id"].to_numpy(np.int64),
-                         vectors=np.stack(rows["embedding"].to_numpy()).astype(np.float32),
+                         vectors=np.stack(rows["embedding"].to_numpy()).astype(np.float32),  # (N, D)
                          unmapped_rows=0, items_without_row=0)
     write_index(items, model_version, params, out, {
         "registry_table": ITEM_EMBEDDINGS.name, "registry_table_version": int(table_version),

@@ -64,10 +64,6 @@ LAYERING_EXCEPTIONS: dict[tuple[str, str], str] = {
         "the export stage writes each version to the Delta registry gold.item_embeddings and needs a Spark "
         "session; pipelines/spark.py is the one place a session is built (jars, Delta extensions, config), and "
         "features/ may not start Spark. Imported inside main() only, and not with --no-registry.",
-    ("serving.registry", "pipelines.spark"):
-        "materializing a registry version reads gold.item_embeddings with Spark (same reason as serving.export); "
-        "imported inside spark_session(), which runs only when a registry version's files must be built, never "
-        "for an export bundle (test_loading_an_export_bundle_never_imports_pyspark).",
 }
 
 
