@@ -17,7 +17,8 @@ small task protocol (RecBole gives each kind of model one interface in the same 
 - ``finish(state)``: on rank 0, the saved model's state fixed up in place (e.g. cold rows), extra figures returned.
 
 Tasks: ``ctr`` (``training.tasks.ctr``: rankers on ``gold.ctr_samples``), ``skipgram`` (``training.tasks.skipgram``:
-SGNS pairs from item sequences).
+SGNS pairs from item sequences), ``closed_form`` (``training.tasks.closed_form``: a fit without gradient from the
+whole train split's positives, in ``bind``; ``steps_per_epoch`` 0, so the loop runs epochs of no step).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def task_class(name: str):
     Raises:
         KeyError: no such task.
     """
+    from training.tasks.closed_form import ClosedFormTask
     from training.tasks.ctr import CtrTask
     from training.tasks.skipgram import SkipGramTask
 
-    tasks = {t.name: t for t in (CtrTask, SkipGramTask)}
+    tasks = {t.name: t for t in (CtrTask, SkipGramTask, ClosedFormTask)}
     if name not in tasks:
         raise KeyError(f"unknown training task {name!r}; one of {sorted(tasks)}")
     return tasks[name]
