@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent  # dags/..
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipelines.stages import build_command, model_names, spark_jar_list, stage_env  # noqa: E402, F401
+from pipelines.stages import build_command, model_names, spark_jar_list, stage_env, train_models  # noqa: E402, F401
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +75,6 @@ TASK_TABLES: dict[str, tuple[str, str | None]] = {
 }
 
 #: The entry points of the train and evaluate DAGs (``python -m`` modules with their arguments).
-def train_models(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """The models the train DAG trains: ``DAG_TRAIN_MODELS`` (comma-separated registered names), else every
-    registered model (``pipelines.stages.model_names``).
-
-    >>> train_models({"DAG_TRAIN_MODELS": "din, item2vec"})
-    ('din', 'item2vec')
-
-    Raises:
-        ValueError: a name that is not registered.
-    """
-    environ = os.environ if environ is None else environ
-    chosen = tuple(m.strip() for m in environ.get("DAG_TRAIN_MODELS", "").split(",") if m.strip())
-    unknown = sorted(set(chosen) - set(model_names()))
-    if unknown:
-        raise ValueError(f"DAG_TRAIN_MODELS names unregistered models {unknown}; registered: {model_names()}")
-    return chosen or model_names()
-
-
 TRAIN_MODELS = train_models()
 PUBLISH_MODULE = ("evaluation.gate",)  # the publish gate (evaluation/gate.py); DAG_PUBLISH_COMMAND overrides
 

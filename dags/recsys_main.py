@@ -1,6 +1,7 @@
 """``recsys_main``: the main job end to end, the same stage commands as ``make demo`` (pipelines.stages).
 
-    kafka_start -> produce -> ingest -> features -> train_<model> (one per registered model) -> export -> evaluate
+    kafka_start -> produce -> ingest -> features -> train_<model> (one per model of DAG_TRAIN_MODELS, by default
+    every registered one) -> export -> evaluate
     -> kafka_stop
 
 Every task is a BashOperator running one command line (spark-submit from the project's .venv for the Spark

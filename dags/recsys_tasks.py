@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent  # dags/..
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, model_names, stage_env  # noqa: E402, F401
+from pipelines.stages import (STAGES, build_command, kafka_command, kafka_env, model_names, stage_env,  # noqa: E402, F401
+                              train_models)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,13 @@ POLICIES: dict[str, TaskPolicy] = {
     "kafka_stop": TaskPolicy(retries=0, timeout_s=180),
 }
 
-#: Task ids of the main job in run order: the broker, every stage of pipelines.stages.STAGES, the broker again.
-MAIN_TASK_IDS: tuple[str, ...] = ("kafka_start", *(s.name for s in STAGES), "kafka_stop")
+#: Task ids of the main job in run order: the broker, every stage of pipelines.stages.STAGES, the broker again;
+#: the train stages only of the models ``DAG_TRAIN_MODELS`` names (every registered model when it is unset, as in
+#: the train DAG: ``pipelines.stages.train_models``).
+MAIN_TASK_IDS: tuple[str, ...] = (
+    "kafka_start",
+    *(s.name for s in STAGES if not s.name.startswith("train_") or s.name[len("train_"):] in train_models()),
+    "kafka_stop")
 
 
 def stage_of(task_id: str) -> str:

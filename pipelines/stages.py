@@ -18,6 +18,8 @@ The train stages are one per registered model, in name order (``model_names``: t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,24 @@ def model_names(root: Path = ROOT) -> tuple[str, ...]:
     ``training.registry.register`` enforces, so the file names are the registry's names (a test checks both agree).
     """
     return tuple(sorted(p.stem for p in (root / "training" / "models").glob("*.py") if not p.stem.startswith("_")))
+
+
+def train_models(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The models the DAGs train (the train DAG, and recsys_main's train stages): ``DAG_TRAIN_MODELS``
+    (comma-separated registered names), else every registered model (``model_names``).
+
+    >>> train_models({"DAG_TRAIN_MODELS": "din, item2vec"})
+    ('din', 'item2vec')
+
+    Raises:
+        ValueError: a name that is not registered.
+    """
+    environ = os.environ if environ is None else environ
+    chosen = tuple(m.strip() for m in environ.get("DAG_TRAIN_MODELS", "").split(",") if m.strip())
+    unknown = sorted(set(chosen) - set(model_names()))
+    if unknown:
+        raise ValueError(f"DAG_TRAIN_MODELS names unregistered models {unknown}; registered: {model_names()}")
+    return chosen or model_names()
 
 
 @dataclass(frozen=True)

@@ -261,7 +261,8 @@ def test_airflow_dags_test_runs_the_main_job_end_to_end(tmp_path, movielens):
     bootstrap = f"127.0.0.1:{E2E_KAFKA_PORT}"
     env = airflow_env(tmp_path / "airflow", KAFKA_PORT=str(E2E_KAFKA_PORT),
                       KAFKA_CONTROLLER_PORT=str(E2E_KAFKA_PORT + 1), RECSYS_KAFKA__BOOTSTRAP=bootstrap,
-                      RECSYS_SPARK__SHUFFLE_PARTITIONS="2")
+                      RECSYS_SPARK__SHUFFLE_PARTITIONS="2",
+                      DAG_TRAIN_MODELS="deepfm,din,item2vec")  # the models asserted below; each one more is minutes
     subprocess.run([str(AIRFLOW_BIN), "db", "migrate"], env=env, cwd=tmp_path, check=True, capture_output=True,
                    timeout=300)
     # the directories through the run's params, the broker through the environment: both paths are exercised
