@@ -6,14 +6,20 @@ writer and the one loader every stage uses.
 - ``model.pt``: the unsharded state dict (CPU tensors) of the saved epoch, loadable by the registered model class;
 - ``meta.json``: ``model`` (registry name), ``kind``, ``task``, ``model_version``, ``model_config`` (the config
   dataclass's fields), ``options`` (the trainer's), ``vocab_sizes``, ``training_versions`` (``{table: Delta
-  version}`` read), ``sharding_plan``, ``metrics``, ``item_embedding_shape``, ``created_utc``;
+  version}`` read), ``sharding_plan``, ``metrics``, ``item_embedding_shape``, ``created_utc``, and
+  ``initialised_from`` (``{"model", "model_version", "tables"}``: the saved model whose tables this one started
+  from, ``ModelSpec.init_from``; null when it started from random tables);
 - ``item_embeddings.npy``: float32 (R, D), row = item_idx, row 0 the unknown/padding item -- for a model with an
   item table (``ModelSpec.item_table``): the item vectors its retrieval searches (``ModelSpec.item_vectors``; by
-  default the table itself).
+  default the table itself);
+- ``predictions.parquet``: only when trained with ``--save-predictions`` (a CTR model,
+  ``training.tasks.ctr.write_predictions``): one row per test sample, scored by the saved epoch, columns
+  ``PREDICTION_COLUMNS``; the file's Parquet metadata holds ``model_version``. ``bench/peers.py --predictions``
+  writes the same columns for the same rows, so ``bench.leaderboard_stats`` pairs them.
 
 >>> layout = ModelLayout("/runs/demo/models/din")
->>> layout.meta.name, layout.state.name, layout.item_embeddings.name
-('meta.json', 'model.pt', 'item_embeddings.npy')
+>>> layout.meta.name, layout.state.name, layout.item_embeddings.name, layout.predictions.name
+('meta.json', 'model.pt', 'item_embeddings.npy', 'predictions.parquet')
 
 Legend: R rows of the item table (items + 1), D embedding dim.
 """
@@ -31,6 +37,12 @@ import numpy as np
 from features.errors import PlatformError
 
 MODELS_DIR = "models"
+#: The columns of ``predictions.parquet``: ``row`` int64, the sample's position in its split as exported (file
+#: order, the order ``training.data.read_ctr_shard`` and ``bench/peers.py`` read); ``event_id`` string, the
+#: sample's key in ``gold.ctr_samples`` (absent when the export has no such column, e.g. ``bench.models``' generated
+#: data); ``user`` int64, ``user_idx`` (the GAUC key); ``label`` int8, 0 or 1; ``score`` float64, the predicted
+#: click probability.
+PREDICTION_COLUMNS = ("row", "event_id", "user", "label", "score")
 
 
 class ModelOutputError(PlatformError):
@@ -59,6 +71,10 @@ class ModelLayout:
     def item_embeddings(self) -> Path:
         return self.root / "item_embeddings.npy"
 
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.parquet"
+
 
 def model_dir(run_dir: str | Path, model: str) -> Path:
     """``<run_dir>/models/<model>``."""
@@ -80,9 +96,11 @@ class LoadedModel:
 
 
 def save_model(out_dir: str | Path, spec, config, state: dict, *, model_version: str, options: dict,
-               vocab_sizes: dict, sharding_plan: dict, metrics: dict, training_versions: dict) -> Path:
-    """Write a model folder (see the module docstring); ``state`` is the full unsharded state dict. Files are
-    written whole and renamed into place, so a reader never sees half of one.
+               vocab_sizes: dict, sharding_plan: dict, metrics: dict, training_versions: dict,
+               initialised_from: dict | None = None) -> Path:
+    """Write a model folder (see the module docstring); ``state`` is the full unsharded state dict;
+    ``initialised_from`` the provenance of its initial tables (``training.trainer.init_source``), if any. Files
+    are written whole and renamed into place, so a reader never sees half of one.
 
     Returns:
         the folder.
@@ -106,7 +124,8 @@ def save_model(out_dir: str | Path, spec, config, state: dict, *, model_version:
     meta = {"model": spec.name, "kind": spec.kind, "task": spec.task, "model_version": model_version,
             "model_config": config_to_dict(config), "options": options, "vocab_sizes": vocab_sizes,
             "sharding_plan": sharding_plan, "item_embedding_shape": shape, "metrics": metrics,
-            "training_versions": training_versions, "created_utc": datetime.now(timezone.utc).isoformat()}
+            "training_versions": training_versions, "initialised_from": initialised_from,
+            "created_utc": datetime.now(timezone.utc).isoformat()}
     _atomic(layout.meta, lambda p: p.write_text(json.dumps(meta, indent=2, default=float)))
     return layout.root
 

@@ -103,6 +103,10 @@ class ModelSpec:
             loss is its own (e.g. MF's BPR); ``None`` (or a ``None`` returned for a config): the task's weighted
             BCE. A ``BatchLoss`` is called ``(model, batch, generator) -> (loss, rows)`` and runs the model once
             (``training.tasks.ctr.CtrObjective``).
+        init_from: ``init_from(config) -> str | None``: the registered model whose saved tables, in the same run
+            folder, initialise this model's tables of the same state-dict key and shape before training starts
+            (not on a resume; ``training.trainer.init_tables``), e.g. FNN's from FM's; ``None`` (or a ``None``
+            returned for a config): the tables start from their random init.
 
     Raises:
         ValueError: a bad name or kind, a config that is not a frozen dataclass, a ranker without ``features``,
@@ -126,6 +130,7 @@ class ModelSpec:
     item_vectors: Callable[..., Any] | None = None
     query_encoder: Callable[..., Any] | None = None
     ctr_loss: Callable[..., Any] | None = None
+    init_from: Callable[[Any], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c == "_" for c in self.name) or self.name != self.name.lower():
@@ -173,6 +178,10 @@ class ModelSpec:
             ModelOptionError: a key that is not a field of the config (a model saved by another version).
         """
         return self.make_config(dict(data), base=self.config())
+
+    def init_source(self, config) -> str | None:
+        """The registered model whose saved tables initialise this model built with ``config``; None: random."""
+        return self.init_from(config) if self.init_from is not None else None
 
     def features_of(self, config) -> tuple:
         """The KJT features a ranker built with ``config`` reads."""

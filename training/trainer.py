@@ -18,8 +18,13 @@ from ``ray.train.get_checkpoint()``: its table shards and fused Adagrad state (D
 epoch, the early-stopping state, the task's own state and the RNG, and goes on with the next epoch -- the same run
 as without the failure, given the seed.
 
-Rank 0 then writes the model folder (``training.artifacts.save_model``) and the driver the stage result
-``train_<model>``.
+A model whose spec names an ``init_from`` model (FNN: FM) starts from that model's saved tables: the driver finds
+its folder in the same run folder and checks that its tables fit (``init_source``, before Ray starts), and every
+rank copies them into its shards after sharding, on a fresh start only -- a resumed run has its own tables in the
+checkpoint (``init_tables``). The saved meta records which version initialised it.
+
+Rank 0 then writes the model folder (``training.artifacts.save_model``; with ``save_predictions``, first the best
+epoch's test predictions, ``predictions.parquet``) and the driver the stage result ``train_<model>``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from enum import Enum
 from pathlib import Path
 
 from features.config import ROOT, PlatformConfig
+from features.errors import PlatformError
 from features.results import write_stage_result
 
 SCHEDULES = ("constant", "warmup_cosine")
@@ -65,6 +71,9 @@ class TrainOptions:
         lr_schedule, warmup_frac, min_lr_factor: the dense learning rate's shape (``LRSchedule``).
         progress_dir: when set, every worker writes ``rank<r>.pid`` and ``rank<r>.progress`` ("epoch step") there,
             so that an operator (or the fault test) can find and signal a training process.
+        save_predictions: also write the saved epoch's per-row test predictions to the model folder
+            (``training.artifacts.ModelLayout.predictions``), for paired comparisons; only for a task with that
+            lever (the CTR task).
 
     Raises:
         UnknownModelError: ``model`` is not registered.
@@ -92,6 +101,7 @@ class TrainOptions:
     warmup_frac: float = 0.05  # share of all steps spent warming the dense lr up linearly from 0
     min_lr_factor: float = 0.1  # the cosine decays the dense lr to lr_dense * min_lr_factor at the last epoch
     progress_dir: str = ""
+    save_predictions: bool = False
 
     def __post_init__(self) -> None:
         from training.registry import get_model
@@ -113,6 +123,9 @@ class TrainOptions:
             if getattr(self, name) > 0 and name not in levers:
                 raise ValueError(f"{name} is read by tasks with that lever only; model {self.model} (task "
                                  f"{spec.task}) has none, got {getattr(self, name)}")
+        if self.save_predictions and "save_predictions" not in levers:
+            raise ValueError(f"save_predictions is for tasks that score rows; model {self.model} (task {spec.task}) "
+                             f"has no per-row predictions")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
         LRSchedule(self.lr_schedule, 1, self.warmup_frac, self.min_lr_factor)  # validates the schedule
@@ -265,6 +278,111 @@ def _resume(dmp, rank: int) -> dict | None:
     return train_state
 
 
+class ModelInitError(PlatformError, ValueError):
+    """A model's tables cannot be initialised from the saved model its spec names (``ModelSpec.init_from``): none
+    of its tables is in the saved state, or one has another shape."""
+
+
+def init_source(spec, config, run_dir: str | Path, vocab_sizes: dict) -> dict | None:
+    """The saved model whose tables initialise ``spec`` built with ``config`` (``ModelSpec.init_from``), found in
+    ``<run_dir>/models/<name>`` and checked against the model built on ``meta`` (shapes only, nothing copied):
+    ``{"model", "model_version", "model_dir", "tables"}`` (the state-dict keys that will be copied), or None when
+    the model starts from random tables. Called by the driver, so that a missing or mismatched source fails before
+    Ray starts.
+
+    Raises:
+        ModelOutputError: the source model has not been trained into ``run_dir`` (the message names the command).
+        ModelInitError: the model shares no table with the source, or a table of another shape.
+        UnknownModelError: the source is not registered.
+    """
+    import torch
+
+    from training.artifacts import ModelLayout, ModelOutputError, model_dir, read_meta
+    from training.registry import get_model
+
+    name = spec.init_source(config)
+    if name is None:
+        return None
+    if name == spec.name:
+        raise ModelInitError(f"model {spec.name} names itself as the model whose tables initialise it")
+    source = get_model(name)
+    layout = ModelLayout(model_dir(run_dir, source.name))
+    if not (layout.meta.exists() and layout.state.exists()):
+        raise ModelOutputError(f"model {spec.name} starts from the tables of a trained {source.name}, but "
+                               f"{layout.root} holds no trained model; run `python -m training.train --model "
+                               f"{source.name}` first (into the same run folder)")
+    tables = init_tables(spec.build(vocab_sizes, config, torch.device("meta")), layout.root)
+    return {"model": source.name, "model_version": read_meta(layout.root)["model_version"],
+            "model_dir": str(layout.root), "tables": tables}
+
+
+def init_tables(model, source_dir: str | Path, model_version: str | None = None) -> list[str]:
+    """Copy the embedding tables of the model saved in ``source_dir`` into ``model`` (an unsharded module, or a
+    DistributedModelParallel whose ranks each copy the rows/columns of their local shards): every table of the
+    source -- the weight of an ``nn.Embedding`` / ``nn.EmbeddingBag``, TorchRec's collections' tables included --
+    whose state-dict key ``model`` also has. The model's other parameters, and its tables the source lacks, keep
+    their values. Collective-free: every rank reads the saved state itself.
+
+    Args:
+        model: the model to initialise (tables on CPU, GPU or ``meta``; ``meta`` only checks the shapes).
+        source_dir: a model folder (``training.artifacts.ModelLayout``).
+        model_version: when given, the version the source must have (the one the driver checked).
+
+    Returns:
+        the copied state-dict keys, in the source's order.
+
+    Raises:
+        ModelOutputError: the source folder is missing or unusable, or holds another version than
+            ``model_version``.
+        ModelInitError: ``model`` has none of the source's tables, or one of another shape (rows: vocabulary
+            sizes; columns: ``embedding_dim``).
+    """
+    import torch
+    from torch import nn
+
+    from training.artifacts import ModelOutputError, load_model
+
+    source = load_model(source_dir)
+    if model_version is not None and source.version != model_version:
+        raise ModelOutputError(f"{source_dir} holds {source.version}, not {model_version} that this run checked; "
+                               f"it was retrained meanwhile: restart this training")
+    saved = source.module.state_dict()
+    tables = [f"{name}.weight" for name, m in source.module.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    state = model.state_dict()
+    shared = [k for k in tables if k in state]
+    if not shared:
+        raise ModelInitError(f"no table of {source.spec.name} ({source_dir}) is a table of this model: its tables "
+                             f"{tables}; name this model's tables as the source names them")
+    wrong = [f"{k}: {tuple(state[k].size())} here, {tuple(saved[k].shape)} saved" for k in shared
+             if tuple(state[k].size()) != tuple(saved[k].shape)]
+    if wrong:
+        raise ModelInitError(f"tables of {source.spec.name} ({source.version}, {source_dir}) do not fit this model: "
+                             f"{'; '.join(wrong)}; build it with the source's embedding_dim and vocabularies, or "
+                             f"retrain the source: `python -m training.train --model {source.spec.name}`")
+    with torch.no_grad():
+        for key in shared:
+            dst, src = state[key], saved[key]
+            if hasattr(dst, "local_shards"):  # a sharded table: this rank's rows/columns only
+                for shard in dst.local_shards():
+                    (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(src[r:r + h, c:c + w])
+            else:
+                dst.copy_(src)
+    return shared
+
+
+def _resume_or_init(dmp, rank: int, init: dict | None) -> dict | None:
+    """``_resume``'s train state after a restart; on a fresh start, the tables of ``init`` (``init_source``) copied
+    into ``dmp`` first, when the model has one. A resumed run is never re-initialised: its checkpoint holds its
+    own trained tables."""
+    resumed = _resume(dmp, rank)
+    if resumed is None and init is not None:
+        copied = init_tables(dmp, init["model_dir"], init["model_version"])
+        _log(rank, f"initialised {len(copied)} tables from {init['model_version']}")
+    return resumed
+
+
 def _write_pid(opts: TrainOptions, rank: int) -> None:
     if opts.progress_dir:
         Path(opts.progress_dir).mkdir(parents=True, exist_ok=True)
@@ -322,7 +440,7 @@ def run_worker(c: dict, rank: int, world_size: int, device) -> None:
     schedule = LRSchedule(opts.lr_schedule, max(1, task.steps_per_epoch * opts.epochs), opts.warmup_frac,
                           opts.min_lr_factor)
     stopping, best, train_time, best_state, first_epoch = EarlyStopping(opts.patience), {}, 0.0, None, 0
-    resumed = _resume(dmp, rank)
+    resumed = _resume_or_init(dmp, rank, c.get("init_from"))
     if resumed is not None:
         if dense_opt is not None:
             dense_opt.load_state_dict(resumed["dense_opt"])
@@ -382,10 +500,22 @@ def run_worker(c: dict, rank: int, world_size: int, device) -> None:
         best_state = gather_full_state_dict(dmp)
     if rank == 0:
         best = best | task.finish(best_state)
+        if opts.save_predictions:  # before save_model: meta.json, written last, marks a complete folder
+            from training.artifacts import ModelLayout
+            from training.tasks.ctr import write_predictions
+
+            write_predictions(ModelLayout(c["model_dir"]).predictions, task.test_predictions,
+                              {"model_version": c["model_version"], "split": "test",
+                               "best_epoch": str(best.get("best_epoch", ""))})
         save_model(c["model_dir"], spec, config, best_state, model_version=c["model_version"],
                    options=asdict(opts), vocab_sizes=vocab, sharding_plan=where, metrics=best,
-                   training_versions=c.get("training_versions", {}))
+                   training_versions=c.get("training_versions", {}), initialised_from=_provenance(c.get("init_from")))
         _log(rank, f"wrote {c['model_dir']}")
+
+
+def _provenance(init: dict | None) -> dict | None:
+    """What the saved meta and the stage result record of ``init_source``'s answer (not the local path)."""
+    return None if init is None else {k: init[k] for k in ("model", "model_version", "tables")}
 
 
 def worker_device(use_gpu: bool):
@@ -464,6 +594,9 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
             before Ray starts.
         TableNotFoundError: the Parquet exports are missing (run the features stage).
         ModelOptionError: a model option the model's config lacks or rejects.
+        ModelOutputError: the model starts from another model's tables (``ModelSpec.init_from``) that has not been
+            trained into ``cfg.run_dir`` (the message names the command).
+        ModelInitError: that model's tables do not fit this one (``init_tables``).
         ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times (a worker's own
             ``DeviceUnavailableError`` on a joined cluster arrives as its cause).
     """
@@ -480,8 +613,9 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
     use_gpu, local = cfg.train.use_gpu, not cfg.train.ray_address
     if use_gpu and local:
         check_local_gpus(cfg.train.num_workers)  # fail here, not in NCCL's set-up inside the workers
-    read_vocab_sizes(cfg.lake_dir)  # fail fast, before starting anything
+    vocab = read_vocab_sizes(cfg.lake_dir)  # fail fast, before starting anything
     config = resolve_config(spec, opts, cfg.lake_dir)
+    init = init_source(spec, config, cfg.run_dir, vocab)  # the saved tables it starts from, checked; None: random
     read_versions = read_training_versions(cfg.lake_dir, spec.tables)  # provenance: Delta versions of the exports
     version = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
     started = not ray.is_initialized()
@@ -494,7 +628,7 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
             train_loop,
             train_loop_config={"options": asdict(opts), "model_config": config_to_dict(config),
                                "lake_dir": str(cfg.lake_dir), "model_version": version,
-                               "training_versions": read_versions,
+                               "training_versions": read_versions, "init_from": init,
                                "model_dir": str(model_dir(cfg.run_dir, spec.name)), "use_gpu": use_gpu},
             torch_config=torch_config, scaling_config=scaling_config,
             run_config=RunConfig(name=version, storage_path=str(cfg.checkpoint_dir),
@@ -506,13 +640,15 @@ def train(cfg: PlatformConfig, opts: TrainOptions) -> dict:
         if started:
             ray.shutdown()
     return stage_result(cfg, spec, opts, config, dict(result.metrics), version, read_versions,
-                        time.perf_counter() - t0, result.checkpoint.path if result.checkpoint else None)
+                        time.perf_counter() - t0, result.checkpoint.path if result.checkpoint else None,
+                        initialised_from=_provenance(init))
 
 
 def stage_result(cfg: PlatformConfig, spec, opts: TrainOptions, config, m: dict, version: str, read_versions: dict,
-                 wall_s: float, checkpoint: str | None) -> dict:
+                 wall_s: float, checkpoint: str | None, initialised_from: dict | None = None) -> dict:
     """The stage result ``train_<model>`` (written, and returned): the task's figures (its ``result_keys``), the
-    model, its resolved config and the trainer's knobs, the sharding plan, provenance and wall time."""
+    model, its resolved config and the trainer's knobs, the sharding plan, provenance (with the saved model its
+    tables started from, if any) and wall time."""
     from training.registry import config_to_dict
     from training.tasks import task_class
 
@@ -522,7 +658,7 @@ def stage_result(cfg: PlatformConfig, spec, opts: TrainOptions, config, m: dict,
     out.update(model=spec.name, kind=spec.kind, task=spec.task, epochs=m["epochs"],
                sharding_plan=m["sharding_plan"], model_version=version, training_versions=read_versions,
                train_wall_s=round(wall_s, 2), checkpoint=checkpoint, resumed_from_epoch=m["resumed_from_epoch"],
-               model_config=config_dict,
+               initialised_from=initialised_from, model_config=config_dict,
                training={k: getattr(opts, k) for k in (*MODEL_KNOBS, "lr_schedule", "warmup_frac",
                                                        "min_lr_factor", "patience", "seed")}
                | {"sparse_optimizer": "fused row-wise Adagrad", "dense_optimizer": "AdamW"})
