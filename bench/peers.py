@@ -28,6 +28,11 @@ DeepFM: embedding dim 16, MLP (128, 64) with ReLU and dropout 0.2, up to 12 epoc
 without a higher validation AUC, test figures of the best epoch. Training time counts only the optimisation passes
 (no evaluation), as ours does. One torch thread, as each of our Ray workers has.
 
+With ``--predictions PATH`` (deepctr, recbole) the best epoch's test predictions are also written there as Parquet,
+one row per test sample, with the columns of our model folder's ``predictions.parquet``
+(``training.artifacts.PREDICTION_COLUMNS``: ``row``, ``event_id`` when the export has it, ``user``, ``label``,
+``score``, the click probability), keyed the same way, so ``bench.leaderboard_stats`` pairs them with ours.
+
 The result JSON has ``train_samples_per_s`` (or ``pairs_per_s``), ``test_auc``, ``test_logloss``, ``valid_auc``,
 ``best_epoch``, ``epochs``, ``train_s`` and (deepctr, recbole) ``dense_features``, the dense features used (in input
 order; empty when none), and (their DIN) ``history_ratings``, whether it read ``hist_rating``.
@@ -61,6 +66,8 @@ DENSE = {"user_prior_events": "count", "user_prior_rating": "rating",
          "item_prior_events": "count", "item_prior_rating": "rating"}
 #: Stars subtracted from a mean rating (features.definitions.RATING_CENTER).
 RATING_CENTER = 3.5
+#: The columns of a predictions file (training.artifacts.PREDICTION_COLUMNS; event_id only when exported).
+PREDICTION_COLUMNS = ("row", "event_id", "user", "label", "score")
 
 
 # ---------------------------------------------------------------------------------------- shared reading
@@ -156,6 +163,51 @@ def read_split(lake: Path, split: str, history: bool = False, dense: tuple[str, 
     return out
 
 
+def read_keys(lake: Path, split: str) -> dict[str, np.ndarray]:
+    """The keys of a split's rows in file order (the order :func:`read_split` and ``training.data.read_ctr_shard``
+    read): ``row`` (N,) int64 their positions, ``user`` (N,) int64 ``user_idx`` (the GAUC key) and, when the export
+    has the column, ``event_id`` (N,) str."""
+    path = lake / "export" / "ctr_samples" / f"split={split}"
+    dataset = ds.dataset(str(path), format="parquet")
+    keyed = "event_id" in dataset.schema.names
+    t = dataset.to_table(columns=["user_idx", *(["event_id"] if keyed else [])])
+    out = {"row": np.arange(t.num_rows, dtype=np.int64),
+           "user": t.column("user_idx").fill_null(0).to_numpy().astype(np.int64)}
+    if keyed:
+        out["event_id"] = t.column("event_id").to_numpy(zero_copy_only=False).astype(str)
+    return out
+
+
+def write_predictions(path: Path, keys: dict[str, np.ndarray], label: np.ndarray, score: np.ndarray,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write one split's predictions, row ``i`` of ``label`` / ``score`` (N,) being row ``i`` of ``keys``
+    (:func:`read_keys`), as Parquet with ``PREDICTION_COLUMNS`` (the lines of
+    ``training.tasks.ctr.write_predictions``, which this environment cannot import), whole and renamed into place.
+
+    Raises:
+        ValueError: lengths differ, a label is not 0/1, or a score is outside [0, 1].
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    label, score = np.asarray(label).ravel(), np.asarray(score, np.float64).ravel()
+    if not len(label) == len(score) == len(keys["row"]):
+        raise ValueError(f"{len(keys['row'])} rows, {len(label)} labels and {len(score)} scores")
+    if not np.isin(label, (0, 1)).all() or not ((score >= 0) & (score <= 1)).all():
+        raise ValueError("labels must be 0/1 and scores probabilities in [0, 1]")
+    arrays = {"row": pa.array(keys["row"], pa.int64())}
+    if "event_id" in keys:
+        arrays["event_id"] = pa.array(keys["event_id"], pa.string())
+    arrays |= {"user": pa.array(keys["user"], pa.int64()), "label": pa.array(label.astype(np.int8), pa.int8()),
+               "score": pa.array(score, pa.float64())}
+    table = pa.table(arrays).replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
 def auc_logloss(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     from sklearn.metrics import log_loss, roc_auc_score
 
@@ -222,13 +274,18 @@ def run_deepctr(a: argparse.Namespace) -> dict:
         valid_auc, _ = auc_logloss(data["valid"]["label"], model.predict(x["valid"], 4096).ravel())
         print(f"[deepctr] epoch {epoch} valid auc {valid_auc:.4f}", flush=True)
         if valid_auc > best_valid:
-            test_auc, test_ll = auc_logloss(data["test"]["label"], model.predict(x["test"], 4096).ravel())
+            test_p = model.predict(x["test"], 4096).ravel()  # (N,) probabilities, in the split's row order
+            test_auc, test_ll = auc_logloss(data["test"]["label"], test_p)
             best_valid, since = valid_auc, 0
             best = {"valid_auc": valid_auc, "test_auc": test_auc, "test_logloss": test_ll, "best_epoch": epoch}
         else:
             since += 1
             if since >= a.patience:
                 break
+    if a.predictions is not None:
+        write_predictions(a.predictions, read_keys(a.lake, "test"), data["test"]["label"], test_p,
+                          {"implementation": "deepctr", "model": a.model, "seed": str(a.seed), "split": "test",
+                           "best_epoch": str(best["best_epoch"])})
     n = len(data["train"]["label"])
     return {**best, "epochs": epoch, "train_s": train_s, "train_samples_per_s": n * epoch / train_s,
             "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense),
@@ -237,7 +294,8 @@ def run_deepctr(a: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------- RecBole
 def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", history: bool = False,
-                         dense: tuple[str, ...] = (), ratings: bool = False) -> dict[str, int]:
+                         dense: tuple[str, ...] = (), ratings: bool = False,
+                         row_ids: bool = False) -> dict[str, int]:
     """RecBole atomic files for our split, under ``out_dir/name/``: ``<name>.<split>.inter`` (one per split, rows
     in the export's order, read with ``benchmark_filename`` so RecBole keeps the split), ``<name>.user`` (age,
     gender, occupation, zip prefix) and ``<name>.item`` (genres as a token sequence). Tokens are our indices, so
@@ -248,11 +306,15 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
     field with numpy >= 1.24; it remaps the levels to ids of its own, 0 = its padding, so our level 0 (unknown)
     gets a row of its own, as in DeepCTR's table and ours). The dense features named in ``dense`` are float
     fields of the interactions (they are point-in-time, not static), holding the model input already transformed
-    (:func:`dense_inputs`; 9 significant digits, which round-trip a float32). Returns the rows written per split.
+    (:func:`dense_inputs`; 9 significant digits, which round-trip a float32). With ``row_ids`` the interactions also
+    carry ``row``, their position in the split (:func:`read_keys`), a float field that no model reads (RecBole's
+    models embed a float field only when it is in ``numerical_features``), by which :func:`run_recbole` keys its
+    test predictions: its evaluation may reorder the rows. Returns the rows written per split.
 
     Raises:
         ValueError: a user or an item has different side features in different rows (the features are static);
-            ``ratings`` without ``history`` (:func:`read_split`).
+            ``ratings`` without ``history`` (:func:`read_split`); a split of more than 2**24 rows with ``row_ids``
+            (a float32 would not hold every position exactly).
     """
     d = out_dir / name
     d.mkdir(parents=True, exist_ok=True)
@@ -272,6 +334,12 @@ def write_recbole_atomic(lake: Path, out_dir: Path, name: str = "ml100k_lake", h
             header.append(f"{HISTORY_RATING}:token_seq")
             for row, r, n in zip(rows, s[HISTORY_RATING], s["hist_len"]):
                 row.append(" ".join(map(str, r[:n])))
+        if row_ids:  # the row's position in the split, a float field no model reads (run_recbole's predictions)
+            if len(rows) > 2**24:
+                raise ValueError(f"split {split} has {len(rows)} rows; row ids above 2**24 do not survive a float32")
+            header.append("row:float")
+            for r, row in enumerate(rows):
+                row.append(str(r))
         lines = ["\t".join(header)] + ["\t".join(row) for row in rows]
         (d / f"{name}.{split}.inter").write_text("\n".join(lines) + "\n")
         counts[split] = len(s["label"])
@@ -364,7 +432,10 @@ def run_recbole(a: argparse.Namespace) -> dict:
     features are embedded but not fed to its DNN, and its DNN is Dice + batch norm over (200, 80). The dense
     features: DeepFM embeds them as ``numerical_features`` (``FLEmbedding``: value x a learned vector per field, in
     its first-order part, FM and DNN; no normalisation or discretisation, the values are already ours); DIN takes
-    them, and the behaviours' stars ``hist_rating`` when read, through :func:`recbole_din_with_dnn_inputs`."""
+    them, and the behaviours' stars ``hist_rating`` when read, through :func:`recbole_din_with_dnn_inputs`. With
+    ``--predictions`` the interactions carry their ``row`` (:func:`write_recbole_atomic`), and the final test
+    evaluation's scores are collected by row as RecBole's trainer computes them (its batches may be in another
+    order than the split's)."""
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -377,9 +448,11 @@ def run_recbole(a: argparse.Namespace) -> dict:
     din = a.model == "din"
     dense = () if a.no_dense else exported_dense(a.lake)
     ratings = din and not a.no_history_ratings and exported_history_ratings(a.lake)
-    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din, dense=dense, ratings=ratings)
+    keyed = a.predictions is not None
+    counts = write_recbole_atomic(a.lake, a.work / "atomic", name, history=din, dense=dense, ratings=ratings,
+                                  row_ids=keyed)
     inter_cols = ["user_id", "item_id", "label", *dense, *(["item_id_list"] if din else []),
-                  *([HISTORY_RATING] if ratings else [])]
+                  *([HISTORY_RATING] if ratings else []), *(["row"] if keyed else [])]
     config = Config(model="DIN" if din else "DeepFM", dataset=name, config_dict={
         "data_path": str(a.work / "atomic"), "checkpoint_dir": str(a.work / "saved"),
         **({"alias_of_item_id": ["item_id_list"], "MAX_ITEM_LIST_LENGTH": MAX_HISTORY} if din else {}),
@@ -429,18 +502,62 @@ def run_recbole(a: argparse.Namespace) -> dict:
 
     trainer._valid_epoch = record_valid
     valid_score, valid_result = trainer.fit(train, valid, saved=True, show_progress=False)
+    batch_eval, scored = trainer._neg_sample_batch_eval, []
+
+    def record_scores(batched_data):  # the test evaluation's (rows, labels, probabilities), batch by batch
+        interaction, batch_scores, *rest = batch_eval(batched_data)
+        scored.append((interaction["row"].cpu().numpy(), interaction["label"].cpu().numpy(),
+                       batch_scores.detach().cpu().numpy()))
+        return (interaction, batch_scores, *rest)
+
+    if keyed:
+        trainer._neg_sample_batch_eval = record_scores
     load = torch.load
     torch.load = lambda *x, **k: load(*x, **{**k, "weights_only": False})  # RecBole's own checkpoint (a dict)
     try:
         test_result = trainer.evaluate(test, load_best_model=True, show_progress=False)
     finally:
         torch.load = load
+        trainer._neg_sample_batch_eval = batch_eval
+    if keyed:
+        keys = read_keys(a.lake, "test")
+        label, score = recbole_by_row(scored, counts["test"])
+        if not np.array_equal(label, read_split(a.lake, "test")["label"]):
+            raise RuntimeError("RecBole's test labels by row differ from the split's: its row field is not ours")
+        write_predictions(a.predictions, keys, label, score,
+                          {"implementation": "recbole", "model": a.model, "seed": str(a.seed), "split": "test",
+                           "best_epoch": str(int(np.argmax(scores)) + 1)})
     return {"valid_auc": float(valid_result["auc"]), "test_auc": float(test_result["auc"]),
             "test_logloss": float(test_result["logloss"]), "best_epoch": int(np.argmax(scores)) + 1,
             "epochs": timed["epochs"], "train_s": timed["s"],
             "train_samples_per_s": rows["train"] * timed["epochs"] / timed["s"],
             "optimizer": f"Adam lr {a.lr} (all parameters)", "dense_features": list(dense),
             **({"history_ratings": ratings} if din else {})}
+
+
+def recbole_by_row(scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores), each (n,), in the split's row order, from RecBole's evaluation batches ``scored``: a list of
+    (rows, labels, scores) of its ``row`` field (float; :func:`write_recbole_atomic`), label field and predicted
+    probabilities, in whatever order it evaluated them.
+
+    Raises:
+        ValueError: the batches do not hold every row 0..n-1 exactly once (RecBole dropped, repeated or invented
+            rows).
+
+    >>> by_row = recbole_by_row([(np.array([2.0, 0.0]), np.array([1.0, 0.0]), np.array([0.7, 0.1])),
+    ...                          (np.array([1.0]), np.array([0.0]), np.array([0.4]))], 3)
+    >>> [v.tolist() for v in by_row]
+    [[0.0, 0.0, 1.0], [0.1, 0.4, 0.7]]
+    """
+    rows = np.rint(np.concatenate([r for r, _, _ in scored])).astype(np.int64) if scored else np.zeros(0, np.int64)
+    if len(rows) != n or not np.array_equal(np.sort(rows), np.arange(n)):
+        raise ValueError(f"RecBole scored {len(rows)} rows ({len(np.unique(rows))} distinct) of the test split's "
+                         f"{n}; every row must be scored once")
+    label, score = np.empty(n, np.float64), np.empty(n, np.float64)
+    label[rows] = np.concatenate([y for _, y, _ in scored])
+    score[rows] = np.concatenate([p for _, _, p in scored])
+    return label, score
 
 
 # ----------------------------------------------------------------------------------------------- gensim
@@ -494,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="deepctr, recbole DIN: do not read hist_rating, the stars of each behaviour, even when the "
                         "export has it (an ablation)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predictions", type=Path, default=None,
+                   help="deepctr, recbole: write the best epoch's per-row test predictions there (Parquet: row, "
+                        "event_id, user, label, score)")
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negatives", type=int, default=5)
     p.add_argument("--subsample", type=float, default=1e-3)

@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=2, help="epochs without a better valid metric before stopping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="warmup_cosine", help="dense learning-rate schedule")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="CTR task: write the saved epoch's per-row test predictions to the model folder "
+                        "(predictions.parquet: row, event_id, user, label, score)")
     p.add_argument("--use-gpu", action="store_true",
                    help="one GPU per worker, NCCL (as RECSYS_TRAIN__USE_GPU=true; default: the configuration's)")
     return p
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                             weight_decay=a.weight_decay, mba_lambda=a.mba_lambda, id_dropout=a.id_dropout,
                             recency_half_life_days=a.recency_half_life_days, model_options=parse_options(a.option),
                             dense_features=not a.no_dense_features, sharding=a.sharding, patience=a.patience,
-                            seed=a.seed, lr_schedule=a.lr_schedule)
+                            seed=a.seed, lr_schedule=a.lr_schedule, save_predictions=a.save_predictions)
     except (UnknownModelError, ModelOptionError, ValueError) as e:
         p.error(str(e))
     cfg = load_config()

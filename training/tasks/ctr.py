@@ -11,6 +11,10 @@ levers, each off unless the run asks for it (``TrainOptions``):
 - ``mba_lambda`` > 0: the DIN paper's mini-batch aware L2 on the id rows each batch looked up (``CtrObjective``);
 - ``recency_half_life_days`` > 0: time-decayed sample weights (``training.data.recency_weights``).
 
+With ``save_predictions`` the test evaluation of the best epoch also keeps every test row's score (rank 0,
+``CtrTask.test_predictions``), which the trainer writes to the model folder's ``predictions.parquet``
+(``write_predictions``; ``training.artifacts.PREDICTION_COLUMNS``) for paired comparisons (``bench.leaderboard_stats``).
+
 A model whose data loss is not the weighted BCE declares ``ModelSpec.ctr_loss`` (e.g. MF's BPR,
 ``training.models.mf``); the objective calls it instead, the mini-batch aware L2 and the evaluation stay the same.
 
@@ -20,6 +24,7 @@ Legend: B batch size, V rows of a table, N ids.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +63,85 @@ def read_cold_as_oov(shard, id_tables: Mapping[str, tuple[str, ...]], counts: Ma
                 shard.ids[f] = remap[shard.ids[f]]
             if f in shard.values:
                 shard.values[f] = remap[shard.values[f]]
+
+
+def read_event_ids(lake_dir, split: str) -> np.ndarray | None:
+    """(N,) ``event_id`` of every row of ``export/ctr_samples/split=<split>`` in file order -- the order
+    ``training.data.read_ctr_shard`` reads, so row ``r`` of the split is rank ``r % world_size``'s row
+    ``r // world_size`` -- or None when the export has no ``event_id`` column (``bench.models``' generated data).
+
+    Raises:
+        TableNotFoundError: the split has not been exported.
+    """
+    import pyarrow.dataset as ds
+
+    from features.errors import TableNotFoundError
+    from features.tables import CTR_SAMPLES, parquet_export
+    from training.data import PRODUCER
+
+    path = Path(parquet_export(CTR_SAMPLES, lake_dir)) / f"split={split}"
+    if not path.exists() or not any(path.glob("*.parquet")):
+        raise TableNotFoundError(f"{CTR_SAMPLES.name} split={split}", str(path), PRODUCER)
+    dataset = ds.dataset(str(path), format="parquet")
+    if "event_id" not in dataset.schema.names:
+        return None
+    return dataset.to_table(columns=["event_id"]).column("event_id").to_numpy(zero_copy_only=False)
+
+
+def write_predictions(path, predictions: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Write one split's per-row predictions as Parquet (``training.artifacts.PREDICTION_COLUMNS``), whole and
+    renamed into place; ``event_id`` is written only when given.
+
+    Args:
+        path: the file (``ModelLayout.predictions``); its folder is created.
+        predictions: ``row`` (N,) int, ``user`` (N,) int, ``label`` (N,) 0/1, ``score`` (N,) click probability,
+            optionally ``event_id`` (N,) str; rows are written sorted by ``row``.
+        metadata: strings stored in the file's key-value metadata (e.g. ``model_version``).
+
+    Returns:
+        the path.
+
+    Raises:
+        ValueError: a required column is missing, the columns differ in length, ``row`` repeats, a label is not 0/1
+            or a score is outside [0, 1].
+
+    >>> import tempfile, pyarrow.parquet as pq
+    >>> p = write_predictions(Path(tempfile.mkdtemp()) / "predictions.parquet", {"row": np.array([1, 0]),
+    ...     "user": np.array([7, 7]), "label": np.array([1.0, 0.0]), "score": np.array([0.9, 0.2])})
+    >>> pq.read_table(p).to_pydict()
+    {'row': [0, 1], 'user': [7, 7], 'label': [0, 1], 'score': [0.2, 0.9]}
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.artifacts import PREDICTION_COLUMNS
+
+    missing = [c for c in PREDICTION_COLUMNS if c != "event_id" and c not in predictions]
+    if missing:
+        raise ValueError(f"predictions lack column(s) {missing}; need {PREDICTION_COLUMNS} (event_id optional)")
+    cols = {c: np.asarray(predictions[c]) for c in PREDICTION_COLUMNS if c in predictions}
+    lengths = {c: len(v) for c, v in cols.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"prediction columns differ in length: {lengths}")
+    order = np.argsort(cols["row"], kind="stable")
+    row = cols["row"].astype(np.int64)[order]
+    if len(row) and (np.diff(row) == 0).any():
+        raise ValueError(f"predictions repeat row(s) {np.unique(row[1:][np.diff(row) == 0])[:5].tolist()}")
+    label, score = cols["label"][order], cols["score"].astype(np.float64)[order]
+    if not np.isin(label, (0, 1)).all() or not ((score >= 0) & (score <= 1)).all():
+        raise ValueError("labels must be 0/1 and scores probabilities in [0, 1]")
+    arrays = {"row": pa.array(row, pa.int64())}
+    if "event_id" in cols:
+        arrays["event_id"] = pa.array(cols["event_id"][order].astype(str), pa.string())
+    arrays |= {"user": pa.array(cols["user"].astype(np.int64)[order], pa.int64()),
+               "label": pa.array(label.astype(np.int8), pa.int8()), "score": pa.array(score, pa.float64())}
+    table = pa.table(arrays).replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
 
 
 #: The declared features whose ids are entities (a user, an item): the rows the mini-batch aware L2 covers.
@@ -152,7 +236,7 @@ class CtrTask:
     name = "ctr"
     monitor = "auc"
     #: trainer knobs that only this task reads
-    levers = ("mba_lambda", "id_dropout", "recency_half_life_days")
+    levers = ("mba_lambda", "id_dropout", "recency_half_life_days", "save_predictions")
     #: the figures that go into the stage result
     result_keys = ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_samples_per_s", "best_epoch")
 
@@ -186,6 +270,11 @@ class CtrTask:
             self.cold = {t: int((n[1:] == 0).sum()) for t, n in self.counts.items()}
             ctx.log(f"id dropout {opts.id_dropout}: cold rows read as OOV {self.cold}")
         self.objective, self._total, self.generator = None, 0.0, None
+        #: save_predictions: the test split's event ids (rank 0; None without the column), and the per-row
+        #: predictions of the last test evaluation -- the best epoch's (rank 0; write_predictions' columns)
+        self.test_event_ids = read_event_ids(ctx.lake_dir, "test") if opts.save_predictions and ctx.rank == 0 \
+            else None
+        self.test_predictions: dict[str, np.ndarray] | None = None
 
     def bind(self, dmp) -> None:
         """The objective of the sharded model: the model's own ``ctr_loss`` when it declares one for this config,
@@ -219,7 +308,8 @@ class CtrTask:
 
     def evaluate(self, dmp, split: str) -> dict[str, float]:
         """AUC, logloss and GAUC of ``split`` over all ranks' rows; the model runs on the device, the metrics on
-        CPU copies."""
+        CPU copies. With ``save_predictions``, a test evaluation also keeps every row's prediction on rank 0 in
+        ``test_predictions`` (``write_predictions``' columns; ``row`` the row's position in the split)."""
         from training.data import ctr_batches, num_batches
         from training.metrics import auc, gauc, logloss
 
@@ -237,18 +327,32 @@ class CtrTask:
                 scores.append(dmp(b.features, b.dense).cpu()[keep].numpy())
                 labels.append(b.label[keep].numpy())
                 users.append(b.user[keep].numpy())
-        s, y, u = all_gather_arrays(np.concatenate(scores), np.concatenate(labels), np.concatenate(users))
-        return {"auc": auc(y, s), "logloss": logloss(y, 1.0 / (1.0 + np.exp(-s))), "gauc": gauc(u, y, s)}
+        keep_rows = split == "test" and ctx.opts.save_predictions
+        # this rank's rows are rows rank::world_size of the split (read_ctr_shard), in order (no shuffle)
+        rows = [np.arange(ctx.rank, int(n), ctx.world_size)] if keep_rows else []
+        s, y, u, *r = all_gather_arrays(np.concatenate(scores), np.concatenate(labels), np.concatenate(users),
+                                        *rows)
+        p = 1.0 / (1.0 + np.exp(-s))
+        if keep_rows and ctx.rank == 0:
+            self.test_predictions = {"row": r[0], "user": u, "label": y, "score": p}
+            if self.test_event_ids is not None:
+                self.test_predictions["event_id"] = self.test_event_ids[r[0]]
+        return {"auc": auc(y, s), "logloss": logloss(y, p), "gauc": gauc(u, y, s)}
 
     def summary(self) -> dict:
         return {}
 
     def state_dict(self) -> dict:
-        return {} if self.generator is None else {"generator": self.generator.get_state()}
+        state = {} if self.generator is None else {"generator": self.generator.get_state()}
+        if self.test_predictions is not None:  # a resumed run whose best epoch came before the restart keeps them
+            state["test_predictions"] = self.test_predictions
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
+        if "test_predictions" in state:
+            self.test_predictions = state["test_predictions"]
 
     def finish(self, state: dict) -> dict:
         """The saved model reads a cold id as its OOV row with no remap of its own."""
