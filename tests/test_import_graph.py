@@ -51,12 +51,6 @@ DAG_ALLOWED_TOP = frozenset({"airflow", "pipelines", "dags"})
 #: test fails on an exception that no longer exists.
 #: - closing a cycle (``find_cycles`` runs on the graph without these edges):
 CYCLE_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("training.registry", "training.models"):
-        "model plugin discovery (timm's register_model pattern): get_model/list_models import every file of "
-        "training/models/ on first use (registry._load_all, through the package training.models), and each model "
-        "file imports training.registry to register itself. Removing the edge means moving the way in "
-        "(get_model, list_models) into training.models, as timm does, and changing every caller of "
-        "training.registry across training, serving, evaluation and bench; not done here.",
 }
 #: - across the layering of ``FORBIDDEN``:
 LAYERING_EXCEPTIONS: dict[tuple[str, str], str] = {

@@ -22,7 +22,8 @@ from bench.leaderboard_stats import (METRICS, PredictionsMismatchError, metric_v
 from training.artifacts import PREDICTION_COLUMNS, ModelLayout
 from training.data import read_ctr_shard, synthetic_vocab_sizes
 from training.metrics import auc, gauc, logloss
-from training.tasks.ctr import read_event_ids, write_predictions
+from training.artifacts import write_predictions
+from training.tasks.ctr import read_event_ids
 
 
 def _preds(user, label, score, key: str = "event_id") -> dict[str, np.ndarray]:

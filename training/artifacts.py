@@ -13,7 +13,7 @@ writer and the one loader every stage uses.
   item table (``ModelSpec.item_table``): the item vectors its retrieval searches (``ModelSpec.item_vectors``; by
   default the table itself);
 - ``predictions.parquet``: only when trained with ``--save-predictions`` (a CTR model,
-  ``training.tasks.ctr.write_predictions``): one row per test sample, scored by the saved epoch, columns
+  ``write_predictions``): one row per test sample, scored by the saved epoch, columns
   ``PREDICTION_COLUMNS``; the file's Parquet metadata holds ``model_version``. ``bench/peers.py --predictions``
   writes the same columns for the same rows, so ``bench.leaderboard_stats`` pairs them.
 
@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,7 @@ def save_model(out_dir: str | Path, spec, config, state: dict, *, model_version:
     """
     import torch
 
-    from training.registry import config_to_dict
+    from training.spec import config_to_dict
 
     layout = ModelLayout(out_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -195,3 +196,57 @@ def load_item_embeddings(path: str | Path) -> tuple[np.ndarray, dict]:
         raise ModelOutputError(f"{layout.item_embeddings}: item embeddings must be (R >= 2, D >= 1), got "
                                f"{table.shape}; retrain {layout.root.name}")
     return table, meta
+
+
+def write_predictions(path, predictions: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Write one split's per-row predictions as Parquet (``training.artifacts.PREDICTION_COLUMNS``), whole and
+    renamed into place; ``event_id`` is written only when given.
+
+    Args:
+        path: the file (``ModelLayout.predictions``); its folder is created.
+        predictions: ``row`` (N,) int, ``user`` (N,) int, ``label`` (N,) 0/1, ``score`` (N,) click probability,
+            optionally ``event_id`` (N,) str; rows are written sorted by ``row``.
+        metadata: strings stored in the file's key-value metadata (e.g. ``model_version``).
+
+    Returns:
+        the path.
+
+    Raises:
+        ValueError: a required column is missing, the columns differ in length, ``row`` repeats, a label is not 0/1
+            or a score is outside [0, 1].
+
+    >>> import tempfile, pyarrow.parquet as pq
+    >>> p = write_predictions(Path(tempfile.mkdtemp()) / "predictions.parquet", {"row": np.array([1, 0]),
+    ...     "user": np.array([7, 7]), "label": np.array([1.0, 0.0]), "score": np.array([0.9, 0.2])})
+    >>> pq.read_table(p).to_pydict()
+    {'row': [0, 1], 'user': [7, 7], 'label': [0, 1], 'score': [0.2, 0.9]}
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = [c for c in PREDICTION_COLUMNS if c != "event_id" and c not in predictions]
+    if missing:
+        raise ValueError(f"predictions lack column(s) {missing}; need {PREDICTION_COLUMNS} (event_id optional)")
+    cols = {c: np.asarray(predictions[c]) for c in PREDICTION_COLUMNS if c in predictions}
+    lengths = {c: len(v) for c, v in cols.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"prediction columns differ in length: {lengths}")
+    order = np.argsort(cols["row"], kind="stable")
+    row = cols["row"].astype(np.int64)[order]
+    if len(row) and (np.diff(row) == 0).any():
+        raise ValueError(f"predictions repeat row(s) {np.unique(row[1:][np.diff(row) == 0])[:5].tolist()}")
+    label, score = cols["label"][order], cols["score"].astype(np.float64)[order]
+    if not np.isin(label, (0, 1)).all() or not ((score >= 0) & (score <= 1)).all():
+        raise ValueError("labels must be 0/1 and scores probabilities in [0, 1]")
+    arrays = {"row": pa.array(row, pa.int64())}
+    if "event_id" in cols:
+        arrays["event_id"] = pa.array(cols["event_id"][order].astype(str), pa.string())
+    arrays |= {"user": pa.array(cols["user"].astype(np.int64)[order], pa.int64()),
+               "label": pa.array(label.astype(np.int8), pa.int8()), "score": pa.array(score, pa.float64())}
+    table = pa.table(arrays).replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path

@@ -501,8 +501,7 @@ def run_worker(c: dict, rank: int, world_size: int, device) -> None:
     if rank == 0:
         best = best | task.finish(best_state)
         if opts.save_predictions:  # before save_model: meta.json, written last, marks a complete folder
-            from training.artifacts import ModelLayout
-            from training.tasks.ctr import write_predictions
+            from training.artifacts import ModelLayout, write_predictions
 
             write_predictions(ModelLayout(c["model_dir"]).predictions, task.test_predictions,
                               {"model_version": c["model_version"], "split": "test",

@@ -45,7 +45,7 @@ from features.vocab import OOV_INDEX
 from training.modules import (MLP, AuxiliaryNet, InterestEvolution, InterestExtractor, SequenceEmbedding,
                               SparseArch as PooledArch, check_dense, table_configs)
 from training.modules.mlp import ACTIVATIONS
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 
 CANDIDATE = "item_idx"
 #: the item table's key for the auxiliary loss's negatives: one per step t (the pair h_t, e_{t+1}), row-major, a row

@@ -41,7 +41,7 @@ from features.errors import VocabularyError
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import (MLP, SequenceEmbedding, SparseArch as PooledArch, TargetAttention, check_dense,
                               table_configs)
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 
 CANDIDATE = "item_idx"
 #: the KJT keys DIN reads: the declared sparse features plus the behaviour history.

@@ -45,7 +45,7 @@ from torchrec import KeyedJaggedTensor
 from features.definitions import SPARSE_FEATURES
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import FieldAwareInteraction, FirstOrder, SparseArch, check_dense, field_block, table_configs
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 from training.tasks.ctr import pooled_id_lookups
 
 #: The fields, in the order of the tables' blocks: the declared sparse features.

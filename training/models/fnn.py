@@ -40,7 +40,7 @@ from features.definitions import SPARSE_FEATURES
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.models.fm import SPEC as FM_SPEC
 from training.modules import MLP, SparseArch, check_dense, table_configs
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 from training.tasks.ctr import pooled_id_lookups
 
 

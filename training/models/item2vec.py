@@ -22,7 +22,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from features.tables import ITEM_SEQUENCES, ITEM_VOCAB
 from training.modules import SparseArch
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 
 CENTER, CONTEXT = "center", "context"
 

@@ -47,7 +47,7 @@ from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from features.vocab import OOV_INDEX
 from training.modules import SparseArch, table_configs
 from training.query import QueryEncoder
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 
 #: The features the forward reads: the candidate item and the history, both from the item table.
 CF_FEATURES = (next(f for f in SPARSE_FEATURES if f.name == "item_idx"), HISTORY_FEATURE)

@@ -46,7 +46,7 @@ from torchrec import KeyedJaggedTensor
 from features.definitions import SPARSE_FEATURES
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import SparseArch, check_dense, table_configs
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 from training.tasks.ctr import pooled_id_lookups
 
 #: Columns of each weight table: column 0 is the id's weight, 1-3 pad the row to FBGEMM's multiple of 4.

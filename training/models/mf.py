@@ -39,7 +39,7 @@ from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from features.vocab import OOV_INDEX
 from training.modules import FirstOrder, SparseArch, table_configs
 from training.query import UserVector, mips_items
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 from training.tasks.ctr import pooled_id_lookups
 
 #: The two features MF reads: the user and the item.

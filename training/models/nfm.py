@@ -33,7 +33,7 @@ from torchrec import KeyedJaggedTensor
 from features.definitions import SPARSE_FEATURES
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import MLP, BiInteractionPooling, FirstOrder, SparseArch, check_dense, table_configs
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 from training.tasks.ctr import pooled_id_lookups
 
 

@@ -42,7 +42,7 @@ from features.definitions import SPARSE_FEATURES
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
 from training.modules import MLP, ProductLayer, SparseArch, check_dense, table_configs
 from training.modules.product import PRODUCTS
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 from training.tasks.ctr import pooled_id_lookups
 
 

@@ -50,7 +50,7 @@ from training.models.itemcf import (CF_FEATURES, ITEM_TABLE, NeighbourhoodTooLar
                                     history_matrix, item_columns)
 from training.modules import SparseArch, table_configs
 from training.query import QueryEncoder, mips_items
-from training.registry import ModelSpec, TrainDefaults, register
+from training.spec import ModelSpec, TrainDefaults, register
 
 USER_SCALE = "user_scale"
 

@@ -13,7 +13,7 @@ levers, each off unless the run asks for it (``TrainOptions``):
 
 With ``save_predictions`` the test evaluation of the best epoch also keeps every test row's score (rank 0,
 ``CtrTask.test_predictions``), which the trainer writes to the model folder's ``predictions.parquet``
-(``write_predictions``; ``training.artifacts.PREDICTION_COLUMNS``) for paired comparisons (``bench.leaderboard_stats``).
+(``training.artifacts.write_predictions``) for paired comparisons (``bench.leaderboard_stats``).
 
 A model whose data loss is not the weighted BCE declares ``ModelSpec.ctr_loss`` (e.g. MF's BPR,
 ``training.models.mf``); the objective calls it instead, the mini-batch aware L2 and the evaluation stay the same.
@@ -86,62 +86,6 @@ def read_event_ids(lake_dir, split: str) -> np.ndarray | None:
     if "event_id" not in dataset.schema.names:
         return None
     return dataset.to_table(columns=["event_id"]).column("event_id").to_numpy(zero_copy_only=False)
-
-
-def write_predictions(path, predictions: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    """Write one split's per-row predictions as Parquet (``training.artifacts.PREDICTION_COLUMNS``), whole and
-    renamed into place; ``event_id`` is written only when given.
-
-    Args:
-        path: the file (``ModelLayout.predictions``); its folder is created.
-        predictions: ``row`` (N,) int, ``user`` (N,) int, ``label`` (N,) 0/1, ``score`` (N,) click probability,
-            optionally ``event_id`` (N,) str; rows are written sorted by ``row``.
-        metadata: strings stored in the file's key-value metadata (e.g. ``model_version``).
-
-    Returns:
-        the path.
-
-    Raises:
-        ValueError: a required column is missing, the columns differ in length, ``row`` repeats, a label is not 0/1
-            or a score is outside [0, 1].
-
-    >>> import tempfile, pyarrow.parquet as pq
-    >>> p = write_predictions(Path(tempfile.mkdtemp()) / "predictions.parquet", {"row": np.array([1, 0]),
-    ...     "user": np.array([7, 7]), "label": np.array([1.0, 0.0]), "score": np.array([0.9, 0.2])})
-    >>> pq.read_table(p).to_pydict()
-    {'row': [0, 1], 'user': [7, 7], 'label': [0, 1], 'score': [0.2, 0.9]}
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from training.artifacts import PREDICTION_COLUMNS
-
-    missing = [c for c in PREDICTION_COLUMNS if c != "event_id" and c not in predictions]
-    if missing:
-        raise ValueError(f"predictions lack column(s) {missing}; need {PREDICTION_COLUMNS} (event_id optional)")
-    cols = {c: np.asarray(predictions[c]) for c in PREDICTION_COLUMNS if c in predictions}
-    lengths = {c: len(v) for c, v in cols.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"prediction columns differ in length: {lengths}")
-    order = np.argsort(cols["row"], kind="stable")
-    row = cols["row"].astype(np.int64)[order]
-    if len(row) and (np.diff(row) == 0).any():
-        raise ValueError(f"predictions repeat row(s) {np.unique(row[1:][np.diff(row) == 0])[:5].tolist()}")
-    label, score = cols["label"][order], cols["score"].astype(np.float64)[order]
-    if not np.isin(label, (0, 1)).all() or not ((score >= 0) & (score <= 1)).all():
-        raise ValueError("labels must be 0/1 and scores probabilities in [0, 1]")
-    arrays = {"row": pa.array(row, pa.int64())}
-    if "event_id" in cols:
-        arrays["event_id"] = pa.array(cols["event_id"][order].astype(str), pa.string())
-    arrays |= {"user": pa.array(cols["user"].astype(np.int64)[order], pa.int64()),
-               "label": pa.array(label.astype(np.int8), pa.int8()), "score": pa.array(score, pa.float64())}
-    table = pa.table(arrays).replace_schema_metadata({k: str(v) for k, v in (metadata or {}).items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
 
 
 #: The declared features whose ids are entities (a user, an item): the rows the mini-batch aware L2 covers.
@@ -271,7 +215,7 @@ class CtrTask:
             ctx.log(f"id dropout {opts.id_dropout}: cold rows read as OOV {self.cold}")
         self.objective, self._total, self.generator = None, 0.0, None
         #: save_predictions: the test split's event ids (rank 0; None without the column), and the per-row
-        #: predictions of the last test evaluation -- the best epoch's (rank 0; write_predictions' columns)
+        #: predictions of the last test evaluation, the best epoch's (rank 0; training.artifacts.write_predictions)
         self.test_event_ids = read_event_ids(ctx.lake_dir, "test") if opts.save_predictions and ctx.rank == 0 \
             else None
         self.test_predictions: dict[str, np.ndarray] | None = None
@@ -309,7 +253,8 @@ class CtrTask:
     def evaluate(self, dmp, split: str) -> dict[str, float]:
         """AUC, logloss and GAUC of ``split`` over all ranks' rows; the model runs on the device, the metrics on
         CPU copies. With ``save_predictions``, a test evaluation also keeps every row's prediction on rank 0 in
-        ``test_predictions`` (``write_predictions``' columns; ``row`` the row's position in the split)."""
+        ``test_predictions`` (``training.artifacts.write_predictions``' columns; ``row`` the row's position in the
+        split)."""
         from training.data import ctr_batches, num_batches
         from training.metrics import auc, gauc, logloss
 
