@@ -337,10 +337,10 @@ def init_tables(model, source_dir: str | Path, model_version: str | None = None)
         ModelInitError: ``model`` has none of the source's tables, or one of another shape (rows: vocabulary
             sizes; columns: ``embedding_dim``).
     """
-    import torch
     from torch import nn
 
     from training.artifacts import ModelOutputError, load_model
+    from training.distributed.sharding import copy_full_into
 
     source = load_model(source_dir)
     if model_version is not None and source.version != model_version:
@@ -360,15 +360,8 @@ def init_tables(model, source_dir: str | Path, model_version: str | None = None)
         raise ModelInitError(f"tables of {source.spec.name} ({source.version}, {source_dir}) do not fit this model: "
                              f"{'; '.join(wrong)}; build it with the source's embedding_dim and vocabularies, or "
                              f"retrain the source: `python -m training.train --model {source.spec.name}`")
-    with torch.no_grad():
-        for key in shared:
-            dst, src = state[key], saved[key]
-            if hasattr(dst, "local_shards"):  # a sharded table: this rank's rows/columns only
-                for shard in dst.local_shards():
-                    (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(src[r:r + h, c:c + w])
-            else:
-                dst.copy_(src)
+    for key in shared:  # a sharded table: this rank's rows/columns only
+        copy_full_into(state[key], saved[key])
     return shared
 
 

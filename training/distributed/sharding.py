@@ -24,7 +24,7 @@ materialises only the local shards.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -236,21 +236,33 @@ def _is_sharded(t: object) -> bool:
     return hasattr(t, "local_shards")
 
 
+def copy_full_into(dst, src, convert: Callable | None = None) -> None:
+    """Copy the full (unsharded) value ``src`` into ``dst`` in place: a sharded table (``ShardedTensor``) gets the
+    rows and columns of this rank's local shards only, any other tensor the whole of ``src``.
+
+    Args:
+        dst: a value of a (possibly DistributedModelParallel) model's ``state_dict()``.
+        src: anything sliced ``src[r:r + h, c:c + w]`` (a tensor, an array, a scipy sparse matrix).
+        convert: turns ``src`` or a slice of it into a tensor ``copy_`` takes (default: as it is).
+    """
+    convert = convert or (lambda x: x)
+    with torch.no_grad():
+        if _is_sharded(dst):
+            for shard in dst.local_shards():
+                (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(convert(src[r:r + h, c:c + w]))
+        else:
+            dst.copy_(convert(src))
+
+
 def load_full_state_dict(dmp: DistributedModelParallel, full: Mapping[str, torch.Tensor]) -> None:
     """Copy an unsharded model's state dict into ``dmp``: each rank copies the rows/columns of its local shards.
 
     Raises:
         KeyError: a key of the sharded model is missing from ``full``.
     """
-    with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            src = full[key]
-            if _is_sharded(value):
-                for shard in value.local_shards():
-                    (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(src[r:r + h, c:c + w])
-            else:
-                value.copy_(src)
+    for key, value in dmp.state_dict().items():
+        copy_full_into(value, full[key])
 
 
 def gather_full_state_dict(dmp: DistributedModelParallel, dst: int = 0) -> dict[str, torch.Tensor] | None:

@@ -28,6 +28,7 @@ from scipy import sparse
 
 from features.definitions import SPARSE_FEATURES
 from features.vocab import OOV_INDEX
+from training.distributed.sharding import copy_full_into
 from training.tasks.context import TaskContext
 
 #: The columns a closed-form fit reads (the label comes with every CTR shard).
@@ -64,17 +65,11 @@ def load_fitted(model, fitted: Mapping[str, object]) -> None:
     missing = sorted(set(fitted) - set(state))
     if missing:
         raise KeyError(f"the closed-form fit gives {missing}, which the model's state lacks; its keys: {sorted(state)}")
-    with torch.no_grad():
-        for key, value in fitted.items():
-            dst = state[key]
-            if tuple(value.shape) != tuple(dst.size()):
-                raise ValueError(f"{key}: the fit gives {tuple(value.shape)}, the model holds {tuple(dst.size())}")
-            if hasattr(dst, "local_shards"):  # this rank's rows/columns only
-                for shard in dst.local_shards():
-                    (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(torch.from_numpy(_dense(value[r:r + h, c:c + w])))
-            else:
-                dst.copy_(torch.from_numpy(_dense(value)))
+    for key, value in fitted.items():
+        dst = state[key]
+        if tuple(value.shape) != tuple(dst.size()):
+            raise ValueError(f"{key}: the fit gives {tuple(value.shape)}, the model holds {tuple(dst.size())}")
+        copy_full_into(dst, value, lambda block: torch.from_numpy(_dense(block)))  # densified a shard at a time
 
 
 def _dense(value) -> np.ndarray:
