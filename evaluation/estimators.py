@@ -224,7 +224,8 @@ def bandit_evaluation(bandit_path: str | None, n_events: int, seed: int) -> dict
 
     Returns:
         ``{"source", "events", "candidates", "expected_kept", "policies": {name: ReplayEstimate.as_dict()},
-        "uniform_ctr"}``, plus ``"oracle_ctr"`` (the per-event best arm's true CTR) on a simulated log.
+        "uniform_ctr"}``, plus on a simulated log ``"oracle_ctr"`` (the per-event best arm's true CTR) and
+        ``"truth"`` (``simulated_truth``: the true values beside the estimates).
 
     Raises:
         BanditLogError: the table is not in the logged-bandit shape.
@@ -247,15 +248,7 @@ def bandit_evaluation(bandit_path: str | None, n_events: int, seed: int) -> dict
                                          rng=np.random.default_rng(seed), scale=2.0)
         source = "simulated (evaluation.estimators.simulate_uniform_log, seed %d)" % seed
         blog = bandit_log(df)
-    dim = blog.context.shape[1]
-    pols = [EpsilonGreedy(0.1, np.random.default_rng(seed + 1)), ThompsonSampling(np.random.default_rng(seed + 2)),
-            UCB1(), Popularity()]
-    if dim:
-        pols.append(LinUCB(dim=dim, alpha=1.0))
-    if truth is not None:   # the trained-embedding stand-in: the true item factors seen through noise
-        noisy = truth.item_vectors + np.random.default_rng(seed + 3).normal(0, 0.3, truth.item_vectors.shape)
-        pols.append(EmbeddingPolicy(noisy, truth.user_context))
-    est = {p.name: replay_estimate(blog, p).as_dict() for p in pols}
+    est = {p.name: replay_estimate(blog, p).as_dict() for p in _policies(blog, truth, seed)}
     # a policy's kept count must be near events / C: far from it, its choices depend on the logged arm
     out = {"source": source, "events": len(blog), "candidates": int(blog.candidates.shape[1]),
            "expected_kept": len(blog) / blog.candidates.shape[1], "policies": est}
@@ -263,4 +256,53 @@ def bandit_evaluation(bandit_path: str | None, n_events: int, seed: int) -> dict
         best = truth.ctr(np.repeat(blog.user, blog.candidates.shape[1]), blog.candidates.reshape(-1))
         out["oracle_ctr"] = float(best.reshape(blog.candidates.shape).max(axis=1).mean())
     out["uniform_ctr"] = float(blog.click.mean())      # the logging policy's own CTR
+    if truth is not None:
+        out["truth"] = simulated_truth(blog, truth, _policies(blog, truth, seed), est, seed)
     return out
+
+
+def _policies(blog: BanditLog, truth: SyntheticBandit | None, seed: int) -> list:
+    """Fresh instances of the policies ``bandit_evaluation`` replays (the same seeds on every call)."""
+    pols = [EpsilonGreedy(0.1, np.random.default_rng(seed + 1)), ThompsonSampling(np.random.default_rng(seed + 2)),
+            UCB1(), Popularity()]
+    if blog.context.shape[1]:
+        pols.append(LinUCB(dim=blog.context.shape[1], alpha=1.0))
+    if truth is not None:   # the trained-embedding stand-in: the true item factors seen through noise
+        noisy = truth.item_vectors + np.random.default_rng(seed + 3).normal(0, 0.3, truth.item_vectors.shape)
+        pols.append(EmbeddingPolicy(noisy, truth.user_context))
+    return pols
+
+
+def simulated_truth(blog: BanditLog, truth: SyntheticBandit, pols: list, est: dict, seed: int) -> dict:
+    """What the simulator knows about its own log ``blog``, beside the replay estimates ``est``: the true click
+    probabilities ``SyntheticBandit.ctr``.
+
+    - ``uniform_ctr``: the logging policy's true CTR, the mean click probability of the logged arms (the log's
+      observed ``uniform_ctr`` is a draw around it);
+    - ``arm_ctr``: ``min``, ``mean``, ``max`` over the arms of each arm's true CTR averaged over the users;
+    - ``policies``: per policy (``pols``: fresh instances of the replayed ones) its true value, the mean click
+      probability of the arms it chooses when run online in the simulator for as many events as the replay kept
+      for it (Li et al. 2011, Theorem 1: the replay estimate over ``kept`` events is distributed as that online
+      run), with clicks drawn from the truth (``seed + 4``).
+
+    Returns:
+        ``{"uniform_ctr", "arm_ctr", "policies": {name: true CTR}, "method"}``.
+    """
+    rng = np.random.default_rng(seed + 4)
+    values = {}
+    for p in pols:
+        steps = min(int(est[p.name]["kept"]), len(blog))
+        chosen = np.empty(steps)
+        for e in range(steps):                                     # the policy online, updated on every event
+            user, ctx = int(blog.user[e]), blog.context[e]
+            arm = p.choose(blog.candidates[e], ctx, user)
+            chosen[e] = truth.ctr(np.array([user]), np.array([arm]))[0]
+            p.update(arm, ctx, user, float(rng.random() < chosen[e]))
+        values[p.name] = float(chosen.mean()) if steps else float("nan")
+    users = np.arange(truth.user_context.shape[0])
+    arms = np.arange(truth.bias.shape[0])
+    per_arm = truth.ctr(np.repeat(users, arms.size), np.tile(arms, users.size)).reshape(users.size, -1).mean(axis=0)
+    return {"uniform_ctr": float(truth.ctr(blog.user, blog.item).mean()),
+            "arm_ctr": {"min": float(per_arm.min()), "mean": float(per_arm.mean()), "max": float(per_arm.max())},
+            "policies": values,
+            "method": "each policy run online in the simulator for as many events as the replay kept for it"}

@@ -15,7 +15,7 @@ The stage only orchestrates; each part is its module's:
 4. the replay estimator of Li et al. 2011 (evaluation.estimators) for the explore/exploit policies
    (evaluation.policies) on a logged uniformly random slice (``--bandit-log`` Parquet in the generator's shape, or
    a simulated one with known CTRs), with Wilson 95 % intervals; on a simulated log, beside them the true values
-   the simulator knows (``simulated_truth``);
+   the simulator knows (``estimators.simulated_truth``);
 5. the publish gate (evaluation.gate) for the configured retriever's version (``models.retrieval``, item2vec by
    default) against the version serving now (``<artifacts_dir>/serving/current.json``, serving.publish); the
    pointer is rewritten on PUBLISH.
@@ -92,66 +92,6 @@ def gate_decision(cfg: PlatformConfig, retrieval: dict, k: int) -> dict | None:
             "previous": {"model_version": before["model_version"], "metrics": before["metrics"]} if before else None,
             "rule": {"metric": gate.metric, "min_gain": gate.min_gain, "guard": list(gate.guard),
                      "max_drop": gate.max_drop}}
-
-
-#: The simulated bandit log of ``estimators.bandit_evaluation`` (its arguments to ``simulate_uniform_log``); the
-#: truth below re-simulates it and checks that it met the same log (same events, candidates and clicks).
-SIMULATED_LOG = {"n_arms": 50, "n_candidates": 10, "n_users": 500, "dim": 5, "scale": 2.0}
-
-
-def simulated_policies(truth: estimators.SyntheticBandit, seed: int) -> list:
-    """Fresh instances of the policies ``estimators.bandit_evaluation`` replays on a simulated log, with the same
-    parameters and seeds (its embedding policy sees the true item factors through the same noise)."""
-    from evaluation.policies import UCB1, EmbeddingPolicy, EpsilonGreedy, LinUCB, Popularity, ThompsonSampling
-
-    noisy = truth.item_vectors + np.random.default_rng(seed + 3).normal(0, 0.3, truth.item_vectors.shape)
-    return [EpsilonGreedy(0.1, np.random.default_rng(seed + 1)), ThompsonSampling(np.random.default_rng(seed + 2)),
-            UCB1(), Popularity(), LinUCB(dim=truth.user_context.shape[1], alpha=1.0),
-            EmbeddingPolicy(noisy, truth.user_context)]
-
-
-def simulated_truth(bandit: dict, seed: int) -> dict | None:
-    """What the simulator knows about its own log, beside the replay estimates of ``bandit`` (the ``bandit`` part
-    of the stage result, from a simulated log): the true click probabilities ``SyntheticBandit.ctr``.
-
-    - ``uniform_ctr``: the logging policy's true CTR, the mean click probability of the logged arms (the log's
-      observed ``uniform_ctr`` is a draw around it);
-    - ``arm_ctr``: ``min``, ``mean``, ``max`` over the arms of each arm's true CTR averaged over the users;
-    - ``policies``: per policy its true value, the mean click probability of the arms it chooses when run online
-      in the simulator for as many events as the replay kept for it (Li et al. 2011, Theorem 1: the replay
-      estimate over ``kept`` events is distributed as that online run), with clicks drawn from the truth
-      (``seed + 4``).
-
-    Returns:
-        ``{"uniform_ctr", "arm_ctr", "policies": {name: true CTR}, "method"}``, or ``None`` when the
-        re-simulated log differs from the one replayed (other events, candidates or clicks): the truth would
-        belong to another log.
-    """
-    df, truth = estimators.simulate_uniform_log(bandit["events"], rng=np.random.default_rng(seed), **SIMULATED_LOG)
-    blog = estimators.bandit_log(df)
-    pols = simulated_policies(truth, seed)
-    if (len(blog) != bandit["events"] or blog.candidates.shape[1] != bandit["candidates"]
-            or float(blog.click.mean()) != bandit["uniform_ctr"] or {p.name for p in pols} != set(bandit["policies"])):
-        log.warning("bandit truth skipped: the re-simulated log is not the replayed one")
-        return None
-    rng = np.random.default_rng(seed + 4)
-    values = {}
-    for p in pols:
-        steps = min(int(bandit["policies"][p.name]["kept"]), len(blog))
-        chosen = np.empty(steps)
-        for e in range(steps):                                     # the policy online, updated on every event
-            user, ctx = int(blog.user[e]), blog.context[e]
-            arm = p.choose(blog.candidates[e], ctx, user)
-            chosen[e] = truth.ctr(np.array([user]), np.array([arm]))[0]
-            p.update(arm, ctx, user, float(rng.random() < chosen[e]))
-        values[p.name] = float(chosen.mean()) if steps else float("nan")
-    users = np.arange(truth.user_context.shape[0])
-    arms = np.arange(truth.bias.shape[0])
-    per_arm = truth.ctr(np.repeat(users, arms.size), np.tile(arms, users.size)).reshape(users.size, -1).mean(axis=0)
-    return {"uniform_ctr": float(truth.ctr(blog.user, blog.item).mean()),
-            "arm_ctr": {"min": float(per_arm.min()), "mean": float(per_arm.mean()), "max": float(per_arm.max())},
-            "policies": values,
-            "method": "each policy run online in the simulator for as many events as the replay kept for it"}
 
 
 def ranker_evaluation(cfg: PlatformConfig, cases, log_, retrieval: tuple, encoder, retriever: str,
@@ -234,11 +174,7 @@ def run_evaluation(cfg: PlatformConfig, params: ReplayParams = ReplayParams(),
     result["interleaving"] = {"comparisons": comparisons, "sign_agreement": interleaving.sign_agreement(
         [c["preference"] for c in comparisons], [c["hr_diff"] for c in comparisons])}
     t1 = time.perf_counter()
-    result["bandit"] = estimators.bandit_evaluation(bandit_path, bandit_events, seed)
-    if bandit_path is None:   # a simulated log: its true CTRs are known, the report shows them beside the estimates
-        truth = simulated_truth(result["bandit"], seed)
-        if truth is not None:
-            result["bandit"]["truth"] = truth
+    result["bandit"] = estimators.bandit_evaluation(bandit_path, bandit_events, seed)  # with its truth if simulated
     result["bandit"]["wall_s"] = time.perf_counter() - t1
     gate = gate_decision(cfg, result["retrieval"], params.k)
     if gate is not None:
