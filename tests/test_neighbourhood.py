@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from training.data import kjt_of_rows, synthetic_vocab_sizes
-from training.models.itemcf import CF_FEATURES, ITEM_TABLE, NeighbourhoodTooLargeError, table_dim
+from training.modules.neighbourhood import CF_FEATURES, ITEM_TABLE, NeighbourhoodTooLargeError, table_dim
 from training.registry import ModelOptionError, get_model
 from training.tasks.closed_form import load_fitted, positives_matrix
 

@@ -46,8 +46,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from features.tables import CTR_SAMPLES, ITEM_VOCAB
-from training.models.itemcf import (CF_FEATURES, ITEM_TABLE, NeighbourhoodTooLargeError, check_table_size,
-                                    history_matrix, item_columns)
+from training.modules.neighbourhood import (CF_FEATURES, ITEM_TABLE, NeighbourhoodTooLargeError, check_table_size,
+                                           history_matrix, item_columns)
 from training.modules import SparseArch, table_configs
 from training.query import QueryEncoder, mips_items
 from training.spec import ModelSpec, TrainDefaults, register
