@@ -123,10 +123,20 @@ class UserProfile:
     levels: tuple[int, ...] = ()
 
 
+def request_rows(profile: UserProfile, cand: list[int], item_genres: dict) -> list[dict]:
+    """The rule ``RankerInputs`` implements, one dict per candidate item_idx (the reference its test compares with):
+    every declared sparse feature a ranker may read -- the user's side features, the candidate and its genres, the
+    behaviour history (the last ``MAX_HISTORY`` items, most recent last) and its stars (level 0 when unknown)."""
+    history = list(profile.items[-MAX_HISTORY:])
+    levels = list(profile.levels[-MAX_HISTORY:]) if profile.levels else [0] * len(history)
+    return [{**profile.features, "item_idx": c, "genre_idx": list(item_genres.get(c, ())),
+             "hist_item_idx": history, "hist_rating": levels} for c in cand]
+
+
 class RankerInputs:
     """The ranker's inputs for one user and C candidates, built with numpy from arrays prepared once per bundle:
-    the same KJT as ``kjt_of_rows(bundle.request_rows(profile, cand), features)`` and the same dense matrix, without
-    a Python dict per candidate.
+    the same KJT as ``kjt_of_rows(request_rows(profile, cand, item_genres), features)`` and the same dense
+    matrix, without a Python dict per candidate.
 
     Args:
         features: the sparse features the ranker reads (``ModelSpec.features_of``), in KJT key order.
@@ -270,15 +280,6 @@ class ServingBundle:
                 taken.add(i)
                 out.append(i)
         return out
-
-    def request_rows(self, profile: UserProfile, cand: list[int]) -> list[dict]:
-        """One row per candidate item_idx with every declared sparse feature a ranker may read: the user's side
-        features, the candidate and its genres, the behaviour history (the last ``MAX_HISTORY`` items, most recent
-        last) and its stars (level 0 when unknown)."""
-        history = list(profile.items[-MAX_HISTORY:])
-        levels = list(profile.levels[-MAX_HISTORY:]) if profile.levels else [0] * len(history)
-        return [{**profile.features, "item_idx": c, "genre_idx": list(self.item_genres.get(c, ())),
-                 "hist_item_idx": history, "hist_rating": levels} for c in cand]
 
     def score(self, profile: UserProfile, cand: list[int]) -> np.ndarray:
         """(C,) the ranker's probabilities of a positive rating for ``profile`` and each candidate item_idx, in one

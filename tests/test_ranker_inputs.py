@@ -1,5 +1,5 @@
 """serving.bundle.RankerInputs builds, with numpy, exactly the ranker inputs that the documented per-row rule
-(``ServingBundle.request_rows`` turned into a KJT by ``training.data.kjt_of_rows``) gives: same keys, values,
+(``serving.bundle.request_rows`` turned into a KJT by ``training.data.kjt_of_rows``) gives: same keys, values,
 lengths and dense matrix, for the pooled features and for a behaviour sequence with its stars."""
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 
 from features.definitions import (DENSE_FEATURES, HISTORY_FEATURE, HISTORY_RATING_FEATURE, MAX_HISTORY,
                                   SPARSE_FEATURES, dense_inputs)
-from serving.bundle import RankerInputs, UserProfile
+from serving.bundle import RankerInputs, UserProfile, request_rows
 from training.data import kjt_of_rows
 
 GENRES = {0: (1,), 1: (2, 3), 2: (), 3: (4, 5, 6), 5: (7,)}
@@ -18,14 +18,6 @@ PROFILE = UserProfile({"user_idx": 7, "age_idx": 2, "gender_idx": 1, "occupation
                       items=tuple(range(10, 10 + MAX_HISTORY + 5)), counters={"user_prior_events": 12,
                                                                              "user_prior_rating": 3.5},
                       levels=tuple((i % 5) + 1 for i in range(MAX_HISTORY + 5)))
-
-
-def reference_rows(profile: UserProfile, cand: list[int]) -> list[dict]:
-    """The per-row rule of ``ServingBundle.request_rows``."""
-    history = list(profile.items[-MAX_HISTORY:])
-    levels = list(profile.levels[-MAX_HISTORY:]) if profile.levels else [0] * len(history)
-    return [{**profile.features, "item_idx": c, "genre_idx": list(GENRES.get(c, ())), "hist_item_idx": history,
-             "hist_rating": levels} for c in cand]
 
 
 def assert_same_kjt(a, b) -> None:
@@ -42,7 +34,7 @@ def test_sparse_inputs_equal_the_per_row_rule(features, cand):
     inputs = RankerInputs(features, (), GENRES, COUNTERS, n_rows=6)
     kjt, dense = inputs.build(PROFILE, np.array(cand))
     assert dense is None
-    assert_same_kjt(kjt, kjt_of_rows(reference_rows(PROFILE, cand), features))
+    assert_same_kjt(kjt, kjt_of_rows(request_rows(PROFILE, cand, GENRES), features))
 
 
 def test_dense_inputs_equal_the_counters_with_nulls_as_zero():
