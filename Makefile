@@ -26,7 +26,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv airflow-venv jars data demo lineage test test-fast lock kafka-start kafka-stop clean-data
+.PHONY: setup venv airflow-venv jars data demo demo-generated lineage test test-fast lock kafka-start kafka-stop clean-data
 
 setup: venv airflow-venv jars data
 
@@ -63,7 +63,7 @@ jars:
 	$(call build_jars,$(SPARK_JARS),spark)
 
 data: venv
-	$(PY) -m pipelines.movielens
+	$(PY) -m pipelines.data
 
 # Regenerate requirements/main.lock from the top-level pins in requirements/main.in; commit the result.
 lock: | $(UV)
@@ -79,6 +79,13 @@ demo: setup
 # The main job with every registered model (make demo trains the configuration's models.demo, five of them).
 lineage: setup
 	$(PY) -m pipelines.demo --models all
+
+# The main job on the second shipped source: the generator's click log written as Parquet (features/sources/
+# generated.yaml), in its own lake and run folder, so that it leaves the MovieLens demo's alone.
+DEMO_GENERATED_MODELS ?= deepfm,din,item2vec,mf
+demo-generated: setup
+	RECSYS_SOURCE=features/sources/generated.yaml RECSYS_DATA_DIR=$(CURDIR)/data/generated-source \
+	RECSYS_RUN_NAME=generated $(PY) -m pipelines.demo --models $(DEMO_GENERATED_MODELS)
 
 test: setup browser obp-venv
 	$(PY) -m pytest $(PYTEST_ARGS)

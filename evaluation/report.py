@@ -319,9 +319,10 @@ def method_section(cfg: PlatformConfig, ev: dict) -> Section:
         for i, (name, frac) in enumerate(SPLIT_FRACTIONS))
     k, n_recent = ev["k"], ev.get("n_recent")
     items = [
-        f"<b>Label.</b> Every MovieLens rating event is one sample; its label is 1 (positive) when the rating is "
-        f"&ge; {POSITIVE_RATING:g} stars and 0 otherwise (<code>features.definitions.POSITIVE_RATING</code>, "
-        f"applied by <code>pipelines/features_batch.py</code>).",
+        f"<b>Label.</b> Every event of the data source <b>{html.escape(feats.get('source', 'movielens-100k'))}</b> "
+        f"is one sample; its label is 1 (positive) when "
+        f"{html.escape(feats.get('label_rule', f'rating >= {POSITIVE_RATING:g}'))} and 0 otherwise (the source's "
+        f"label rule, <code>features/sources/</code>, applied by <code>pipelines/features_batch.py</code>).",
         f"<b>Split.</b> All events ordered by (event_time, event_id), cut by count: {split_text} "
         f"(<code>SPLIT_FRACTIONS</code>). A global time split: every test event is later than every train event. "
         f"Models learn from the train split; the valid split only picks the epoch (early stopping of the CTR task "

@@ -102,6 +102,8 @@ class PlatformConfig(_Strict):
     data_dir: Path = ROOT / "data"
     #: Where downloaded data sets live; separate from data_dir so a scratch lake reuses the fetched data.
     raw_dir: Path = ROOT / "data" / "raw"
+    #: The data source: a YAML file declaring the interaction log and side tables (features.source).
+    source: Path = ROOT / "features" / "sources" / "movielens-100k.yaml"
     artifacts_dir: Path = ROOT / "artifacts"
     #: Name of this run: its outputs go to ``artifacts_dir / run_name``.
     run_name: str = "demo"

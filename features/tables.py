@@ -99,11 +99,11 @@ ITEM_VOCAB = TableSpec(
 USER_FEATURES = TableSpec(
     "silver.user_features",
     "user_id int, age int, age_bucket string, gender string, occupation string, zip_prefix string",
-    doc="Side features of a user from the MovieLens user file.",
+    doc="Side features of a user from the data source's user table (features.source).",
 )
 ITEM_FEATURES = TableSpec(
     "silver.item_features", "item_id int, title string, year int, genres array<string>",
-    doc="Side features of an item from the MovieLens item file.",
+    doc="Side features of an item from the data source's item table (features.source).",
 )
 CATEGORY_VOCAB = TableSpec(
     "silver.category_vocab", "feature string, value string, idx int",

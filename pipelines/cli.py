@@ -45,8 +45,8 @@ class Entry:
 
 #: The commands in the order the data flows (pipelines.stages for the stages' order); ``recsys --help`` lists them so.
 COMMANDS: dict[str, Entry] = {
-    "data": Entry("pipelines.movielens", "fetch MovieLens-100K into raw_dir and check it (make data)"),
-    "produce": Entry("pipelines.produce", "replay MovieLens-100K as events onto the Kafka topic"),
+    "data": Entry("pipelines.data", "fetch the data source (RECSYS_SOURCE) and check it (make data)"),
+    "produce": Entry("pipelines.produce", "replay the data source's log as events onto the Kafka topic"),
     "ingest": Entry("pipelines.ingest", "Kafka topic -> bronze and quarantine Delta tables (Spark)"),
     "features": Entry("pipelines.features_batch", "vocabularies, side features, gold training samples (Spark)"),
     "daily-features": Entry("pipelines.daily_features", "recompute one day's features from bronze (Spark batch)"),
@@ -55,7 +55,7 @@ COMMANDS: dict[str, Entry] = {
     "evaluate": Entry("evaluation.evaluate", "replay evaluation, bandit estimators, publish gate"),
     "report": Entry("evaluation.report", "the HTML evaluation report of a run"),
     "serve": Entry("serving.app", "the HTTP service: /similar-items, /recommend, /metrics"),
-    "demo": Entry("pipelines.demo", "the main job end to end on MovieLens-100K (make demo)"),
+    "demo": Entry("pipelines.demo", "the main job end to end on the data source (make demo)"),
     "config": Entry("features.config", "config show: each configuration value and its source"),
 }
 

@@ -1,4 +1,5 @@
-"""``make demo``: the main job end to end on MovieLens-100K, on the real services.
+"""``make demo``: the main job end to end on the configured data source (``RECSYS_SOURCE``; MovieLens-100K by
+default), on the real services.
 
 Starts the Kafka broker, runs every stage of ``pipelines.stages.STAGES`` through its command line (the same
 commands the Airflow DAG runs: spark-submit for the Spark jobs, ``python -m`` for the rest), collects the figures
@@ -37,7 +38,7 @@ from rich.table import Table
 
 from features.config import ROOT, PlatformConfig, load_config
 from features.results import read_stage_result
-from pipelines import movielens
+from features.source import SourceError, load_source
 from pipelines.stages import STAGES, build_command, kafka_command, kafka_env, model_names, stage_env
 
 console = Console()
@@ -144,7 +145,8 @@ def summarise(cfg: PlatformConfig, walls: dict[str, float], stages: list[str]) -
     r = {name: read_stage_result(cfg, name) for name in stages}
     trained = {name.removeprefix("train_"): result for name, result in r.items() if name.startswith("train_")}
     return {
-        "dataset": "MovieLens-100K",
+        "dataset": r["features"].get("source"),
+        "label_rule": r["features"].get("label_rule"),
         "events_produced": r["produce"]["events_produced"],
         "events_bronze": r["ingest"]["events_bronze"],
         "events_quarantined": r["ingest"]["events_quarantined"],
@@ -160,7 +162,7 @@ def summarise(cfg: PlatformConfig, walls: dict[str, float], stages: list[str]) -
 
 
 def print_summary(summary: dict) -> None:
-    t = Table(title="MovieLens-100K main job", show_header=False)
+    t = Table(title=f"{summary['dataset']} main job", show_header=False)
     t.add_row("events produced / bronze / quarantined",
               f"{summary['events_produced']:,} / {summary['events_bronze']:,} / {summary['events_quarantined']:,}")
     s = summary["samples"]
@@ -197,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--models: unknown {unknown}; registered: {', '.join(registered)}")
     kafka_state = ROOT / "var" / cfg.run_name / "kafka"
-    movielens.fetch(cfg.raw_dir)
+    try:
+        source = load_source(cfg.source, cfg.raw_dir)
+        source.fetch()
+    except SourceError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
+    console.print(f"data source: {source.name} ({cfg.source})")
     kafka(cfg, "stop", kafka_state)
     reset(cfg, kafka_state)
     walls: dict[str, float] = {}

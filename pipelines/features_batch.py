@@ -1,10 +1,10 @@
-"""Batch features: ``bronze.interactions`` + the MovieLens user/item files -> silver vocabularies and side features
--> gold CTR samples and item2vec sequences, with Parquet copies for Ray Data.
+"""Batch features: ``bronze.interactions`` + the data source's user/item tables -> silver vocabularies and side
+features -> gold CTR samples and item2vec sequences, with Parquet copies for Ray Data.
 
 Data flow (every table is described in ``features.tables``)::
 
     bronze.interactions ----+--> silver.user_vocab, silver.item_vocab    (append-only merge)
-    MovieLens users/items --+--> silver.user_features, silver.item_features (overwrite)
+    source users/items -----+--> silver.user_features, silver.item_features (overwrite)
                                  silver.category_vocab                  (append-only merge)
                             +--> gold.ctr_samples (partitioned by split) --> gold.item_sequences
                             +--> export/: Parquet copies + vocab_sizes.json
@@ -63,7 +63,6 @@ from features.definitions import (
     CATEGORY_FEATURES,
     HISTORY_RATING_FEATURE,
     MAX_HISTORY,
-    POSITIVE_RATING,
     RATING_LEVELS,
     SPLIT_FRACTIONS,
     UNKNOWN_INDEX,
@@ -87,7 +86,7 @@ from features.tables import (
     parquet_export,
     vocab_sizes_path,
 )
-from pipelines import movielens
+from features.source import LabelRule, Source, SourceError, load_source
 from pipelines.spark import delta_version, get_spark
 
 log = logging.getLogger(__name__)
@@ -304,20 +303,28 @@ def update_category_vocab(spark, values: dict[str, set[str]], lake_dir: Path) ->
 
 
 def user_feature_rows(users: pd.DataFrame) -> list[tuple]:
-    """``silver.user_features`` rows from the MovieLens user file: age (years) -> ``age_bucket``, zip code -> its
-    first ``ZIP_PREFIX_LEN`` characters.
+    """``silver.user_features`` rows from the source's user table (``features.source.Source.read_users``): age
+    (years) -> ``age_bucket``, zip code -> its first ``ZIP_PREFIX_LEN`` characters; a missing value stays null (its
+    index is ``UNKNOWN_INDEX``).
 
-    >>> user_feature_rows(pd.DataFrame({"user_id": [1], "age": [24], "gender": ["M"], "occupation": ["technician"],
-    ...                                 "zip_code": ["85711"]}))
-    [(1, 24, '18-24', 'M', 'technician', '85')]
+    >>> user_feature_rows(pd.DataFrame({"user_id": [1, 2], "age": [24, None], "gender": ["M", None],
+    ...                                 "occupation": ["technician", None], "zip_code": ["85711", None]}))
+    [(1, 24, '18-24', 'M', 'technician', '85'), (2, None, None, None, None, None)]
     """
-    return [(int(r.user_id), int(r.age), age_bucket(int(r.age)), str(r.gender), str(r.occupation),
-             None if pd.isna(r.zip_code) else str(r.zip_code)[:ZIP_PREFIX_LEN])
-            for r in users.itertuples(index=False)]
+    value = lambda v: None if v is None or pd.isna(v) else v
+    rows = []
+    for r in users.itertuples(index=False):
+        age = value(r.age)
+        rows.append((int(r.user_id), None if age is None else int(age), None if age is None else age_bucket(int(age)),
+                     None if value(r.gender) is None else str(r.gender),
+                     None if value(r.occupation) is None else str(r.occupation),
+                     None if value(r.zip_code) is None else str(r.zip_code)[:ZIP_PREFIX_LEN]))
+    return rows
 
 
 def item_feature_rows(items: pd.DataFrame) -> list[tuple]:
-    """``silver.item_features`` rows from the MovieLens item file: genres '|'-separated -> list (empty when none).
+    """``silver.item_features`` rows from the source's item table (``features.source.Source.read_items``): genres
+    '|'-separated -> list (empty when none).
 
     >>> item_feature_rows(pd.DataFrame({"item_id": [1], "title": ["Toy Story"], "year": [1995],
     ...                                 "genres": ["Animation|Comedy"]}))
@@ -413,10 +420,12 @@ def with_prior_stats(samples):
 
 
 def build_samples(events, user_vocab, item_vocab, user_side, item_side, n: int,
-                  user_spec: VocabSpec = USER_VOCAB_SPEC, item_spec: VocabSpec = ITEM_VOCAB_SPEC):
-    """``gold.ctr_samples`` rows: one per bronze event, labelled, split, indexed (``index_column``: own index,
-    hashed bucket or OOV), with its history and its point-in-time counters."""
-    labelled = with_split(events, n).withColumn("label", (F.col("rating") >= F.lit(POSITIVE_RATING)).cast("int"))
+                  user_spec: VocabSpec = USER_VOCAB_SPEC, item_spec: VocabSpec = ITEM_VOCAB_SPEC,
+                  label: LabelRule = LabelRule()):
+    """``gold.ctr_samples`` rows: one per bronze event, labelled by the source's rule (``label``; default rating >=
+    4), split, indexed (``index_column``: own index, hashed bucket or OOV), with its history and its point-in-time
+    counters."""
+    labelled = with_split(events, n).withColumn("label", label.spark_column())
     samples = (index_column(item_vocab, index_column(user_vocab, labelled, user_spec), item_spec)
                .join(F.broadcast(user_side), "user_id", "left")
                .join(F.broadcast(item_side), "item_id", "left"))
@@ -454,41 +463,43 @@ def vocab_sizes(user_vocab, item_vocab, category_vocab: dict[tuple[str, str], in
 
 
 def run_features(spark, cfg: PlatformConfig, user_vocab_spec: VocabSpec = USER_VOCAB_SPEC,
-                 item_vocab_spec: VocabSpec = ITEM_VOCAB_SPEC) -> dict:
-    """Build every silver and gold table from bronze and the MovieLens side files; see the module docstring.
+                 item_vocab_spec: VocabSpec = ITEM_VOCAB_SPEC, source: Source | None = None) -> dict:
+    """Build every silver and gold table from bronze and the source's side tables; see the module docstring.
 
     Args:
+        source: the data source (its label rule and user/item tables); default ``cfg.source``.
         user_vocab_spec, item_vocab_spec: min count and hashed buckets of the id vocabularies
             (``features.vocab``; the defaults keep every id and map unknown ones to row 0).
 
     Returns:
-        The stage result: ``samples`` and ``positives`` (events per split), ``users``/``items`` (vocabulary
+        The stage result: ``source`` (its name), ``label_rule`` (as words), ``samples`` and ``positives`` (events
+        per split), ``users``/``items`` (vocabulary
         entries), ``sequences`` (rows of ``gold.item_sequences``), ``unknown_side_features`` (events whose user
-        or item is absent from the MovieLens side files: their side indices are ``UNKNOWN_INDEX``),
+        or item is absent from the source's side tables: their side indices are ``UNKNOWN_INDEX``),
         ``vocab_sizes``, ``vocab_versions`` ({table: Delta version} of the vocabularies ``gold.ctr_samples`` was
         indexed with; also the ``userMetadata`` of its commit) and ``features_wall_s`` (seconds).
 
     Raises:
         TableNotFoundError: ``bronze.interactions`` has not been written (run the ingest stage).
         PlatformError: bronze is empty, or holds an event_id more than once (bronze is deduplicated by ingest).
-        DatasetError: the MovieLens files are missing (run ``make data``).
+        SourceError: the source file or its side tables are missing or wrong (run ``make data``).
         VocabularyError: a vocabulary was built with other ``hash_buckets``.
     """
     t0 = time.perf_counter()
     lake = Path(cfg.lake_dir)
     bronze_path = BRONZE_INTERACTIONS.path(lake)
     events = read_delta(spark, BRONZE_INTERACTIONS, lake, producer="the ingest stage (pipelines/ingest.py)")
-    events = events.select("event_id", "user_id", "item_id", "rating", "event_time").cache()
+    events = events.select("event_id", "user_id", "item_id", "rating", "event_time", "event_type", "click").cache()
     n, n_ids = events.agg(F.count("*"), F.countDistinct("event_id")).first()
     if n == 0:
         raise PlatformError(f"table 'bronze.interactions' at {bronze_path} is empty; run the ingest stage first")
     if n != n_ids:
         raise PlatformError(f"table 'bronze.interactions' at {bronze_path} holds {n - n_ids} duplicate event_id "
                             f"rows; bronze must be deduplicated on event_id by the ingest stage")
-    ml = movielens.load(cfg.raw_dir)
+    source = source or load_source(cfg.source, cfg.raw_dir)
 
     # silver: side features (overwrite), vocabularies (append-only)
-    user_rows, item_rows = user_feature_rows(ml.users), item_feature_rows(ml.items)
+    user_rows, item_rows = user_feature_rows(source.read_users()), item_feature_rows(source.read_items())
     write_delta(spark.createDataFrame(user_rows, spark_schema(USER_FEATURES)), USER_FEATURES, lake)
     write_delta(spark.createDataFrame(item_rows, spark_schema(ITEM_FEATURES)), ITEM_FEATURES, lake)
     user_features = read_delta(spark, USER_FEATURES, lake)
@@ -502,7 +513,7 @@ def run_features(spark, cfg: PlatformConfig, user_vocab_spec: VocabSpec = USER_V
 
     # gold: samples, then sequences read back from the written samples
     write_delta(build_samples(events, user_vocab, item_vocab, user_side, item_side, n, user_vocab_spec,
-                              item_vocab_spec), CTR_SAMPLES, lake,
+                              item_vocab_spec, source.label), CTR_SAMPLES, lake,
                 user_metadata=json.dumps({"vocab_versions": vocab_versions}, sort_keys=True))
     known = (events.join(user_features.select("user_id", F.lit(1).alias("_u")), "user_id", "left")
              .join(item_features.select("item_id", F.lit(1).alias("_i")), "item_id", "left")
@@ -526,6 +537,8 @@ def run_features(spark, cfg: PlatformConfig, user_vocab_spec: VocabSpec = USER_V
     names = [name for name, _ in SPLIT_FRACTIONS]
     get = lambda name, col: int(per_split[name][col]) if name in per_split else 0
     return {
+        "source": source.name,
+        "label_rule": source.label.describe(),
         "samples": {s: get(s, "n") for s in names},
         "positives": {s: get(s, "pos") for s in names},
         "users": user_vocab.count(),
@@ -546,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=HelpFormatter, description=describe(__doc__),
         epilog=settings_help({
             "data_dir": "lake (<data_dir>/lake) read and written",
-            "raw_dir": "MovieLens-100K user and item files (make data)",
+            "source": "the data source's YAML file: its label rule and user/item tables (features/sources/)",
+            "raw_dir": "folder that {raw_dir} in the source's paths names (make data)",
             "spark.master": "Spark master when not run by spark-submit (which sets its own)",
             "spark.shuffle_partitions": "shuffle partitions (count)",
             "artifacts_dir": "stage result under <artifacts_dir>/<run_name>/stages/features.json",
@@ -558,9 +572,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config_or_exit(parser.prog)
+    try:
+        source = load_source(cfg.source, cfg.raw_dir)
+    except SourceError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
     spark = get_spark(cfg, app_name="recsys-features")
     try:
-        result = run_features(spark, cfg)
+        result = run_features(spark, cfg, source=source)
         path = write_stage_result(cfg, STAGE, result)
         log.info("features: %s samples %s, positives %s, %.1f s; result in %s", cfg.lake_dir, result["samples"],
                  result["positives"], result["features_wall_s"], path)

@@ -329,6 +329,36 @@ def write_bronze(cfg: GeneratorConfig, spark, lake_dir: Path, staging: Path) -> 
     return n
 
 
+#: The generated data source (features/sources/generated.yaml): its size and seed, and the side fields its user
+#: and item tables carry (a field of the user, c05, and of the item, c14: one value per entity by construction).
+SOURCE_CONFIG = GeneratorConfig(n_events=200_000, seed=7, n_users=5_000, n_items=2_000, chunk_size=50_000, days=30)
+SOURCE_USER_FIELD, SOURCE_ITEM_FIELD = "c05", "c14"
+
+
+def fetch_source(raw_dir: Path, cfg: GeneratorConfig = SOURCE_CONFIG) -> Path:
+    """The fetch step of the generated source: write its impression log as Parquet (``<raw_dir>/generated/events/``,
+    one file per chunk) and its user and item tables (``users.parquet``: user_id, segment; ``items.parquet``:
+    item_id, category -- each the entity's value of ``SOURCE_USER_FIELD`` / ``SOURCE_ITEM_FIELD``), unless they are
+    there. Deterministic for ``cfg``; returns the folder."""
+    import pandas as pd
+
+    out = Path(raw_dir) / "generated"
+    if (out / "items.parquet").exists():
+        return out
+    n = write_parquet(cfg, out / "events")
+    users: dict[int, int] = {}
+    items: dict[int, int] = {}
+    for chunk in generate(cfg):
+        users.update(zip(chunk["user_id"].tolist(), chunk[SOURCE_USER_FIELD].tolist()))
+        items.update(zip(chunk["item_id"].tolist(), chunk[SOURCE_ITEM_FIELD].tolist()))
+    pd.DataFrame({"user_id": list(users), "segment": [f"s{v}" for v in users.values()]}).to_parquet(
+        out / "users.parquet")
+    pd.DataFrame({"item_id": list(items), "category": [f"c{v}" for v in items.values()]}).to_parquet(
+        out / "items.parquet")
+    log.info("generated source: %d events, %d users, %d items in %s", n, len(users), len(items), out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from features.config import load_config
 

@@ -1,9 +1,11 @@
-"""Stage ``produce``: replay MovieLens-100K onto the Kafka topic as interaction events, in time order.
+"""Stage ``produce``: replay the configured data source's interaction log onto the Kafka topic as events, in time
+order.
 
-Each of the 100,000 ratings becomes one :class:`features.events.Event` (wire format in features/events.py):
-``event_id = f"ml100k-{row:06d}"`` where ``row`` is the rating's index in the original file order, keyed by
-``user_id`` (so one user's events share a partition and keep their order), sorted by timestamp with ties broken by
-the original row (a stable sort). The topic is created first with ``cfg.kafka.partitions`` partitions.
+Each row of the source's log (``features.source``, ``RECSYS_SOURCE``; MovieLens-100K by default) becomes one
+:class:`features.events.Event` (wire format in features/events.py) with the source's ``event_id`` (by default
+``<prefix><row>``, the row's index in the file's order: ``ml100k-000000`` for MovieLens), keyed by ``user_id`` (so
+one user's events share a partition and keep their order), sorted by timestamp with ties broken by the file's row
+(a stable sort). The topic is created first with ``cfg.kafka.partitions`` partitions.
 
 Run ``python -m pipelines.produce``; it writes ``{"events_produced", "topic", "partitions", "produce_wall_s",
 "events_per_s"}`` as the stage result ``produce``. :func:`publish` and :func:`ensure_topic` are reusable: tests
@@ -108,31 +110,39 @@ def publish(bootstrap: str, topic: str, values: Iterable[tuple[bytes | None, byt
     return sent
 
 
-def movielens_events(ratings: pd.DataFrame) -> Iterator[tuple[bytes, bytes]]:
-    """The ratings as ``(key, value)`` messages in time order.
+def source_events(events: pd.DataFrame) -> Iterator[tuple[bytes, bytes]]:
+    """A source's interaction log as ``(key, value)`` messages in time order.
 
     Args:
-        ratings: columns user_id, item_id, rating (stars), timestamp (Unix seconds), in the file's order
-            (``pipelines.movielens.load(...).ratings``).
+        events: ``features.source.Source.read_interactions``' frame: event_id, user_id, item_id, rating (stars),
+            timestamp (Unix seconds), and optionally event_type and click (NaN: none), in the file's order.
 
     Yields:
-        ``(str(user_id) as bytes, Event JSON as bytes)``, sorted by timestamp, ties by original row.
+        ``(str(user_id) as bytes, Event JSON as bytes)``, sorted by timestamp, ties by the file's order (a stable
+        sort), so a user's events reach their partition in time order.
 
-    >>> df = pd.DataFrame({"user_id": [7, 8], "item_id": [1, 2], "rating": [4, 5], "timestamp": [900000001, 900000000]})
-    >>> [k for k, _ in movielens_events(df)]
+    >>> df = pd.DataFrame({"event_id": ["a-0", "a-1"], "user_id": [7, 8], "item_id": [1, 2], "rating": [4, 5],
+    ...                    "timestamp": [900000001, 900000000]})
+    >>> [k for k, _ in source_events(df)]
     [b'8', b'7']
-    >>> next(movielens_events(df))[1]
-    b'{"event_id":"ml100k-000001","user_id":8,"item_id":2,"rating":5.0,"event_time":"1998-07-09T16:00:00Z"}'
+    >>> next(source_events(df))[1]
+    b'{"event_id":"a-1","user_id":8,"item_id":2,"rating":5.0,"event_time":"1998-07-09T16:00:00Z"}'
     """
-    ordered = ratings.reset_index(drop=True).sort_values("timestamp", kind="stable")
-    columns = (ordered.index, ordered["user_id"], ordered["item_id"], ordered["rating"], ordered["timestamp"])
-    for row, user_id, item_id, rating, ts in zip(*(c.to_numpy() for c in columns)):
-        event = Event(f"ml100k-{row:06d}", int(user_id), int(item_id), float(rating), format_time(int(ts)))
+    ordered = events.reset_index(drop=True).sort_values("timestamp", kind="stable")
+    n = len(ordered)
+    types = ordered["event_type"] if "event_type" in ordered else pd.Series(["rating"] * n)
+    clicks = ordered["click"] if "click" in ordered else pd.Series([float("nan")] * n)
+    columns = (ordered["event_id"], ordered["user_id"], ordered["item_id"], ordered["rating"], ordered["timestamp"],
+               types, clicks)
+    for event_id, user_id, item_id, rating, ts, kind, click in zip(*(c.to_numpy() for c in columns)):
+        event = Event(str(event_id), int(user_id), int(item_id), float(rating), format_time(int(ts)), str(kind),
+                      None if click != click else int(click))  # NaN != NaN: no click field
         yield str(event.user_id).encode(), event.to_json()
 
 
-def run_produce(cfg: PlatformConfig, ratings: pd.DataFrame, show_progress: bool = True) -> dict:
-    """Create the topic and publish every rating; return the stage result (not yet written).
+def run_produce(cfg: PlatformConfig, events: pd.DataFrame, show_progress: bool = True) -> dict:
+    """Create the topic and publish every event of ``events`` (:func:`source_events`' input); return the stage
+    result (not yet written).
 
     Returns:
         ``events_produced`` (count), ``topic``, ``partitions`` (count), ``produce_wall_s`` (seconds, topic
@@ -142,12 +152,12 @@ def run_produce(cfg: PlatformConfig, ratings: pd.DataFrame, show_progress: bool 
         PlatformError: the broker rejected some messages.
     """
     partitions = ensure_topic(cfg.kafka.bootstrap, cfg.kafka.topic, cfg.kafka.partitions)
-    messages: Iterable[tuple[bytes, bytes]] = movielens_events(ratings)
+    messages: Iterable[tuple[bytes, bytes]] = source_events(events)
     start = time.perf_counter()
     if show_progress:
         from rich.progress import track
 
-        messages = track(messages, total=len(ratings), description=f"producing to {cfg.kafka.topic}")
+        messages = track(messages, total=len(events), description=f"producing to {cfg.kafka.topic}")
     n = publish(cfg.kafka.bootstrap, cfg.kafka.topic, messages)
     wall_s = time.perf_counter() - start
     return {"events_produced": n, "topic": cfg.kafka.topic, "partitions": partitions,
@@ -163,17 +173,21 @@ def main(argv: list[str] | None = None) -> None:
             "kafka.bootstrap": "broker host:port (waits up to 30 s for it)",
             "kafka.topic": "topic the events go to",
             "kafka.partitions": "partitions of the topic when it is created (count)",
-            "raw_dir": "folder of the MovieLens-100K files (make data)",
+            "source": "the data source's YAML file (features/sources/; its files: make data)",
+            "raw_dir": "folder that {raw_dir} in the source's paths names",
             "artifacts_dir": "stage result under <artifacts_dir>/<run_name>/stages/produce.json",
             "run_name": "name of the run"}))
     parser.parse_args(argv)
-    from pipelines import movielens
+    from features.source import SourceError, load_source
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # the client logs every connection at INFO
     cfg = load_config_or_exit(parser.prog)
-    ratings = movielens.load(cfg.raw_dir).ratings
-    result = run_produce(cfg, ratings)
+    try:
+        events = load_source(cfg.source, cfg.raw_dir).read_interactions()
+    except SourceError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
+    result = run_produce(cfg, events)
     path = write_stage_result(cfg, STAGE, result)
     print(f"produced {result['events_produced']:,} events to {cfg.kafka.bootstrap}/{cfg.kafka.topic} "
           f"({result['partitions']} partitions) in {result['produce_wall_s']:.1f} s "

@@ -74,3 +74,12 @@ def movielens():
     raw = ROOT / "data" / "raw"
     ml.fetch(raw)
     return ml.load(raw)
+
+
+@pytest.fixture(scope="session")
+def ml_events(movielens):
+    """MovieLens-100K's log through its declared source (features/sources/movielens-100k.yaml), as the produce stage
+    reads it: event_id, user_id, item_id, rating, timestamp, event_type, click, label, in the file's order."""
+    from features.source import load_source
+
+    return load_source(ROOT / "features" / "sources" / "movielens-100k.yaml", ROOT / "data" / "raw").read_interactions()

@@ -96,7 +96,7 @@ def test_an_unknown_command_is_a_usage_error(command, message, tmp_path):
 # ------------------------------------------------------------------------------------------- each command's --help
 # command -> (start of its usage line, texts of the stage's own options the help must show, heavy imports)
 HELP = {
-    "data": ("usage: python -m pipelines.movielens", ["RECSYS_RAW_DIR"], False),
+    "data": ("usage: python -m pipelines.data", ["RECSYS_SOURCE", "RECSYS_RAW_DIR"], False),
     "produce": ("usage: python -m pipelines.produce", ["RECSYS_KAFKA__BOOTSTRAP", "(count) (default: 4)"], False),
     "ingest": ("usage: recsys ingest", ["--trigger {available-now,continuous}", "--max-offsets-per-trigger",
                                         "--reprocess", "RECSYS_KAFKA__TOPIC"], False),

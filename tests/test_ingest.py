@@ -19,7 +19,7 @@ from features.events import parse_event
 from features.config import PlatformConfig
 from features.tables import BRONZE_INTERACTIONS, QUARANTINE_INTERACTIONS
 from pipelines.ingest import INGEST_OUTPUTS, SWAP_JOURNAL, finish_swap, run_ingest, swap_in, validate
-from pipelines.produce import ensure_topic, movielens_events, publish
+from pipelines.produce import ensure_topic, publish, source_events
 
 integration = pytest.mark.integration  # every test here but the swap's crash test (plain directories) needs them
 
@@ -113,10 +113,10 @@ def quarantine_rows(spark, cfg) -> list[tuple[str, str]]:
 
 
 @integration
-def test_stream_to_bronze_and_quarantine_then_rerun(spark, kafka, lake_cfg, movielens):
+def test_stream_to_bronze_and_quarantine_then_rerun(spark, kafka, lake_cfg, ml_events):
     from delta.tables import DeltaTable
 
-    events = list(movielens_events(movielens.ratings.head(40)))
+    events = list(source_events(ml_events.head(40)))
     first, later = events[:30], events[30:]
     malformed = [(b"k", raw) for raw, _, _ in MALFORMED] + [(b"k", None)]  # None: a tombstone
     assert ensure_topic(kafka, lake_cfg.kafka.topic, lake_cfg.kafka.partitions) == lake_cfg.kafka.partitions
@@ -152,9 +152,9 @@ def test_stream_to_bronze_and_quarantine_then_rerun(spark, kafka, lake_cfg, movi
 
 
 @integration
-def test_rerun_with_nothing_new_changes_nothing(spark, kafka, lake_cfg, movielens):
+def test_rerun_with_nothing_new_changes_nothing(spark, kafka, lake_cfg, ml_events):
     ensure_topic(kafka, lake_cfg.kafka.topic, 1)
-    publish(kafka, lake_cfg.kafka.topic, list(movielens_events(movielens.ratings.head(5))) + [(b"k", b"[]")])
+    publish(kafka, lake_cfg.kafka.topic, list(source_events(ml_events.head(5))) + [(b"k", b"[]")])
     first = run_ingest(spark, lake_cfg)
     second = run_ingest(spark, lake_cfg)
     assert {k: first[k] for k in ("events_bronze", "events_quarantined", "quarantine_reasons")} == \

@@ -87,7 +87,7 @@ def test_method_section_states_the_label_split_cases_and_seen_rule(tmp_path, mon
     page = report.write_report(cfg, tsne=False).read_text()
     assert page.index("<h2>Method</h2>") < page.index("ROC curves")              # at the top
     method = _section(page, "Method")
-    assert f"&ge; {POSITIVE_RATING:g} stars" in method
+    assert f"rating &gt;= {POSITIVE_RATING:g}" in method  # a run whose features result predates label_rule
     for name, frac in SPLIT_FRACTIONS:
         assert f"{frac:.0%} <b>{name}</b>" in method
     assert "(100 events, 55 positive)" in method                                   # the run's own test split
@@ -95,7 +95,13 @@ def test_method_section_states_the_label_split_cases_and_seen_rule(tmp_path, mon
     assert "strictly before the case" in method and "Static replay" in method and "Prequential replay" in method
     # the threshold is read from the code, not written into the report
     monkeypatch.setattr(report, "POSITIVE_RATING", 3.5)
-    assert "&ge; 3.5 stars" in report.write_report(cfg, tsne=False).read_text()
+    assert "rating &gt;= 3.5" in report.write_report(cfg, tsne=False).read_text()
+    # the data source and its label rule, as the features stage recorded them
+    write_stage_result(cfg, "features", {"samples": {"train": 800, "valid": 100, "test": 100},
+                                         "positives": {"train": 440, "valid": 56, "test": 55},
+                                         "source": "shop", "label_rule": "click == 1"})
+    method = _section(report.write_report(cfg, tsne=False).read_text(), "Method")
+    assert "data source <b>shop</b>" in method and "when click == 1 and 0 otherwise" in method
 
 
 def test_every_model_folder_of_the_run_appears(tmp_path):
