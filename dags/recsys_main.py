@@ -40,7 +40,7 @@ def _optional(description: str) -> Param:
 
 with DAG(
     dag_id="recsys_main",
-    description="Kafka -> Spark/Delta -> Ray Train/TorchRec -> export -> replay evaluation on MovieLens-100K",
+    description="Kafka -> Spark/Delta -> Ray Train/TorchRec -> export -> replay evaluation on the configured data source (RECSYS_SOURCE)",
     doc_md=__doc__,
     schedule=None,
     start_date=datetime(2024, 1, 1, tzinfo=timezone.utc),

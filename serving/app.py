@@ -387,7 +387,7 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
                               ef_search=b.index.ef_search, recall_at_10=b.index.extra.get("recall@10"))
 
     @app.get("/similar-items", response_model=SimilarItemsResponse)
-    async def similar_items(item_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens item id"),
+    async def similar_items(item_id: int = Query(..., ge=0, le=INT32_MAX, description="item id of the data source"),
                             k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> Response:
         """The ``k`` items most similar (cosine) to ``item_id``; popularity fallback for an unknown item."""
         b = holder.current
@@ -396,7 +396,7 @@ def create_app(cfg: PlatformConfig, model: str | None = None, spec: BundleSpec |
                                           items=_items(scored)))
 
     @app.get("/recommend", response_model=RecommendResponse)
-    async def recommend(user_id: int = Query(..., ge=0, le=INT32_MAX, description="MovieLens user id"),
+    async def recommend(user_id: int = Query(..., ge=0, le=INT32_MAX, description="user id of the data source"),
                         k: int = Query(10, ge=1, le=MAX_K, description="number of items")) -> Response:
         """Top-``k`` items for ``user_id``: ANN candidates ranked by the ranker; popularity fallback if unknown."""
         b = holder.current

@@ -7,7 +7,7 @@ every registered model with an item table (``MODELS``). The vocabulary is the
 Parquet export of ``silver.item_vocab`` (``item_id``, ``item_idx``, ``first_seen``).
 
 Output: ``<run_dir>/embeddings/<model>/items.parquet``, one row per known item:
-``item_id`` int32 (MovieLens id), ``item_idx`` int32 (the row), ``embedding`` list<float32> (D values, as
+``item_id`` int32 (the data source's id), ``item_idx`` int32 (the row), ``embedding`` list<float32> (D values, as
 trained, not normalised), ``model_version`` string.
 
 Legend: R rows of the embedding table (items + 1), N exported items, D embedding dim.
