@@ -18,6 +18,11 @@ With ``save_predictions`` the test evaluation of the best epoch also keeps every
 A model whose data loss is not the weighted BCE declares ``ModelSpec.ctr_loss`` (e.g. MF's BPR,
 ``training.models.mf``); the objective calls it instead, the mini-batch aware L2 and the evaluation stay the same.
 
+A ranker with a part fitted before its gradient steps, without gradient (GBDT+LR's trees, ``training.modules.gbdt``)
+has ``prefit(train, valid, seed) -> (fitted, figures)`` and ``load_prefit(fitted)``: in ``bind``, rank 0 reads the
+whole train and valid splits and fits it, and every rank loads rank 0's ``fitted`` (broadcast), so all ranks hold the
+same part; ``figures`` go into the saved model's metrics as ``prefit``.
+
 Legend: B batch size, V rows of a table, N ids.
 """
 
@@ -213,7 +218,7 @@ class CtrTask:
                 read_cold_as_oov(shard, spec.id_tables, self.counts)
             self.cold = {t: int((n[1:] == 0).sum()) for t, n in self.counts.items()}
             ctx.log(f"id dropout {opts.id_dropout}: cold rows read as OOV {self.cold}")
-        self.objective, self._total, self.generator = None, 0.0, None
+        self.objective, self._total, self.generator, self.prefit_figures = None, 0.0, None, {}
         #: save_predictions: the test split's event ids (rank 0; None without the column), and the per-row
         #: predictions of the last test evaluation, the best epoch's (rank 0; training.artifacts.write_predictions)
         self.test_event_ids = read_event_ids(ctx.lake_dir, "test") if opts.save_predictions and ctx.rank == 0 \
@@ -229,6 +234,29 @@ class CtrTask:
             self.generator = torch.Generator(ctx.device).manual_seed(ctx.opts.seed * 1000 + ctx.rank)
         self.objective = CtrObjective(dmp, ctx.spec.id_lookups, self.counts, ctx.opts.mba_lambda, ctx.world_size,
                                       ctx.device, batch_loss, self.generator)
+        self._prefit(dmp)
+
+    def _prefit(self, dmp) -> None:
+        """The model's part fitted before the gradient steps, when it has one (see the module docstring): fitted on
+        rank 0 from the whole train and valid splits, loaded on every rank. Collective."""
+        import torch.distributed as dist
+        from torchrec.distributed.model_parallel import get_unwrapped_module
+
+        from features.definitions import dense_features_named
+        from training.data import read_ctr_shard
+
+        ctx, module = self.ctx, get_unwrapped_module(dmp)
+        if not hasattr(module, "prefit"):
+            return
+        fitted = [None, {}]
+        if ctx.rank == 0:  # the whole splits, as read for this model (the shards hold rows rank::world_size)
+            dense = dense_features_named(getattr(ctx.config, "dense_features", ()))
+            train, valid = (read_ctr_shard(ctx.lake_dir, s, 0, 1, self.features, dense) for s in ("train", "valid"))
+            fitted = list(module.prefit(train, valid, ctx.opts.seed))
+        dist.broadcast_object_list(fitted, src=0, device=ctx.device)
+        module.load_prefit(fitted[0])
+        self.prefit_figures = fitted[1]
+        ctx.log(f"prefit: {self.prefit_figures}")
 
     def batches(self, epoch: int) -> Iterator:
         from training.data import ctr_batches
@@ -305,4 +333,4 @@ class CtrTask:
 
         if self.ctx.opts.id_dropout > 0:
             fill_cold_rows(state, self.counts)
-        return {"cold_rows_as_oov": self.cold}
+        return {"cold_rows_as_oov": self.cold, **({"prefit": self.prefit_figures} if self.prefit_figures else {})}
