@@ -87,14 +87,23 @@ class ModelSpec:
             loss is its own (e.g. MF's BPR); ``None`` (or a ``None`` returned for a config): the task's weighted
             BCE. A ``BatchLoss`` is called ``(model, batch, generator) -> (loss, rows)`` and runs the model once
             (``training.tasks.ctr.CtrObjective``).
-        init_from: ``init_from(config) -> str | None``: the registered model whose saved tables, in the same run
-            folder, initialise this model's tables of the same state-dict key and shape before training starts
-            (not on a resume; ``training.trainer.init_tables``), e.g. FNN's from FM's; ``None`` (or a ``None``
-            returned for a config): the tables start from their random init.
+        init_from: ``init_from(config) -> str | tuple[str, ...] | None``: the registered model (or models, each in
+            turn) whose saved tables, in the same run folder, initialise this model's tables of the same state-dict
+            key and shape before training starts (not on a resume; ``training.trainer.init_tables``), e.g. FNN's
+            from FM's, NeuMF's from GMF's and MLP's; ``None`` (or a ``None`` returned for a config): the tables
+            start from their random init.
+        init_state: ``init_state(config, sources) -> {state-dict key: tensor}``: for a model with ``init_from``,
+            the values of its other parameters computed from the sources' saved state dicts (``sources``: ``{name:
+            state}``), copied after the tables (e.g. NeuMF's hidden layers and the alpha mix of its sources'
+            prediction layers); ``None``: only the tables are copied.
+        corpus: ``corpus(config, sequences, seed) -> sequences``: the sentences the ``skipgram`` task trains on,
+            made from the users' item sequences (``list[(n_u,) int64]``) and the run's seed, the same on every rank
+            (e.g. random walks over the item graph, ``training.modules.item_graph``); ``None``: the users' item
+            sequences themselves.
 
     Raises:
         ValueError: a bad name or kind, a config that is not a frozen dataclass, a ranker without ``features``,
-            or a ``ctr_loss`` on a model of another task.
+            or a ``ctr_loss`` (``corpus``) on a model of another task than ``ctr`` (``skipgram``).
     """
 
     name: str
@@ -114,7 +123,9 @@ class ModelSpec:
     item_vectors: Callable[..., Any] | None = None
     query_encoder: Callable[..., Any] | None = None
     ctr_loss: Callable[..., Any] | None = None
-    init_from: Callable[[Any], str | None] | None = None
+    init_from: Callable[[Any], str | tuple[str, ...] | None] | None = None
+    init_state: Callable[[Any, Mapping[str, Any]], dict] | None = None
+    corpus: Callable[[Any, list, int], list] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c == "_" for c in self.name) or self.name != self.name.lower():
@@ -128,6 +139,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name}: a ranker declares the features it reads")
         if self.ctr_loss is not None and self.task != "ctr":
             raise ValueError(f"model {self.name}: ctr_loss is read by the ctr task only, not by {self.task!r}")
+        if self.init_state is not None and self.init_from is None:
+            raise ValueError(f"model {self.name}: init_state computes from the init_from models; it names none")
+        if self.corpus is not None and self.task != "skipgram":
+            raise ValueError(f"model {self.name}: corpus is read by the skipgram task only, not by {self.task!r}")
 
     # ------------------------------------------------------------------------------------------- configs
     def default_config(self):
@@ -163,9 +178,14 @@ class ModelSpec:
         """
         return self.make_config(dict(data), base=self.config())
 
-    def init_source(self, config) -> str | None:
-        """The registered model whose saved tables initialise this model built with ``config``; None: random."""
+    def init_source(self, config) -> str | tuple[str, ...] | None:
+        """The registered model(s) whose saved tables initialise this model built with ``config``; None: random."""
         return self.init_from(config) if self.init_from is not None else None
+
+    def init_sources(self, config) -> tuple[str, ...]:
+        """``init_source`` as a tuple of names: empty for random tables, one name for a single source."""
+        source = self.init_source(config)
+        return () if source is None else (source,) if isinstance(source, str) else tuple(source)
 
     def features_of(self, config) -> tuple:
         """The KJT features a ranker built with ``config`` reads."""

@@ -18,10 +18,11 @@ from ``ray.train.get_checkpoint()``: its table shards and fused Adagrad state (D
 epoch, the early-stopping state, the task's own state and the RNG, and goes on with the next epoch -- the same run
 as without the failure, given the seed.
 
-A model whose spec names an ``init_from`` model (FNN: FM) starts from that model's saved tables: the driver finds
-its folder in the same run folder and checks that its tables fit (``init_source``, before Ray starts), and every
-rank copies them into its shards after sharding, on a fresh start only -- a resumed run has its own tables in the
-checkpoint (``init_tables``). The saved meta records which version initialised it.
+A model whose spec names an ``init_from`` model (FNN: FM), or several (NeuMF: GMF and MLP), starts from those
+models' saved tables: the driver finds their folders in the same run folder and checks that their tables fit
+(``init_source``, before Ray starts), and every rank copies them into its shards after sharding, then the other
+parameters its ``init_state`` computes from them (``init_params``), on a fresh start only -- a resumed run has its
+own tables in the checkpoint (``init_tables``). The saved meta records which versions initialised it.
 
 Rank 0 then writes the model folder (``training.artifacts.save_model``; with ``save_predictions``, first the best
 epoch's test predictions, ``predictions.parquet``) and the driver the stage result ``train_<model>``.
@@ -285,35 +286,85 @@ class ModelInitError(PlatformError, ValueError):
 
 def init_source(spec, config, run_dir: str | Path, vocab_sizes: dict) -> dict | None:
     """The saved model whose tables initialise ``spec`` built with ``config`` (``ModelSpec.init_from``), found in
-    ``<run_dir>/models/<name>`` and checked against the model built on ``meta`` (shapes only, nothing copied):
-    ``{"model", "model_version", "model_dir", "tables"}`` (the state-dict keys that will be copied), or None when
-    the model starts from random tables. Called by the driver, so that a missing or mismatched source fails before
-    Ray starts.
+    ``<run_dir>/models/<name>`` and checked against the model built on ``meta`` (shapes only; what is copied goes
+    into that throw-away model): ``{"model", "model_version", "model_dir", "tables"}`` (the state-dict keys that
+    will be copied), or None when the model starts from random tables. When ``init_from`` names a tuple of models
+    (NeuMF: GMF and MLP), ``{"sources": [one such dict per model, in its order]}``. With ``ModelSpec.init_state``
+    the answer also holds ``params``: the keys it sets (``init_params``). Called by the driver, so that a missing or
+    mismatched source fails before Ray starts.
 
     Raises:
-        ModelOutputError: the source model has not been trained into ``run_dir`` (the message names the command).
-        ModelInitError: the model shares no table with the source, or a table of another shape.
-        UnknownModelError: the source is not registered.
+        ModelOutputError: a source model has not been trained into ``run_dir`` (the message names the command).
+        ModelInitError: the model shares no table with a source, a table of another shape, two sources with the
+            same table, or ``init_state`` values that do not fit.
+        UnknownModelError: a source is not registered.
     """
     import torch
 
     from training.artifacts import ModelLayout, ModelOutputError, model_dir, read_meta
     from training.registry import get_model
 
-    name = spec.init_source(config)
-    if name is None:
+    names = spec.init_sources(config)
+    if not names:
         return None
-    if name == spec.name:
-        raise ModelInitError(f"model {spec.name} names itself as the model whose tables initialise it")
-    source = get_model(name)
-    layout = ModelLayout(model_dir(run_dir, source.name))
-    if not (layout.meta.exists() and layout.state.exists()):
-        raise ModelOutputError(f"model {spec.name} starts from the tables of a trained {source.name}, but "
-                               f"{layout.root} holds no trained model; run `python -m training.train --model "
-                               f"{source.name}` first (into the same run folder)")
-    tables = init_tables(spec.build(vocab_sizes, config, torch.device("meta")), layout.root)
-    return {"model": source.name, "model_version": read_meta(layout.root)["model_version"],
-            "model_dir": str(layout.root), "tables": tables}
+    model = spec.build(vocab_sizes, config, torch.device("meta"))
+    sources, seen = [], {}
+    for name in names:
+        if name == spec.name:
+            raise ModelInitError(f"model {spec.name} names itself as the model whose tables initialise it")
+        source = get_model(name)
+        layout = ModelLayout(model_dir(run_dir, source.name))
+        if not (layout.meta.exists() and layout.state.exists()):
+            raise ModelOutputError(f"model {spec.name} starts from the tables of a trained {source.name}, but "
+                                   f"{layout.root} holds no trained model; run `python -m training.train --model "
+                                   f"{source.name}` first (into the same run folder)")
+        tables = init_tables(model, layout.root)
+        twice = sorted(f"{k} ({seen[k]} and {source.name})" for k in tables if k in seen)
+        if twice:  # the later source would silently overwrite the earlier one
+            raise ModelInitError(f"model {spec.name}: tables {twice} come from two init sources; name each "
+                                 f"source's tables apart")
+        seen.update({k: source.name for k in tables})
+        sources.append({"model": source.name, "model_version": read_meta(layout.root)["model_version"],
+                        "model_dir": str(layout.root), "tables": tables})
+    init = sources[0] if isinstance(spec.init_source(config), str) else {"sources": sources}
+    if spec.init_state is not None:
+        init["params"] = init_params(model, spec, config, sources)
+    return init
+
+
+def init_params(model, spec, config, sources: list[dict]) -> list[str]:
+    """Copy ``spec.init_state(config, {name: saved state})`` (``ModelSpec.init_state``) of the saved ``sources``
+    (``init_source``'s dicts: ``model``, ``model_version``, ``model_dir``) into ``model`` (unsharded, or a
+    DistributedModelParallel: its dense parameters are replicated, every rank copies the same values).
+    Collective-free: every rank reads the saved states itself.
+
+    Returns:
+        the state-dict keys set, sorted.
+
+    Raises:
+        ModelOutputError: a source folder is missing or holds another version than its ``model_version``.
+        ModelInitError: a value for a key ``model`` lacks, or of another shape (nothing is copied then).
+    """
+    from training.artifacts import ModelOutputError, load_model
+    from training.distributed.sharding import copy_full_into
+
+    states = {}
+    for s in sources:
+        loaded = load_model(s["model_dir"])
+        if loaded.version != s["model_version"]:
+            raise ModelOutputError(f"{s['model_dir']} holds {loaded.version}, not {s['model_version']} that this "
+                                   f"run checked; it was retrained meanwhile: restart this training")
+        states[s["model"]] = loaded.module.state_dict()
+    values = spec.init_state(config, states)
+    state = model.state_dict()
+    wrong = [f"{k}: {tuple(state[k].size()) if k in state else 'no such key'} here, {tuple(v.shape)} computed"
+             for k, v in values.items() if k not in state or tuple(state[k].size()) != tuple(v.shape)]
+    if wrong:
+        raise ModelInitError(f"model {spec.name}: its init_state from {sorted(states)} does not fit: "
+                             f"{'; '.join(wrong)}; build it with the sources' sizes, or retrain them")
+    for key, value in values.items():
+        copy_full_into(state[key], value)
+    return sorted(values)
 
 
 def init_tables(model, source_dir: str | Path, model_version: str | None = None) -> list[str]:
@@ -365,14 +416,20 @@ def init_tables(model, source_dir: str | Path, model_version: str | None = None)
     return shared
 
 
-def _resume_or_init(dmp, rank: int, init: dict | None) -> dict | None:
-    """``_resume``'s train state after a restart; on a fresh start, the tables of ``init`` (``init_source``) copied
-    into ``dmp`` first, when the model has one. A resumed run is never re-initialised: its checkpoint holds its
-    own trained tables."""
+def _resume_or_init(dmp, rank: int, init: dict | None, spec=None, config=None) -> dict | None:
+    """``_resume``'s train state after a restart; on a fresh start, the tables of ``init`` (``init_source``: one
+    source, or ``sources``) copied into ``dmp`` first, when the model has one, then its ``params`` computed by
+    ``spec.init_state`` for ``config`` (``init_params``). A resumed run is never re-initialised: its checkpoint
+    holds its own trained tables."""
     resumed = _resume(dmp, rank)
     if resumed is None and init is not None:
-        copied = init_tables(dmp, init["model_dir"], init["model_version"])
-        _log(rank, f"initialised {len(copied)} tables from {init['model_version']}")
+        sources = init.get("sources", [init])
+        for source in sources:
+            copied = init_tables(dmp, source["model_dir"], source["model_version"])
+            _log(rank, f"initialised {len(copied)} tables from {source['model_version']}")
+        if init.get("params"):
+            _log(rank, f"initialised {len(init_params(dmp, spec, config, sources))} parameters from "
+                       f"{', '.join(s['model_version'] for s in sources)}")
     return resumed
 
 
@@ -433,7 +490,7 @@ def run_worker(c: dict, rank: int, world_size: int, device) -> None:
     schedule = LRSchedule(opts.lr_schedule, max(1, task.steps_per_epoch * opts.epochs), opts.warmup_frac,
                           opts.min_lr_factor)
     stopping, best, train_time, best_state, first_epoch = EarlyStopping(opts.patience), {}, 0.0, None, 0
-    resumed = _resume_or_init(dmp, rank, c.get("init_from"))
+    resumed = _resume_or_init(dmp, rank, c.get("init_from"), spec, config)
     if resumed is not None:
         if dense_opt is not None:
             dense_opt.load_state_dict(resumed["dense_opt"])
@@ -506,8 +563,12 @@ def run_worker(c: dict, rank: int, world_size: int, device) -> None:
 
 
 def _provenance(init: dict | None) -> dict | None:
-    """What the saved meta and the stage result record of ``init_source``'s answer (not the local path)."""
-    return None if init is None else {k: init[k] for k in ("model", "model_version", "tables")}
+    """What the saved meta and the stage result record of ``init_source``'s answer (not the local paths)."""
+    if init is None:
+        return None
+    keep = lambda source: {k: source[k] for k in ("model", "model_version", "tables")}  # noqa: E731
+    out = {"sources": [keep(s) for s in init["sources"]]} if "sources" in init else keep(init)
+    return out | ({"params": init["params"]} if "params" in init else {})
 
 
 def worker_device(use_gpu: bool):
