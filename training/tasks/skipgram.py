@@ -2,9 +2,11 @@
 models that feed it sequences.
 
 Every epoch draws its (center, context) pairs with word2vec's dynamic window and frequent-item subsampling from
-``export/item_sequences`` (``training.data.skipgram_pairs``), the same pairs on every rank (seeded by the run's seed
-and the epoch), each rank training on its share; negatives come from the unigram^0.75 distribution, seeded per
-epoch and rank. There is no validation split: every epoch runs and the last state is saved.
+``export/item_sequences`` (``training.data.skipgram_pairs``) -- or from the sentences a model makes of them
+(``ModelSpec.corpus``: the walk models' random walks over the item graph) --, the same pairs on every rank (seeded by
+the run's seed and the epoch), each rank training on its share; negatives come from the unigram^0.75 distribution
+of the sentences, seeded per epoch and rank. There is no validation split: every epoch runs and the last state is
+saved.
 
 Legend: B pairs per step, K negatives per pair.
 """
@@ -35,6 +37,8 @@ class SkipGramTask:
         self.ctx, config = ctx, ctx.config
         self.num_items = ctx.vocab["item"]
         self.sequences = read_item_sequences(ctx.lake_dir)
+        if ctx.spec.corpus is not None:  # the model's own sentences (e.g. walks), seeded alike on every rank
+            self.sequences = ctx.spec.corpus(config, self.sequences, ctx.opts.seed)
         counts = item_counts(self.sequences, self.num_items)
         self.keep, self.neg_p = keep_probabilities(counts, config.subsample), negative_distribution(counts)
         self.pairs_seen, self.loss_avg, self._pairs = 0, float("nan"), 0
