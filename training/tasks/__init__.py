@@ -18,7 +18,11 @@ small task protocol (RecBole gives each kind of model one interface in the same 
 
 Tasks: ``ctr`` (``training.tasks.ctr``: rankers on ``gold.ctr_samples``), ``skipgram`` (``training.tasks.skipgram``:
 SGNS pairs from item sequences), ``closed_form`` (``training.tasks.closed_form``: a fit without gradient from the
-whole train split's positives, in ``bind``; ``steps_per_epoch`` 0, so the loop runs epochs of no step).
+whole train split's positives, in ``bind``; ``steps_per_epoch`` 0, so the loop runs epochs of no step),
+``autoencoder`` (``training.tasks.autoencoder``: mini-batches of items, each its partially observed vector over the
+train split's users, early stopping on HR@10 of valid positives), ``sequence`` (``training.tasks.sequence``:
+session-parallel next-item steps over the train split's sessions, early stopping on recall@20 of the next valid
+item).
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ def task_class(name: str):
     Raises:
         KeyError: no such task.
     """
+    from training.tasks.autoencoder import AutoencoderTask
     from training.tasks.closed_form import ClosedFormTask
     from training.tasks.ctr import CtrTask
+    from training.tasks.sequence import SequenceTask
     from training.tasks.skipgram import SkipGramTask
 
-    tasks = {t.name: t for t in (CtrTask, SkipGramTask, ClosedFormTask)}
+    tasks = {t.name: t for t in (CtrTask, SkipGramTask, ClosedFormTask, AutoencoderTask, SequenceTask)}
     if name not in tasks:
         raise KeyError(f"unknown training task {name!r}; one of {sorted(tasks)}")
     return tasks[name]
