@@ -8,7 +8,8 @@ writer and the one loader every stage uses.
   dataclass's fields), ``options`` (the trainer's), ``vocab_sizes``, ``training_versions`` (``{table: Delta
   version}`` read), ``sharding_plan``, ``metrics``, ``item_embedding_shape``, ``created_utc``, and
   ``initialised_from`` (``{"model", "model_version", "tables"}``: the saved model whose tables this one started
-  from, ``ModelSpec.init_from``; null when it started from random tables);
+  from, ``ModelSpec.init_from``; ``{"sources": [...], "params": [...]}`` for several sources and the parameters
+  ``ModelSpec.init_state`` computed; null when it started from random tables);
 - ``item_embeddings.npy``: float32 (R, D), row = item_idx, row 0 the unknown/padding item -- for a model with an
   item table (``ModelSpec.item_table``): the item vectors its retrieval searches (``ModelSpec.item_vectors``; by
   default the table itself);
