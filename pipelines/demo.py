@@ -139,6 +139,38 @@ TRAIN_FIGURES = ("test_auc", "test_logloss", "test_gauc", "valid_auc", "train_sa
                  "final_loss", "epochs", "model_version")
 
 
+def memory_used_mib() -> float:
+    """The machine's memory in use (MiB): ``MemTotal - MemAvailable`` of ``/proc/meminfo``, so that page cache the
+    kernel can drop does not count."""
+    info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith(("MemTotal:", "MemAvailable:"))}
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+@contextlib.contextmanager
+def peak_memory(interval_s: float = 0.5):
+    """Sample :func:`memory_used_mib` every ``interval_s`` seconds while the block runs; yields a dict whose
+    ``peak_mib`` is the highest sample above the one taken before the block (``baseline_mib``). Whole-machine, so
+    the broker, Spark's JVMs and Ray's workers count, which are not all this process's children; other load on the
+    machine counts too."""
+    import threading
+
+    out = {"baseline_mib": memory_used_mib(), "peak_mib": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval_s):
+            out["peak_mib"] = max(out["peak_mib"], memory_used_mib() - out["baseline_mib"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        sampler.join()
+
+
 def summarise(cfg: PlatformConfig, walls: dict[str, float], stages: list[str]) -> dict:
     """Assemble summary.json from the results of the stages that ran; every figure was measured by its stage in
     this run."""
@@ -182,6 +214,8 @@ def print_summary(summary: dict) -> None:
     for policy, m in summary["retrieval"].items():
         t.add_row(f"replay {policy} HR@10 / NDCG@10", f"{m['hr@10']:.4f} / {m['ndcg@10']:.4f} ({m['cases']:,} cases)")
     t.add_row("wall s", ", ".join(f"{k} {v}" for k, v in summary["wall_s"].items()))
+    if "memory_mib" in summary:
+        t.add_row("peak memory MiB (whole machine, above the start)", f"{summary['memory_mib']['peak_above_baseline']:,}")
     console.print(t)
 
 
@@ -208,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     kafka(cfg, "stop", kafka_state)
     reset(cfg, kafka_state)
     walls: dict[str, float] = {}
+    memory = contextlib.ExitStack()
+    mem = memory.enter_context(peak_memory())
     try:
         start = time.perf_counter()
         kafka(cfg, "start", kafka_state)
@@ -224,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         for stage in STAGES[STAGES.index(train_all[-1]) + 1:]:
             walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
     finally:
+        memory.close()
         if not args.keep_kafka:
             kafka(cfg, "stop", kafka_state)
     summary = summarise(cfg, walls, [s.name for s in STAGES if s in train or not s.name.startswith("train_")])
+    summary["memory_mib"] = {"peak_above_baseline": round(mem["peak_mib"]), "baseline": round(mem["baseline_mib"]),
+                             "measure": "whole machine, MemTotal - MemAvailable, sampled every 0.5 s"}
     path = cfg.run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     print_summary(summary)
