@@ -180,7 +180,8 @@ def _dotted(path: Key) -> str:
     return ".".join(map(str, path))
 
 
-def _closest(word: str, valid: list[str]) -> str | None:
+def closest(word: str, valid: list[str]) -> str | None:
+    """The entry of ``valid`` nearest to ``word`` (a misspelt key), or None when none is near."""
     found = difflib.get_close_matches(word, valid, n=1, cutoff=0.6)
     return found[0] if found else None
 
@@ -217,7 +218,7 @@ def _warn_ignored(name: str) -> None:
         return
     _warned.add(name)
     first = name[len(ENV_PREFIX):].split("__")[0].lower()
-    guess = _closest(first, list(PlatformConfig.model_fields))
+    guess = closest(first, list(PlatformConfig.model_fields))
     hint = f"; did you mean {_env_name((guess,))}?" if guess else ""
     log.warning("ignoring %s: %r is not a configuration key (top-level keys: %s)%s", name, first,
                 ", ".join(PlatformConfig.model_fields), hint)
@@ -232,7 +233,7 @@ def _env_key_error(name: str, path: Key) -> ConfigError | None:
             return ConfigError(source, f"{_dotted(path[:i])} is a single value, not a section",
                                f"set {_env_name(path[:i])} instead")
         if key not in model.model_fields:
-            guess = _closest(key, list(model.model_fields))
+            guess = closest(key, list(model.model_fields))
             fix = (f"did you mean {_env_name((*path[:i], guess))}?" if guess else
                    "valid variables there: " + ", ".join(_env_name((*path[:i], k)) for k in model.model_fields))
             return ConfigError(source, f"unknown key {key!r} in section {_dotted(path[:i])!r}", fix)
@@ -333,7 +334,7 @@ def _explain(err: dict, merged: dict, origin: dict[Key, str], file_data: dict, f
         source = (file_label or "the configuration") + (f", line {line}" if line else "")
         valid = list((_section(parent) or PlatformConfig).model_fields)
         section = f"in section {_dotted(parent)!r}" if parent else "at the top level"
-        guess = _closest(str(key), valid)
+        guess = closest(str(key), valid)
         fix = (f"did you mean {_dotted((*parent, guess))!r}?" if guess
                else f"valid keys {section}: {', '.join(valid)}")
         return ConfigError(source, f"unknown key {str(key)!r} {section}", fix)

@@ -49,7 +49,6 @@ generator writes it (``CLICK_RATING`` for a positive, ``NO_CLICK_RATING`` otherw
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +60,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from features.config import closest
 from features.errors import PlatformError
 from features.events import EVENT_TYPES, INT32_MAX, INT32_MIN, MAX_RATING, MIN_EVENT_TIME, MIN_RATING
 
@@ -294,7 +294,7 @@ class Source:
         known = set(fields["required"]) | set(fields["optional"])
         unknown = sorted(set(t.columns) - known)
         if unknown:
-            hint = _closest(unknown[0], sorted(known))
+            hint = closest(unknown[0], sorted(known))
             raise SourceError(f"source file {self.file}: {unknown} are not platform fields of this table"
                               f"{f' (did you mean {hint!r}?)' if hint else ''}; fields: {sorted(known)}")
         missing = [f for f in required if f not in t.columns]
@@ -316,7 +316,7 @@ class Source:
         absent = [(f, c) for f, c in t.columns.items() if c not in frame.columns]
         if absent:
             f, c = absent[0]
-            hint = _closest(c, [str(x) for x in frame.columns])
+            hint = closest(c, [str(x) for x in frame.columns])
             raise SourceError(f"{where}: column {c!r} (mapped to {f}) is not in the file"
                               f"{f' (did you mean {hint!r}?)' if hint else ''}; its columns: {list(frame.columns)}")
         return where, frame[list(dict.fromkeys(t.columns.values()))].reset_index(drop=True)
@@ -371,7 +371,7 @@ def _explain(err: dict, file: Path, text: str) -> str:
             parent = next((a for a in getattr(parent, "__args__", (parent,)) if isinstance(a, type)
                            and issubclass(a, BaseModel)), parent)
         valid = list(getattr(parent, "model_fields", {}))
-        hint = _closest(loc[-1], valid)
+        hint = closest(loc[-1], valid)
         return f"{at}: unknown key {key!r}{f' (did you mean {hint!r}?)' if hint else ''}; valid here: {valid}"
     return f"{at}: {key}: {err['msg']}"
 
@@ -387,11 +387,6 @@ def _line_of(text: str, loc: list[str]) -> int | None:
         else:
             return None
     return start + 1
-
-
-def _closest(word: str, valid: list[str]) -> str | None:
-    found = difflib.get_close_matches(word, valid, n=1, cutoff=0.6)
-    return found[0] if found else None
 
 
 def _first_bad(bad: pd.Series, values: pd.Series, where: str, column: str, want: str) -> None:

@@ -242,25 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     kafka(cfg, "stop", kafka_state)
     reset(cfg, kafka_state)
     walls: dict[str, float] = {}
-    memory = contextlib.ExitStack()
-    mem = memory.enter_context(peak_memory())
     try:
-        start = time.perf_counter()
-        kafka(cfg, "start", kafka_state)
-        walls["kafka_start"] = time.perf_counter() - start
-        train_all = [s for s in STAGES if s.name.startswith("train_")]
-        train = [s for s in train_all if s.name.removeprefix("train_") in chosen]
-        for stage in STAGES[:STAGES.index(train_all[0])]:
-            walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
-        start = time.perf_counter()
-        with ray_head(cfg, cfg.run_dir / "logs") as ray_env:
-            walls["ray_start"] = time.perf_counter() - start
-            for stage in train:
-                walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs", ray_env)
-        for stage in STAGES[STAGES.index(train_all[-1]) + 1:]:
-            walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
+        with peak_memory() as mem:
+            start = time.perf_counter()
+            kafka(cfg, "start", kafka_state)
+            walls["kafka_start"] = time.perf_counter() - start
+            train_all = [s for s in STAGES if s.name.startswith("train_")]
+            train = [s for s in train_all if s.name.removeprefix("train_") in chosen]
+            for stage in STAGES[:STAGES.index(train_all[0])]:
+                walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
+            start = time.perf_counter()
+            with ray_head(cfg, cfg.run_dir / "logs") as ray_env:
+                walls["ray_start"] = time.perf_counter() - start
+                for stage in train:
+                    walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs", ray_env)
+            for stage in STAGES[STAGES.index(train_all[-1]) + 1:]:
+                walls[stage.name] = run_stage(stage.name, cfg.run_dir / "logs")
     finally:
-        memory.close()
         if not args.keep_kafka:
             kafka(cfg, "stop", kafka_state)
     summary = summarise(cfg, walls, [s.name for s in STAGES if s in train or not s.name.startswith("train_")])
