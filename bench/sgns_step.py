@@ -7,12 +7,14 @@ gloo rank, fused row-wise Adagrad in backward, torch on one thread -- split into
 forward pass with the loss, and the backward pass with the fused table update, at several batch sizes B, on random
 pairs over ML-100K's 1,683 item rows.
 
-Beside it, the same step with the tables laid out as one ``EmbeddingCollection`` (unpooled lookups: the center
-feature, B ids, and one targets feature, B x (1 + K) ids) instead of the model's pooled ``EmbeddingBagCollection``
-with 2 + K features of one id each: the same arithmetic through fewer, larger kernel calls, to size what that layout
-would give before changing the model.
+The model reads its two tables through one ``EmbeddingCollection`` (unpooled lookups: the center feature, B ids,
+and one targets feature, B x (1 + K) ids; ``training.data.sgns_kjt``). Beside it, the same step in the
+layout the model had before (a pooled ``EmbeddingBagCollection`` with 2 + K features of one id each,
+``_pooled_kjt``), the reference the new layout is measured against.
 
-Writes ``bench/results/sgns-step.json`` (commit, UTC time, load average, settings, ms per step and pairs/s).
+At each B the two layouts' steps are interleaved, so that other processes on a shared machine slow them alike;
+pairs/s is given at the mean and at the median step. Writes
+``bench/results/sgns-step.json`` (commit, UTC time, load average, settings, ms per step and pairs/s).
 """
 
 from __future__ import annotations
@@ -34,80 +36,108 @@ RESULTS = ROOT / "bench" / "results" / "sgns-step.json"
 NUM_ITEMS, DIM, NEGATIVES = 1683, 32, 5
 
 
-def _collection_model():
-    """The alternative layout: both tables in one EmbeddingCollection; forward -> logits (B, 1 + K)."""
+def _pooled_kjt(center, context, negatives):
+    """The KJT of the layout before: keys ``center``, ``context``, ``neg_0..neg_{K-1}``, one id per row.
+
+    Args:
+        center: (B,) item indices; context: (B,); negatives: (B, K).
+    """
+    import torch
+    from torchrec import KeyedJaggedTensor
+
+    b, k = negatives.shape
+    keys = ["center", "context", *[f"neg_{i}" for i in range(k)]]
+    values = torch.cat([center, context, negatives.t().reshape(-1)]).to(torch.int64)  # key-major (2 + K) * B
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values,
+                                               lengths=torch.ones(len(keys) * b, dtype=torch.int64))
+
+
+def _pooled_model():
+    """The layout before: both tables in one EmbeddingBagCollection read by 2 + K one-id features (center; context
+    and the negatives); forward -> logits (B, 1 + K)."""
     import torch
     from torch import nn
-    from torchrec import EmbeddingCollection, EmbeddingConfig
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    targets = ["context", *[f"neg_{k}" for k in range(NEGATIVES)]]
 
     class Tables(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.sparse_arch = EmbeddingCollection([
-                EmbeddingConfig(name="t_in", embedding_dim=DIM, num_embeddings=NUM_ITEMS, feature_names=["center"]),
-                EmbeddingConfig(name="t_out", embedding_dim=DIM, num_embeddings=NUM_ITEMS,
-                                feature_names=["targets"])], device=torch.device("meta"))
+            self.sparse_arch = EmbeddingBagCollection([
+                EmbeddingBagConfig(name="t_in", embedding_dim=DIM, num_embeddings=NUM_ITEMS, feature_names=["center"]),
+                EmbeddingBagConfig(name="t_out", embedding_dim=DIM, num_embeddings=NUM_ITEMS,
+                                   feature_names=targets)], device=torch.device("meta"))
 
         def forward(self, kjt):
-            out = self.sparse_arch(kjt)
-            center, targets = out["center"].values(), out["targets"].values()  # (B, D), (B * (1 + K), D)
-            return (center.unsqueeze(1) * targets.view(center.shape[0], NEGATIVES + 1, DIM)).sum(2)
+            pooled = self.sparse_arch(kjt).to_dict()  # {feature: (B, D)}
+            out = torch.stack([pooled[name] for name in targets], dim=1)  # (B, 1 + K, D)
+            return (pooled["center"].unsqueeze(1) * out).sum(2)  # (B, 1 + K)
 
     return Tables()
 
 
-def _collection_kjt(center, context, negatives):
-    import torch
-    from torchrec import KeyedJaggedTensor
-
-    b = len(center)
-    values = torch.cat([center, torch.cat([context.unsqueeze(1), negatives], 1).reshape(-1)])
-    lengths = torch.cat([torch.ones(b, dtype=torch.int64), torch.full((b,), NEGATIVES + 1, dtype=torch.int64)])
-    return KeyedJaggedTensor.from_lengths_sync(keys=["center", "targets"], values=values, lengths=lengths)
-
-
-def measure(model, make_kjt, batch: int, steps: int, warmup: int = 5) -> dict:
-    """Mean ms per step of each part over ``steps`` steps after ``warmup``, and pairs/s."""
-    import torch
-
+def _step(dmp, make_kjt, center, context, negatives) -> tuple[float, float, float]:
+    """One SGNS step; seconds spent building the KJT, in the forward pass with the loss, in the backward pass."""
     from training.models.item2vec import sgns_loss
+
+    t0 = time.perf_counter()
+    kjt = make_kjt(center, context, negatives)
+    t1 = time.perf_counter()
+    loss = sgns_loss(dmp(kjt))
+    t2 = time.perf_counter()
+    loss.backward()  # the fused row-wise Adagrad updates the tables here
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def measure(layouts: dict, batches: list[int], steps: int, warmup: int = 5) -> dict:
+    """Per layout and batch size: mean ms per step of each part over ``steps`` steps after ``warmup``, pairs/s at
+    the mean step and at the median step. At each batch size in turn the layouts' steps are interleaved (one step of
+    each a round), so that other processes' bursts on a shared machine hit them alike; batch sizes are not
+    interleaved, as a small batch's step after a large one's pays for the memory the large one gave back.
+
+    Args:
+        layouts: ``{name: (model with its tables on meta, make_kjt(center, context, negatives))}``.
+        batches: the batch sizes B.
+    """
+    import torch
+
     from training.trainer import _build
 
-    dmp, _, _ = _build(model, SimpleNamespace(lr_sparse=0.2, sharding="planner", lr_dense=1e-3, weight_decay=0.0),
-                       1, 0, torch.device("cpu"))
+    opts = SimpleNamespace(lr_sparse=0.2, sharding="planner", lr_dense=1e-3, weight_decay=0.0)
+    dmps = {name: (_build(model, opts, 1, 0, torch.device("cpu"))[0], make) for name, (model, make) in layouts.items()}
     rng = np.random.default_rng(0)
-    n = (steps + warmup) * batch
-    center, context = (torch.from_numpy(rng.integers(1, NUM_ITEMS, n)) for _ in range(2))
-    negatives = torch.from_numpy(rng.integers(1, NUM_ITEMS, (n, NEGATIVES)))
-    parts = np.zeros(3)
-    for s in range(steps + warmup):
-        rows = slice(s * batch, (s + 1) * batch)
-        t0 = time.perf_counter()
-        kjt = make_kjt(center[rows], context[rows], negatives[rows])
-        t1 = time.perf_counter()
-        loss = sgns_loss(dmp(kjt))
-        t2 = time.perf_counter()
-        loss.backward()
-        t3 = time.perf_counter()
-        if s >= warmup:
-            parts += (t1 - t0, t2 - t1, t3 - t2)
-    ms = parts / steps * 1e3
-    return {"batch": batch, "kjt_ms": round(ms[0], 3), "forward_ms": round(ms[1], 3), "backward_ms": round(ms[2], 3),
-            "pairs_per_s": round(batch / (ms.sum() / 1e3))}
+    parts = {(name, b): [] for name in dmps for b in batches}
+    for b in batches:
+        for s in range(steps + warmup):
+            pairs = (torch.from_numpy(rng.integers(1, NUM_ITEMS, b)), torch.from_numpy(rng.integers(1, NUM_ITEMS, b)),
+                     torch.from_numpy(rng.integers(1, NUM_ITEMS, (b, NEGATIVES))))
+            for name, (dmp, make) in dmps.items():
+                took = _step(dmp, make, *pairs)
+                if s >= warmup:
+                    parts[name, b].append(took)
+    out = {name: [] for name in dmps}
+    for (name, b), took in parts.items():
+        ms = np.mean(took, axis=0) * 1e3  # (3,)
+        out[name].append({"batch": b, "kjt_ms": round(ms[0], 3), "forward_ms": round(ms[1], 3),
+                          "backward_ms": round(ms[2], 3), "pairs_per_s": round(b / (ms.sum() / 1e3)),
+                          "pairs_per_s_median": round(b / np.median(np.sum(took, axis=1)))})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batches", default="4096,16384", help="batch sizes B (pairs per step), comma-separated")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per batch size")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per layout and batch size")
+    p.add_argument("--model-only", action="store_true", help="skip the pooled layout of before")
     p.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} alone")
     args = p.parse_args(argv)
 
     import torch
     import torch.distributed as dist
 
-    from training.data import pairs_kjt
+    from training.data import sgns_kjt
     from training.registry import get_model
 
     torch.set_num_threads(1)
@@ -116,17 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", rank=0, world_size=1)
     spec = get_model("item2vec")
     load_before = os.getloadavg()
-    rows = {"model's pooled EmbeddingBagCollection (2 + K features)": [], "one EmbeddingCollection (2 features)": []}
-    for b in (int(x) for x in args.batches.split(",")):
-        model = spec.build({"item": NUM_ITEMS}, spec.default_config(), sparse_device=torch.device("meta"))
-        rows["model's pooled EmbeddingBagCollection (2 + K features)"].append(measure(model, pairs_kjt, b, args.steps))
-        rows["one EmbeddingCollection (2 features)"].append(measure(_collection_model(), _collection_kjt, b,
-                                                                    args.steps))
+    layouts = {"model: one EmbeddingCollection (2 features)":
+               (spec.build({"item": NUM_ITEMS}, spec.default_config(), sparse_device=torch.device("meta")), sgns_kjt)}
+    if not args.model_only:
+        layouts["before: pooled EmbeddingBagCollection (2 + K features)"] = (_pooled_model(), _pooled_kjt)
+    rows = measure(layouts, [int(x) for x in args.batches.split(",")], args.steps)
     dist.destroy_process_group()
     result = {"commit": _commit(), "measured_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "machine": machine(), "load_before": list(load_before), "load_after": list(os.getloadavg()),
               "settings": {"items": NUM_ITEMS, "dim": DIM, "negatives": NEGATIVES, "steps": args.steps, "threads": 1,
-                           "ranks": 1, "sparse_optimizer": "fused row-wise Adagrad"},
+                           "ranks": 1, "sparse_optimizer": "fused row-wise Adagrad", "layouts_interleaved": True},
               "layouts": rows}
     print(json.dumps(result, indent=1))
     if not args.no_write:

@@ -11,10 +11,10 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 from features.definitions import SPARSE_FEATURES
-from training.data import (ctr_batches, keep_probabilities, kjt_of_rows, negative_distribution, pairs_kjt,
+from training.data import (ctr_batches, keep_probabilities, kjt_of_rows, negative_distribution,
                            skipgram_pairs, synthetic_vocab_sizes, CtrShard)
 from training.metrics import auc, gauc, logloss
-from training.models import DeepFM, DeepFMConfig, Item2Vec, Item2VecConfig, sgns_loss
+from training.models import DeepFM, DeepFMConfig
 from training.modules import FactorizationMachine
 
 ROWS = [
@@ -59,23 +59,6 @@ def test_ctr_batches_pad_with_zero_weight():
     assert [b.weight.tolist() for b in batches] == [[1.0, 1.0], [1.0, 0.0]]
     assert batches[0].features["genre_idx"].values().tolist() == [1, 2]
     assert batches[0].features["genre_idx"].lengths().tolist() == [2, 0]
-
-
-def test_item2vec_loss_by_hand():
-    model = Item2Vec(4, Item2VecConfig(embedding_dim=4, num_negatives=1))
-    bags = model.sparse_arch.embedding_bag_collection.embedding_bags
-    with torch.no_grad():
-        bags["t_item_in"].weight.copy_(torch.tensor([[0.0] * 4, [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.5] * 4]))
-        bags["t_item_out"].weight.copy_(torch.tensor([[0.0] * 4, [2.0, 0, 0, 0], [0, 0, 1.0, 0], [1.0] * 4]))
-    # pair (center 1, context 1, negative 3): <u1, v1> = 2, <u1, v3> = 1
-    # pair (center 3, context 2, negative 1): <u3, v2> = 0.5, <u3, v1> = 1
-    logits = model(pairs_kjt(torch.tensor([1, 3]), torch.tensor([1, 2]), torch.tensor([[3], [1]])))
-    torch.testing.assert_close(logits, torch.tensor([[2.0, 1.0], [0.5, 1.0]]))
-    ls = lambda x: math.log(1 / (1 + math.exp(-x)))
-    expected = (-ls(2.0) - ls(-1.0) - ls(0.5) - ls(-1.0)) / 2
-    assert sgns_loss(logits).item() == pytest.approx(expected, rel=1e-6)
-    # padding rows (weight 0) do not count
-    assert sgns_loss(logits, torch.tensor([1.0, 0.0])).item() == pytest.approx(-ls(2.0) - ls(-1.0), rel=1e-6)
 
 
 def test_skipgram_window_subsampling_and_negatives():

@@ -349,14 +349,22 @@ def skipgram_pairs(sequences: Sequence[np.ndarray], window: int, rng: np.random.
     return np.concatenate(centers), np.concatenate(contexts)
 
 
-def pairs_kjt(center: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor) -> KeyedJaggedTensor:
-    """KJT for ``Item2Vec``: keys ``center``, ``context``, ``neg_0..neg_{K-1}``, one id per row.
+SGNS_CENTER, SGNS_TARGETS = "center", "targets"
+
+
+def sgns_kjt(center: torch.Tensor, context: torch.Tensor, negatives: torch.Tensor) -> KeyedJaggedTensor:
+    """The KJT of a skip-gram step, as ``training.models.item2vec.Item2Vec`` reads it: key ``center`` (one id per
+    pair), key ``targets`` (1 + K ids per pair: the context, then the negatives).
 
     Args:
         center: (B,) item indices; context: (B,); negatives: (B, K).
+
+    >>> kjt = sgns_kjt(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([[5, 6], [7, 8]]))
+    >>> kjt["targets"].values().tolist(), kjt["targets"].lengths().tolist()
+    ([3, 5, 6, 4, 7, 8], [3, 3])
     """
     b, k = negatives.shape
-    keys = ["center", "context", *[f"neg_{i}" for i in range(k)]]
-    values = torch.cat([center, context, negatives.t().reshape(-1)]).to(torch.int64)  # key-major (2 + K) * B
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values,
-                                               lengths=torch.ones(len(keys) * b, dtype=torch.int64))
+    targets = torch.cat([context.view(b, 1), negatives], dim=1).view(-1)  # (B * (1 + K),), pair-major
+    lengths = torch.cat([torch.ones(b, dtype=torch.int64), torch.full((b,), 1 + k, dtype=torch.int64)])
+    return KeyedJaggedTensor(keys=[SGNS_CENTER, SGNS_TARGETS], values=torch.cat([center, targets]).to(torch.int64),
+                             lengths=lengths)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.tables import ITEM_SEQUENCES, ITEM_VOCAB
-from training.models.item2vec import Item2Vec, Item2VecConfig
+from training.models.item2vec import ITEM_TABLE, Item2Vec, Item2VecConfig
 from training.modules.item_graph import walk_corpus
 from training.spec import ModelSpec, TrainDefaults, register
 
@@ -77,6 +77,6 @@ SPEC = register(ModelSpec(
     train=TrainDefaults(epochs=1, batch_size=4096, lr_sparse=0.2),
     tables=(ITEM_SEQUENCES, ITEM_VOCAB),
     paper="Perozzi, Al-Rfou & Skiena 2014, DeepWalk: Online Learning of Social Representations",
-    item_table="sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight",
+    item_table=ITEM_TABLE,
     corpus=corpus,
 ))

@@ -6,7 +6,13 @@ items: for a (center, context) pair and K items drawn from the unigram^0.75 dist
     loss = -log sigmoid(<u_center, v_context>) - sum_k log sigmoid(-<u_center, v_neg_k>)
 
 with u from the input table ``t_item_in`` (the item embeddings that are exported) and v from the output table
-``t_item_out``. Pair generation, frequent-item subsampling and negative sampling live in ``training.data``.
+``t_item_out``. Pair generation, frequent-item subsampling and the negatives' distribution live in
+``training.data``, the negatives' draws in ``training.tasks.skipgram``.
+
+Both tables are read through one TorchRec ``EmbeddingCollection`` (unpooled lookups) from a KJT of two features:
+``center``, one id per pair, read in ``t_item_in``, and ``targets``, the context then the K negatives of each pair
+(1 + K ids), read in ``t_item_out`` (``sgns_kjt``). Two large lookups instead of 2 + K pooled one-id bags: the same
+arithmetic in fewer kernel calls (``bench/sgns_step.py``).
 
 Legend: B batch of pairs, K negatives per pair, D embedding dimension.
 """
@@ -18,18 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from features.tables import ITEM_SEQUENCES, ITEM_VOCAB
-from training.modules import SparseArch
+from training.data import SGNS_CENTER as CENTER, SGNS_TARGETS as TARGETS, sgns_kjt
 from training.spec import ModelSpec, TrainDefaults, register
 
-CENTER, CONTEXT = "center", "context"
-
-
-def negative_keys(num_negatives: int) -> list[str]:
-    """KJT keys of the K negatives: ``neg_0 .. neg_{K-1}``, each looked up in the output table."""
-    return [f"neg_{k}" for k in range(num_negatives)]
+#: State-dict key of the input table: the item vectors that are exported (``ModelSpec.item_table``).
+ITEM_TABLE = "sparse_arch.embeddings.t_item_in.weight"
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,11 @@ class Item2Vec(nn.Module):
         config: hyper-parameters.
         sparse_device: device of the tables; ``meta`` before sharding with DMP.
 
-    Call: ``forward(features: KJT with keys center, context, neg_0..neg_{K-1}, one id per row each)
-    -> logits Tensor (B, 1 + K)``; column 0 scores the true context, the others the negatives.
+    Call: ``forward(features: KJT of ``sgns_kjt``: center (B ids), targets (B x (1 + K) ids)) -> logits Tensor
+    (B, 1 + K)``; column 0 scores the true context, the others the negatives.
 
-    >>> from training.data import pairs_kjt
     >>> model = Item2Vec(10, Item2VecConfig(embedding_dim=8, num_negatives=2))
-    >>> model(pairs_kjt(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([[5, 6], [7, 8]]))).shape
+    >>> model(sgns_kjt(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([[5, 6], [7, 8]]))).shape
     torch.Size([2, 3])
     """
 
@@ -81,20 +82,20 @@ class Item2Vec(nn.Module):
         d = config.embedding_dim
         # word2vec's initialisation: input rows uniform in [-0.5/D, 0.5/D], output rows zero.
         tables = [
-            EmbeddingBagConfig(name="t_item_in", embedding_dim=d, num_embeddings=num_items, feature_names=[CENTER],
-                               pooling=PoolingType.SUM, weight_init_min=-0.5 / d, weight_init_max=0.5 / d,
-                               init_fn=lambda w, r=0.5 / d: nn.init.uniform_(w, -r, r)),
-            EmbeddingBagConfig(name="t_item_out", embedding_dim=d, num_embeddings=num_items,
-                               feature_names=[CONTEXT, *negative_keys(config.num_negatives)],
-                               pooling=PoolingType.SUM, weight_init_min=0.0, weight_init_max=0.0,
-                               init_fn=nn.init.zeros_),
+            EmbeddingConfig(name="t_item_in", embedding_dim=d, num_embeddings=num_items, feature_names=[CENTER],
+                            weight_init_min=-0.5 / d, weight_init_max=0.5 / d,
+                            init_fn=lambda w, r=0.5 / d: nn.init.uniform_(w, -r, r)),
+            EmbeddingConfig(name="t_item_out", embedding_dim=d, num_embeddings=num_items, feature_names=[TARGETS],
+                            weight_init_min=0.0, weight_init_max=0.0, init_fn=nn.init.zeros_),
         ]
-        self.sparse_arch = SparseArch(tables, device=sparse_device)
+        self.sparse_arch = EmbeddingCollection(tables=tables, device=sparse_device)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        emb = self.sparse_arch(features)  # (B, 2 + K, D): center, context, negatives
-        center, targets = emb[:, :1, :], emb[:, 1:, :]  # (B, 1, D), (B, 1 + K, D)
-        return (center * targets).sum(dim=2)  # (B, 1 + K)
+        emb = self.sparse_arch(features)  # {feature: JaggedTensor}
+        center = emb[CENTER].values()  # (B, D)
+        targets = emb[TARGETS].values().view(center.shape[0], -1, center.shape[1])  # (B, 1 + K, D)
+        # a broadcast product: on CPU faster than bmm over B tiny (1 + K, D) x (D, 1) products
+        return (center.unsqueeze(1) * targets).sum(dim=2)  # (B, 1 + K)
 
 
 def sgns_loss(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,5 +120,5 @@ SPEC = register(ModelSpec(
     train=TrainDefaults(epochs=8, batch_size=4096, lr_sparse=0.2),
     tables=(ITEM_SEQUENCES, ITEM_VOCAB),
     paper="Barkan & Koenigstein 2016, Item2Vec: Neural Item Embedding for Collaborative Filtering",
-    item_table="sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight",
+    item_table=ITEM_TABLE,
 ))

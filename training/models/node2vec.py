@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.tables import ITEM_SEQUENCES, ITEM_VOCAB
-from training.models.item2vec import Item2Vec, Item2VecConfig
+from training.models.item2vec import ITEM_TABLE, Item2Vec, Item2VecConfig
 from training.modules.item_graph import walk_corpus
 from training.spec import ModelSpec, TrainDefaults, register
 
@@ -90,6 +90,6 @@ SPEC = register(ModelSpec(
     train=TrainDefaults(epochs=1, batch_size=4096, lr_sparse=0.2),
     tables=(ITEM_SEQUENCES, ITEM_VOCAB),
     paper="Grover & Leskovec 2016, node2vec: Scalable Feature Learning for Networks",
-    item_table="sparse_arch.embedding_bag_collection.embedding_bags.t_item_in.weight",
+    item_table=ITEM_TABLE,
     corpus=corpus,
 ))
