@@ -228,25 +228,61 @@ def test_deepctr_din_reads_the_rating_sequence(tmp_path):
     assert with_["dnn_in"] == without["dnn_in"] + 8  # side features + candidate + interest + pooled stars
 
 
-def test_ingest_results_keep_every_measured_size(tmp_path):
-    """A run that measures one size re-renders the section with the sizes stored by earlier runs, replaces only
-    its own size's row, and marks a planned size without a row as not measured."""
-    import argparse
-
+def test_ingest_delta_commits_reads_rows_and_files_whatever_the_operation(tmp_path):
+    """The latency part finds each row's visible time from the commit that added its file: a MERGE counts its
+    inserted rows, a write its output rows, a commit without metrics none."""
     from bench import ingest
 
-    args = argparse.Namespace(interval_s=1.0, max_offsets=50_000, rate=0.0, chunk=20_000, warmup=20_000, seed=7,
-                              planned="1000000,10000000")
-    row = lambda n, rate: {"events": n, "bronze_rows": n, "produce_events_per_s": 6000.0, "ingest_events_per_s": rate,
-                           "wall_s": n / rate, "p50_s": 1.0, "p95_s": 2.0, "merges": 3, "load": (1.0, 2.0),
-                           "steps": {}}
+    log = tmp_path / "t" / "_delta_log"
+    log.mkdir(parents=True)
+    commits = [
+        [{"commitInfo": {"timestamp": 1000, "operation": "CREATE TABLE"}}],
+        [{"commitInfo": {"timestamp": 2500, "operation": "MERGE",
+                         "operationMetrics": {"numTargetRowsInserted": "7", "numOutputRows": "9"}}},
+         {"add": {"path": "event_date=2024-01-01/part-a.parquet"}}],
+        [{"commitInfo": {"timestamp": 4000, "operation": "WRITE", "operationMetrics": {"numOutputRows": "5"}}},
+         {"add": {"path": "part-b.parquet"}}, {"add": {"path": "event_date=2024-01-02/part-c.parquet"}}],
+    ]
+    for version, actions in enumerate(commits):
+        (log / f"{version:020d}.json").write_text("\n".join(json.dumps(a) for a in actions) + "\n")
+    got = [(c["version"], c["time"], c["operation"], c["rows"], c["files"]) for c in ingest.delta_commits(log.parent)]
+    assert got == [(0, 1.0, "CREATE TABLE", 0, []), (1, 2.5, "MERGE", 7, ["part-a.parquet"]),
+                   (2, 4.0, "WRITE", 5, ["part-b.parquet", "part-c.parquet"])]
+
+
+def test_ingest_results_render_the_three_sinks_and_keep_other_sizes(tmp_path):
+    """Ratios are ours' events/s over each sink's in the same round; a size's record replaces only that size's; the
+    pre-issue-18 layout becomes the "earlier" table."""
+    from bench import ingest
+
     path = tmp_path / "ingest.json"
-    ingest.save_result(path, row(1_000_000, 3000.0), args)
-    text = ingest.report(ingest.save_result(path, row(1_000_000, 3500.0), args), args)
-    assert "| 1,000,000 | 1,000,000 | 6,000 | 3,500 |" in text and "| 3,000 |" not in text
-    assert "**10,000,000 events: not measured yet.**" in text
-    bigger_batches = argparse.Namespace(**dict(vars(args), max_offsets=100_000))
-    stored = ingest.save_result(path, row(10_000_000, 3200.0), bigger_batches)
-    text = ingest.report(stored, args)
-    assert [r["events"] for r in stored] == [1_000_000, 10_000_000] and "not measured yet" not in text
-    assert "Rows measured with other settings: 10,000,000" in text
+    path.write_text(json.dumps({"1000000": {"events": 1_000_000, "ingest_events_per_s": 3468.0, "wall_s": 288.3,
+                                            "p50_s": 132.4, "p95_s": 139.6, "measured_utc": "2026-11-22 01:37",
+                                            "commit": "afe8173"}}))
+    settings = {"max_offsets": 50_000, "repeats": 2, "warmup": 20_000, "seed": 7, "chunk": 20_000,
+                "dedup_delay": "30 days", "plain_partitioned": True, "rocksdb": False}
+
+    def record(n: int, per_s: dict) -> dict:
+        runs = [{"sink": sink, "repeat": rep, "wall_s": n / v, "events_per_s": v, "rows_out": n, "batches": 2,
+                 "load": [1.0, 1.5], "dropped_by_watermark": 0 if sink == "dedup" else None,
+                 **({"steps": {"batches": 2, "messages": n / 2, "validate": 3.0, "write": 1.0}} if sink == "ours"
+                    else {})}
+                for rep in range(2) for sink, v in zip(ingest.SINKS, per_s[rep])]
+        return {"events": n, "fill_s": 10.0, "produce_events_per_s": n / 10, "runs": runs, "load": [1.0, 2.0],
+                "settings": settings, "commit": "abc1234", "measured_utc": "2026-12-08 02:00", "machine": "m",
+                "command": "python -m bench.ingest"}
+
+    ingest.save_results(path, [record(20_000, {0: (900.0, 3000.0, 1000.0), 1: (800.0, 2000.0, 1000.0)})], None)
+    stored = ingest.save_results(path, [record(10_000, {0: (700.0, 1400.0, 1000.0), 1: (700.0, 1400.0, 1000.0)}),
+                                        record(20_000, {0: (600.0, 1200.0, 1000.0), 1: (900.0, 900.0, 1000.0)})],
+                                 None)
+    assert list(stored["throughput"]) == ["10000", "20000"] and list(stored["earlier"]) == ["1000000"]
+    assert ingest.ratios(stored["throughput"]["20000"]["runs"]) == {
+        (0, "ours"): 1.0, (0, "plain"): 0.5, (0, "dedup"): 0.6, (1, "ours"): 1.0, (1, "plain"): 1.0, (1, "dedup"): 0.9}
+    text = ingest.report(ingest.load_results(path))
+    assert "| dedup | 2 | 20,000 | 20,000 | 2 | 20.0 | 1,000 | 0.90 |" in text
+    assert "ours / dedup: 0.75 (median over 2 round(s)); target >= 0.8: not met." in text  # (0.6 + 0.9) / 2
+    assert "ours / dedup: 0.70 (median over 2 round(s)); target >= 0.8: not met." in text  # the 10,000 size
+    assert "| round | micro-batches | mean messages per batch | validate s | write s | total s |" in text
+    assert "| 1,000,000 | 3,468 | 288.3 | 132.4 | 139.6 | 2026-11-22 01:37, afe8173 |" in text
+    assert "Latency under a steady producer rate" not in text
