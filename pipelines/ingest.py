@@ -3,9 +3,12 @@ Streaming).
 
 Every message is validated by Spark column expressions that mirror :func:`features.events.parse_event` rule for
 rule and in the same order (``VALIDATION_RULES`` below; ``tests/test_ingest.py`` checks that both give the same
-reason on the same messages). A valid event is MERGEd into bronze on ``event_id`` (inserted when not already
-there), so replaying the topic or re-running the stage never duplicates a row. A malformed one is appended to
-quarantine, kept whole with its reason code and the Kafka coordinates; nothing malformed stops the stream.
+reason on the same messages). A message that is exactly the canonical serialisation of its typed parse (what
+producers send) and passes the range rules is valid without the rest (:func:`_canonical_and_valid`): the rules and
+their second, untyped parse run only for the others. A valid event is MERGEd into bronze on ``event_id`` (inserted
+when not already there), so replaying the topic or re-running the stage never duplicates a row. A malformed one is
+appended to quarantine, kept whole with its reason code and the Kafka coordinates; nothing malformed stops the
+stream.
 
 The MERGE looks for an event's id only in bronze's partitions of the micro-batch's days (``ON t.event_date
 BETWEEN lo AND hi AND t.event_id = s.event_id``, Delta's documented insert-only deduplication pattern): its cost
@@ -15,9 +18,9 @@ that share an ``event_id`` but fall on different days would both be kept (an id 
 duplicate delivery; ``tests/test_ingest_kill.py`` checks that every produced id is in bronze exactly once).
 
 Each micro-batch (``foreachBatch``) is idempotent: the bronze MERGE inserts only unseen event_ids, and the
-quarantine append carries Delta's ``txnAppId``/``txnVersion`` (the query id from the checkpoint and the batch id),
-so a batch replayed after a crash is not appended twice. With the speed layer on (the default of the continuous
-trigger), the batch then MERGEs the feature rows its events touch into ``gold.item_window_stats`` and
+quarantine and batch-log appends carry Delta's ``txnAppId``/``txnVersion`` (the query id from the checkpoint and
+the batch id), so a batch replayed after a crash is not appended twice. With the speed layer on (the default of the
+continuous trigger), the batch then MERGEs the feature rows its events touch into ``gold.item_window_stats`` and
 ``gold.user_recent_items`` (``pipelines.speed_layer``: recomputed from bronze, keyed by the batch's own events,
 so a replay neither loses nor double counts). ``tests/test_ingest_kill.py`` (``make fault-ingest``) SIGKILLs the
 continuous query at random points and checks both.
@@ -41,6 +44,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit, python pipelines
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -84,8 +88,11 @@ _JSON_OPTIONS = {"allowSingleQuotes": "false", "allowUnquotedFieldNames": "false
 #: Every field as VARIANT: parsing never fails on a field's type, so ``_corrupt_record`` is set only when the
 #: message is not JSON (or not an object), and ``schema_of_variant`` gives each field's JSON type.
 _PROBE_DDL = ", ".join(f"{name} variant" for name in (*FIELDS, *OPTIONAL_FIELDS)) + ", _corrupt_record string"
-#: json.loads accepts only whitespace around the one top-level value; Spark's parser ignores trailing text.
-_JSON_OBJECT_RE = r"(?s)\A[ \t\n\r]*\{.*\}[ \t\n\r]*\z"
+#: The fields whose JSON type a rule checks; ``schema_of_variant`` of each is computed once per message (the rules
+#: test most of them two or three times, and building the type's name is the dearest part of the validation).
+_TYPE_CHECKED = ("event_id", "user_id", "item_id", "rating", "event_time", "event_type")
+#: JSON's whitespace: json.loads accepts only these around the one top-level value.
+_JSON_WHITESPACE = " \t\n\r"
 #: datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ") as a regex: the groups of CPython's _strptime.TimeRE (one-digit
 #: month/day/hour/minute/second accepted, " 1" as a day, seconds up to 61, case-insensitive 'T' and 'Z'),
 #: anchored at both ends because strptime rejects unconverted data.
@@ -99,14 +106,15 @@ def _validation_rules(known_users: list[int] | None = None, known_items: list[in
     (None: open).
 
     Expects the columns that :func:`validate` prepares: ``_bytes`` (binary), ``_text`` (string, possibly invalid
-    UTF-8), ``_probe`` (struct of variants), ``_typed`` (struct of EVENT_SCHEMA_DDL), ``_event_ts`` (timestamp).
+    UTF-8), ``_probe`` (struct of variants), ``_typed`` (struct of EVENT_SCHEMA_DDL), ``_event_ts`` (timestamp),
+    ``_json_type`` (struct: the JSON type of each field of ``_TYPE_CHECKED``).
     """
     from pyspark.sql import functions as F
 
     probe, typed = F.col("_probe"), F.col("_typed")
 
     def json_type(name: str):  # 'STRING', 'BIGINT', 'DECIMAL(p,s)', 'DOUBLE', 'BOOLEAN', 'VOID', 'OBJECT<..>', ...
-        return F.schema_of_variant(probe[name])
+        return F.col("_json_type")[name]  # schema_of_variant, computed once per message by validate
 
     def absent(name: str):  # obj.get(name) is None: the key is missing or its value is JSON null
         return probe[name].isNull() | (json_type(name) == "VOID")
@@ -121,7 +129,7 @@ def _validation_rules(known_users: list[int] | None = None, known_items: list[in
         (F.octet_length("_bytes") > MAX_MESSAGE_BYTES, "oversized",
          F.concat(F.octet_length("_bytes").cast("string"), F.lit(" bytes"))),
         (~F.is_valid_utf8("_text"), "bad_encoding", F.lit("the message is not valid UTF-8")),
-        (probe.isNull() | probe["_corrupt_record"].isNotNull() | ~F.col("_text").rlike(_JSON_OBJECT_RE),
+        (probe.isNull() | probe["_corrupt_record"].isNotNull() | ~_json_object(F.col("_text")),
          "not_json", F.lit("not a JSON object")),
         *[(absent(name), "missing_field", F.lit(name)) for name in FIELDS],
         (json_type("event_id") != "STRING", "wrong_type", F.lit("event_id")),
@@ -165,15 +173,98 @@ def _not_kind(probe, typed, kind: str):
     return present & typed.isNull()  # bool, int32, int64
 
 
-def _event_time(text_col):
-    """The timestamp (UTC) that strptime would read from ``text_col``, or null where it would raise ValueError
-    (no match, or an impossible date/time such as Feb 30 or second 60)."""
+def _json_object(text_col):
+    """True where the text is one JSON object as json.loads sees it: ``{`` ... ``}`` with only JSON whitespace
+    around (Spark's parser would ignore trailing text). A trim and two character tests: a regex over the whole
+    message cost a scan with backtracking on every message."""
     from pyspark.sql import functions as F
 
+    inner = F.btrim(text_col, F.lit(_JSON_WHITESPACE))
+    return inner.startswith("{") & inner.endswith("}") & (F.length(inner) >= 2)
+
+
+def _event_time(text_col):
+    """The timestamp (UTC) that strptime would read from ``text_col``, or null where it would raise ValueError
+    (no match, or an impossible date/time such as Feb 30 or second 60).
+
+    The canonical form (``2024-01-31T12:00:00Z``, what producers send) is read by one strict ``try_to_timestamp``
+    (Spark resolves dates strictly: Feb 30, hour 24 and second 60 are null, as strptime raises); any other text
+    goes through the regex of strptime's grammar (one-digit fields, lower-case 't'/'z'), six extractions a
+    message, which only unusual producers pay for."""
+    from pyspark.sql import functions as F
+
+    canonical = F.translate(text_col, "0123456789", "dddddddddd") == "dddd-dd-ddTdd:dd:ddZ"
     part = lambda i: F.lpad(F.trim(F.regexp_extract(text_col, _EVENT_TIME_RE, i)), 2 if i > 1 else 4, "0")
     normalised = F.concat(part(1), F.lit("-"), part(2), F.lit("-"), part(3), F.lit(" "),
                           part(4), F.lit(":"), part(5), F.lit(":"), part(6))
-    return F.when(text_col.rlike(_EVENT_TIME_RE), F.try_to_timestamp(normalised, F.lit("yyyy-MM-dd HH:mm:ss")))
+    return (F.when(canonical, F.try_to_timestamp(text_col, F.lit("yyyy-MM-dd'T'HH:mm:ss'Z'")))
+            .when(text_col.rlike(_EVENT_TIME_RE), F.try_to_timestamp(normalised, F.lit("yyyy-MM-dd HH:mm:ss"))))
+
+
+def _canonical_and_valid(known_users: list[int] | None = None, known_items: list[int] | None = None):
+    """True for a message that is exactly the canonical serialisation of its typed parse (``to_json`` of
+    ``_typed``: the contract's fields in order, compact, nulls left out, as ``features.events.Event.to_json``
+    and the generator write them) and whose values pass every range rule. Such a message is valid: the equality
+    proves it is one JSON object whose every field has the contract's JSON type (a string id sent as a number, a
+    wrong-typed or null optional field, whitespace, an unknown or repeated key all break it). Anything else,
+    valid or not, is judged by the full rules (:func:`_validation_rules`).
+
+    Why: the rules need the second, untyped parse (``_probe``) and some sixty tests per message; this is one
+    serialisation and a comparison, and producers send canonical messages."""
+    from pyspark.sql import functions as F
+
+    typed, ts = F.col("_typed"), F.col("_event_ts")
+    checks = [
+        F.octet_length("_bytes") <= MAX_MESSAGE_BYTES,
+        F.is_valid_utf8("_text"),
+        *[typed[name].isNotNull() for name in FIELDS],
+        (typed["rating"] >= MIN_RATING) & (typed["rating"] <= MAX_RATING),  # NaN sorts above every number: out
+        ts.isNotNull(),
+        ts >= F.lit(MIN_EVENT_TIME.strftime("%Y-%m-%d %H:%M:%S")).cast("timestamp"),
+        ts <= F.current_timestamp(),
+        typed["event_type"].isNull() | typed["event_type"].isin(*EVENT_TYPES),
+        *[_kind_ok(typed[name], kind) for name, kind in IMPRESSION_FIELDS.items() if kind in ("flag", "int32_array")],
+        F.to_json(typed) == F.col("_text"),
+    ]
+    if known_users is not None:
+        checks.append(typed["user_id"].isin(*known_users))
+    if known_items is not None:
+        checks.append(typed["item_id"].isin(*known_items))
+    out = checks[0]
+    for check in checks[1:]:
+        out = out & check
+    return F.coalesce(out, F.lit(False))
+
+
+def _kind_ok(typed, kind: str):
+    """A typed optional field that is absent or whose value the contract allows beyond its JSON type: a flag is
+    0 or 1, an id list has no null element."""
+    from pyspark.sql import functions as F
+
+    if kind == "flag":
+        return typed.isNull() | typed.isin(0, 1)
+    return typed.isNull() | (F.size(F.array_compact(typed)) == F.size(typed))  # (codegen'd, unlike a lambda)
+
+
+def _prepare(messages, known_users: list[int] | None = None, known_items: list[int] | None = None):
+    """The columns the rules read (:func:`_validation_rules`), each computed once per message: ``_bytes``,
+    ``_text``, ``_typed``, ``_event_ts``, ``_canonical`` (:func:`_canonical_and_valid`) and, only where
+    ``_canonical`` is false, ``_probe`` and ``_json_type`` (null elsewhere: the untyped parse is the dear part)."""
+    from pyspark.sql import functions as F
+
+    slow = ~F.col("_canonical")
+    return (
+        messages
+        .withColumn("_bytes", F.coalesce(F.col("value"), F.lit(bytearray())))
+        .withColumn("_text", F.col("_bytes").cast("string"))
+        .withColumn("_typed", F.from_json("_text", EVENT_SCHEMA_DDL, _JSON_OPTIONS))
+        .withColumn("_event_ts", _event_time(F.col("_typed.event_time")))
+        .withColumn("_canonical", _canonical_and_valid(known_users, known_items))
+        .withColumn("_probe", F.when(slow, F.from_json("_text", _PROBE_DDL, {
+            **_JSON_OPTIONS, "columnNameOfCorruptRecord": "_corrupt_record"})))
+        .withColumn("_json_type", F.when(slow, F.struct(*[F.schema_of_variant(F.col("_probe")[name]).alias(name)
+                                                          for name in _TYPE_CHECKED])))
+    )
 
 
 def validate(messages, known_users: list[int] | None = None, known_items: list[int] | None = None):
@@ -194,19 +285,12 @@ def validate(messages, known_users: list[int] | None = None, known_items: list[i
     """
     from pyspark.sql import functions as F
 
-    prepared = (
-        messages
-        .withColumn("_bytes", F.coalesce(F.col("value"), F.lit(bytearray())))
-        .withColumn("_text", F.col("_bytes").cast("string"))
-        .withColumn("_probe", F.from_json("_text", _PROBE_DDL,
-                                          {**_JSON_OPTIONS, "columnNameOfCorruptRecord": "_corrupt_record"}))
-        .withColumn("_typed", F.from_json("_text", EVENT_SCHEMA_DDL, _JSON_OPTIONS))
-        .withColumn("_event_ts", _event_time(F.col("_typed.event_time")))
-    )
+    prepared = _prepare(messages, known_users, known_items)
     verdict = None  # one flat CASE WHEN (first rule that holds wins): a nested one is as deep as the rules are
     for condition, reason, detail in _validation_rules(known_users, known_items):  # many, and overflows the stack
         outcome = F.struct(F.lit(reason).alias("reason"), detail.alias("detail"))  # when Spark serialises it
         verdict = F.when(condition, outcome) if verdict is None else verdict.when(condition, outcome)
+    verdict = F.when(~F.col("_canonical"), verdict)  # a canonical message passed every rule already
     return prepared.withColumn("_verdict", verdict).select(
         "partition", "offset", "timestamp",
         F.col("_verdict.reason").alias("reason"), F.col("_verdict.detail").alias("detail"),
@@ -251,10 +335,11 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
     batch's counts (``quarantine.ingest_batches``). Every step is idempotent, so a batch replayed after a crash at
     any point between them ends in the same tables.
 
-    The validated batch and its deduplicated valid events are each computed once (:func:`_materialize`); the
-    batch's log line gives the seconds of each step (validate, dedupe, merge, inserted, quarantine, speed,
-    batch_log), also as the record's ``steps`` ({step: seconds}; with ``batch_id`` and ``messages``) for
-    ``bench.ingest``."""
+    The batch is read from Kafka, parsed and validated once (:func:`_materialize`); everything after reads that
+    copy. One aggregation gives every count the batch needs, and the deduplication within the batch (a sort by
+    event_id) runs only when the batch holds an id twice. The batch's log line gives the seconds of each step
+    (validate, counts, merge, inserted, quarantine, speed, batch_log), also as the record's ``steps`` ({step:
+    seconds}; with ``batch_id`` and ``messages``) for ``bench.ingest``."""
     from delta.tables import DeltaTable
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -274,34 +359,40 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
             clock[0] = now
 
         start = clock[0]
+        is_valid = F.col("reason").isNull()
         checked, release_checked = _materialize(
-            validate(batch, known_users, known_items).withColumn("ingested_at", F.current_timestamp())
+            validate(batch, known_users, known_items)
+            .withColumn("raw", F.when(~is_valid, F.col("raw")))  # only quarantine keeps the message's text
+            .withColumn("rating", F.col("rating").cast("float"))
+            .withColumn("event_date", F.to_date("event_time"))
+            .withColumn("ingested_at", F.current_timestamp())
             .withColumn("kafka_partition", F.col("partition").cast("int"))
             .withColumn("kafka_offset", F.col("offset").cast("bigint"))
             .withColumn("kafka_timestamp", F.col("timestamp")))
-        release_valid = lambda: None
         try:
             lap("validate")
-            first = Window.partitionBy("event_id").orderBy("kafka_partition", "kafka_offset")
-            valid, release_valid = _materialize(
-                checked.where(F.col("reason").isNull())
-                .withColumn("rating", F.col("rating").cast("float"))
-                .withColumn("event_date", F.to_date("event_time"))
-                .withColumn("_n", F.row_number().over(first)).where("_n = 1")  # dedupe within the batch
-                .select(*bronze_cols))
-            counts = checked.agg(F.count(F.lit(1)).alias("messages"),
-                                 F.count(F.when(F.col("reason").isNull(), 1)).alias("valid"),
-                                 F.count("reason").alias("quarantined")).first()
-            n_new, lo, hi = valid.agg(F.count(F.lit(1)), F.min("event_date"), F.max("event_date")).first()
-            lap("dedupe")
+            counts = checked.agg(
+                F.count(F.lit(1)).alias("messages"), F.count(F.when(is_valid, 1)).alias("valid"),
+                F.count("reason").alias("quarantined"),
+                F.count_distinct(F.when(is_valid, F.col("event_id"))).alias("ids"),
+                F.min(F.when(is_valid, F.col("event_date"))).alias("lo"),
+                F.max(F.when(is_valid, F.col("event_date"))).alias("hi")).first()
+            valid = checked.where(is_valid)
+            if counts["ids"] < counts["valid"]:  # an id twice in the batch: keep its first by Kafka coordinates
+                first = Window.partitionBy("event_id").orderBy("kafka_partition", "kafka_offset")
+                valid = valid.withColumn("_n", F.row_number().over(first)).where("_n = 1")
+            valid = valid.select(*bronze_cols)
+            n_new, lo, hi = counts["ids"], counts["lo"], counts["hi"]
+            lap("counts")
             # Insert-only MERGE restricted to the batch's days (Delta's documented insert-only dedup pattern,
             # partition pruning on event_date): a replayed or resent event has the same event_time, so the same
             # day, and is matched; an id reused with an event_time on another day is not (see the docstring).
             if n_new:
-                merged = (DeltaTable.forPath(spark, bronze_path).alias("t")
-                          .merge(valid.alias("s"), f"t.event_date >= DATE'{lo}' AND t.event_date <= DATE'{hi}' "
-                                                   "AND t.event_id = s.event_id")
-                          .whenNotMatchedInsertAll().execute().first())
+                with _merge_source_as_is(spark):
+                    merged = (DeltaTable.forPath(spark, bronze_path).alias("t")
+                              .merge(valid.alias("s"), f"t.event_date >= DATE'{lo}' AND t.event_date <= DATE'{hi}' "
+                                                       "AND t.event_id = s.event_id")
+                              .whenNotMatchedInsertAll().execute().first())
             lap("merge")
             # Inserted = the batch's events whose Kafka coordinates are the ones bronze kept: the same figure on a
             # replay after a crash (then the MERGE inserts nothing, the rows being there already). When this MERGE
@@ -316,7 +407,7 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
                 inserted = valid.join(bronze.where(F.col("event_date").between(lo, hi)).select(*keys), keys).count()
             lap("inserted")
             if counts["quarantined"]:  # (an empty append would still cost a Delta commit)
-                (checked.where(F.col("reason").isNotNull()).select(*quarantine_cols)
+                (checked.where(~is_valid).select(*quarantine_cols)
                  .write.format("delta").mode("append")
                  .option("txnAppId", f"ingest-quarantine-{query_id}").option("txnVersion", batch_id)
                  .save(quarantine_path))
@@ -324,14 +415,10 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
             speed = (update_speed_tables(spark, lake_dir, bronze, valid, f"ingest-speed-{query_id}", batch_id)
                      if speed_layer else {})
             lap("speed")
-            log_row = [(query_id, batch_id, counts["messages"], counts["valid"], inserted,
-                        counts["valid"] - inserted, counts["quarantined"])]
-            (spark.createDataFrame(log_row, "query_id string, batch_id bigint, messages bigint, valid bigint, "
-                                   "inserted bigint, duplicates bigint, quarantined bigint")
-             .withColumn("written_at", F.current_timestamp())
-             .write.format("delta").mode("append")
-             .option("txnAppId", f"ingest-batches-{query_id}").option("txnVersion", batch_id)
-             .save(INGEST_BATCHES.path(lake_dir)))
+            _log_batch(INGEST_BATCHES.path(lake_dir), f"ingest-batches-{query_id}", batch_id,
+                       {"query_id": query_id, "batch_id": batch_id, "messages": counts["messages"],
+                        "valid": counts["valid"], "inserted": inserted, "duplicates": counts["valid"] - inserted,
+                        "quarantined": counts["quarantined"]})
             lap("batch_log")
             log.info("batch %d: %d messages, %d inserted, %d duplicates, %d quarantined; speed layer %s; "
                      "%.1f s (%s)", batch_id, counts["messages"], inserted, counts["valid"] - inserted,
@@ -339,10 +426,50 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
                      ", ".join(f"{k} {v:.1f}" for k, v in steps.items()),
                      extra={"batch_id": batch_id, "messages": counts["messages"], "steps": steps})
         finally:
-            release_valid()
             release_checked()
 
     return write
+
+
+@contextlib.contextmanager
+def _merge_source_as_is(spark):
+    """Within the block, Delta's MERGE reads its source as it is (``merge.materializeSource=none``) instead of
+    copying it first. Delta copies a source that is not a plain Delta scan so that a re-read cannot differ from the
+    first read; the batch's source is already a local checkpoint (:func:`_materialize`), fixed rows, so the copy
+    would be a second one of the whole batch."""
+    key = "spark.databricks.delta.merge.materializeSource"
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, "none")
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
+
+
+def _log_batch(path: str, app_id: str, batch_id: int, row: dict) -> None:
+    """Append the batch's line to ``quarantine.ingest_batches`` unless this batch's line is there already (the
+    table's transaction version for ``app_id``, Delta's idempotent-write marker, is ``batch_id`` or later).
+
+    Written with delta-rs, not Spark: one small Parquet file and a commit, without a Spark job (a Spark append of
+    this one row cost about a second of every micro-batch). The only writer of this table is this query."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    from deltalake import CommitProperties, DeltaTable as RsTable, Transaction, write_deltalake
+
+    table = RsTable(path)
+    done = table.transaction_version(app_id)
+    if done is not None and done >= batch_id:
+        return
+    schema = pa.schema([("query_id", pa.string()), ("batch_id", pa.int64()), ("messages", pa.int64()),
+                        ("valid", pa.int64()), ("inserted", pa.int64()), ("duplicates", pa.int64()),
+                        ("quarantined", pa.int64()), ("written_at", pa.timestamp("us", tz="UTC"))])
+    data = pa.Table.from_pylist([{**row, "written_at": datetime.now(timezone.utc)}], schema=schema)
+    write_deltalake(table, data, mode="append",
+                    commit_properties=CommitProperties(app_transactions=[Transaction(app_id, batch_id)]))
 
 
 def _add_missing_columns(spark, spec: TableSpec, path: str) -> None:

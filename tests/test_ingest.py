@@ -65,6 +65,26 @@ def test_spark_validation_agrees_with_parse_event(spark):
 
 
 @integration
+def test_canonical_messages_take_the_fast_test_and_no_other_message_does(spark):
+    """What producers send (Event.to_json, the generator's impressions) is judged by the one-comparison test of
+    pipelines.ingest._canonical_and_valid; a valid message in any other form, and every malformed one, goes
+    through the full rules (whose verdicts the test above compares with parse_event)."""
+    from pipelines.generator import GeneratorConfig, generate, kafka_messages
+    from pipelines.ingest import _prepare
+
+    chunk = next(generate(GeneratorConfig(n_events=200, seed=3, n_users=50, n_items=40, chunk_size=200)))
+    impressions = [value for _, value in kafka_messages(chunk)]
+    ratings = [parse_event(raw).to_json() for raw, event in VALID if parse_event(raw).to_json() == raw]
+    assert ratings and any(b'"candidates"' in raw for raw in impressions)
+    others = [raw for raw, _ in VALID if raw not in ratings] + [raw for raw, _, _ in MALFORMED]
+    raws = impressions + ratings + others
+    frame = spark.createDataFrame([(raw, 0, i, datetime(2024, 1, 1)) for i, raw in enumerate(raws)],
+                                  "value binary, partition int, offset bigint, timestamp timestamp")
+    fast = [r["_canonical"] for r in _prepare(frame).orderBy("offset").select("_canonical").collect()]
+    assert fast == [True] * (len(impressions) + len(ratings)) + [False] * len(others)
+
+
+@integration
 def test_spark_reads_valid_fields_as_parse_event_does(spark):
     messages = spark.createDataFrame([(raw, 0, i, datetime(2024, 1, 1)) for i, (raw, _) in enumerate(VALID)],
                                      "value binary, partition int, offset bigint, timestamp timestamp")
