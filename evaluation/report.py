@@ -377,8 +377,8 @@ def models_section(models: dict[str, dict], appears: dict[str, list[str]], train
                          "task": "the training task: ctr (binary cross-entropy on the labels) or skip-gram "
                                  "(item2vec's sentences).",
                          "version": "model_version, the folder's identity in the registry and the serving pointer.",
-                         "test AUC": "ROC AUC over every test sample (label 1 = rating &ge; "
-                                     f"{POSITIVE_RATING:g}); empty for a task without labels.",
+                         "test AUC": "ROC AUC over every test sample (label 1 by the data source's label rule, stated "
+                                     "under Method); empty for a task without labels.",
                          "test GAUC": "per-user AUC weighted by the user's test samples, over users with both "
                                       "labels.",
                          "appears in": "the sections below that show this model."}))

@@ -165,7 +165,8 @@ ZIP_PREFIX_LEN = 2
 #: Index 0 of every vocabulary is the unknown / padding value.
 UNKNOWN_INDEX = 0
 
-#: Positive label threshold on the 1-5 star rating.
+#: Default threshold (stars) of the ``rating_at_least`` label rule (``features.source.LabelRule``); each source
+#: declares its own rule, which every stage reads from it.
 POSITIVE_RATING = 4.0
 
 #: Global time split: events ordered by (event_time, event_id) -- ties keep the original order -- first 80% train,

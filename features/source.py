@@ -61,6 +61,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from features.config import closest
+from features.definitions import POSITIVE_RATING
 from features.errors import PlatformError
 from features.events import EVENT_TYPES, INT32_MAX, INT32_MIN, MAX_RATING, MIN_EVENT_TIME, MIN_RATING
 
@@ -98,11 +99,21 @@ class InteractionSource(TableSource):
 
 
 class LabelRule(_Strict):
-    """When an event is positive (label 1): ``rating_at_least`` (rating >= threshold), ``click`` (click == 1, or
-    event_type ``click``) or ``any_event`` (every event: implicit feedback)."""
+    """When an event is positive (label 1): ``rating_at_least`` (rating >= threshold), ``click`` (click == 1) or
+    ``any_event`` (every event: implicit feedback). Whatever the rule, an event of type ``click`` is positive and one
+    of type ``view`` is not (``features.events.EVENT_TYPES``); the rule decides ``rating`` events. This is the one
+    definition of a positive: the CTR label (``pipelines.features_batch``), the daily and speed-layer feature views
+    (``pipelines.daily_features``, ``pipelines.speed_layer``), the point-in-time samples (``pipelines.pit_join``)
+    and the Python oracle (``features.views.is_positive``) all use it.
+
+    >>> LabelRule(threshold=3).positive("rating", 3.0), LabelRule().positive("rating", 3.0)
+    (True, False)
+    >>> LabelRule(rule="click").positive("click", 1.0), LabelRule(rule="any_event").positive("view", 5.0)
+    (True, False)
+    """
 
     rule: Literal["rating_at_least", "click", "any_event"] = "rating_at_least"
-    threshold: float = 4.0
+    threshold: float = POSITIVE_RATING
 
     def describe(self) -> str:
         return {"rating_at_least": f"rating >= {self.threshold:g}", "click": "click == 1",
@@ -113,23 +124,35 @@ class LabelRule(_Strict):
         """(N,) int labels of N events from their (N,) ratings, clicks (NaN/None: none) and event types."""
         n = len(rating)
         if self.rule == "any_event":
-            return np.ones(n, np.int64)
-        if self.rule == "rating_at_least":
-            return (np.asarray(rating, np.float64) >= self.threshold).astype(np.int64)
-        clicked = np.zeros(n, bool) if click is None else pd.to_numeric(pd.Series(click)).fillna(0).to_numpy() == 1
+            by_rule = np.ones(n, bool)
+        elif self.rule == "rating_at_least":
+            by_rule = np.asarray(rating, np.float64) >= self.threshold
+        else:
+            by_rule = (np.zeros(n, bool) if click is None
+                       else pd.to_numeric(pd.Series(click)).fillna(0).to_numpy() == 1)
         if event_type is not None:
-            clicked |= np.asarray(event_type) == "click"
-        return clicked.astype(np.int64)
+            types = np.asarray(event_type)
+            by_rule = (by_rule & (types != "view")) | (types == "click")
+        return by_rule.astype(np.int64)
+
+    def positive(self, event_type: str, rating: float, click: float | None = None) -> bool:
+        """Whether one event is positive: :meth:`of` for a single event (``click`` None or NaN: none)."""
+        return bool(self.of(np.array([rating], np.float64), None if click is None else np.array([click], np.float64),
+                            np.array([event_type]))[0])
 
     def spark_column(self):
-        """The same rule as a Spark column over bronze's ``rating``, ``click`` and ``event_type`` (int 0/1)."""
+        """The same rule as a Spark column over bronze's ``rating``, ``click`` and ``event_type`` (int 0/1; a null
+        rating or click is not positive)."""
         from pyspark.sql import functions as F
 
         if self.rule == "any_event":
-            return F.lit(1)
-        if self.rule == "rating_at_least":
-            return (F.col("rating") >= F.lit(self.threshold)).cast("int")
-        return ((F.coalesce(F.col("click"), F.lit(0)) == 1) | (F.col("event_type") == "click")).cast("int")
+            by_rule = F.lit(True)
+        elif self.rule == "rating_at_least":
+            by_rule = F.coalesce(F.col("rating") >= F.lit(self.threshold), F.lit(False))
+        else:
+            by_rule = F.coalesce(F.col("click"), F.lit(0)) == 1
+        event_type = F.coalesce(F.col("event_type"), F.lit("rating"))  # bronze's default for an absent type
+        return ((by_rule & (event_type != "view")) | (event_type == "click")).cast("int")
 
 
 class Expect(_Strict):

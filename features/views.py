@@ -9,8 +9,9 @@ Point-in-time semantics: a sample at time ``t`` gets, per view, the row of its e
 Feature definitions (the same Spark code computes them in both paths):
 
 - ``item_window_stats``: per item and day D, events and positives over event dates [D - W + 1, D] for W = 1 and 7
-  days; ``ctr = positives / events`` (null when no events). Positive: a ``click``, or a ``rating`` of at least
-  ``POSITIVE_RATING`` stars (a ``view`` is never positive). Known from D + 1 day, 00:00 UTC.
+  days; ``ctr = positives / events`` (null when no events). Positive: by the data source's label rule
+  (``features.source.LabelRule``, the same rule as the CTR label): a ``click`` event always, a ``view`` never, a
+  ``rating`` event as the rule says. Known from D + 1 day, 00:00 UTC.
 - ``user_recent_items``: per user and day D with an event, the ``item_id`` of the user's last ``RECENT_ITEMS``
   events (every type) up to the end of D, ordered by ``(event_time, event_id)``, oldest first.
 
@@ -20,6 +21,8 @@ Feature definitions (the same Spark code computes them in both paths):
 ['recent_items', 'recent_len']
 >>> is_positive("click", 1.0), is_positive("view", 5.0), is_positive("rating", 4.0)
 (True, False, True)
+>>> is_positive("rating", 3.0, LabelRule(threshold=3))
+True
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from features.definitions import ITEM, POSITIVE_RATING, USER, Entity
+from features.definitions import ITEM, USER, Entity
+from features.source import LabelRule
 from features.tables import ITEM_WINDOW_STATS, USER_RECENT_ITEMS, TableSpec
 
 #: Days of event time of each sliding window of item_window_stats.
@@ -99,6 +103,7 @@ USER_HISTORY = FeatureView(
 FEATURE_VIEWS: dict[str, FeatureView] = {v.name: v for v in (ITEM_STATS, USER_HISTORY)}
 
 
-def is_positive(event_type: str, rating: float) -> bool:
-    """Whether an event counts as a positive in the CTR features."""
-    return event_type == "click" or (event_type == "rating" and rating >= POSITIVE_RATING)
+def is_positive(event_type: str, rating: float, label: LabelRule = LabelRule(), click: float | None = None) -> bool:
+    """Whether an event counts as a positive in the CTR features: ``label.positive`` (the source's rule; rating in
+    stars, click 0/1 or None)."""
+    return label.positive(event_type, rating, click)

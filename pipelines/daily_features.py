@@ -28,9 +28,9 @@ import logging
 from datetime import date, timedelta
 
 from features.config import HelpFormatter, PlatformConfig, describe, load_config_or_exit, settings_help
-from features.definitions import POSITIVE_RATING
 from features.errors import TableNotFoundError
 from features.results import write_stage_result
+from features.source import LabelRule, load_source
 from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, USER_RECENT_ITEMS, TableSpec
 from features.views import RECENT_ITEMS, WINDOWS_DAYS
 from pipelines.spark import delta_version
@@ -40,13 +40,6 @@ log = logging.getLogger("pipelines.daily_features")
 STAGE = "daily_features"
 
 
-def _positive():
-    from pyspark.sql import functions as F
-
-    return ((F.col("event_type") == "click")
-            | ((F.col("event_type") == "rating") & (F.col("rating") >= POSITIVE_RATING))).cast("bigint")
-
-
 def _known_from(day_col):
     """The time a day's row is known: the next day, 00:00 UTC."""
     from pyspark.sql import functions as F
@@ -54,13 +47,15 @@ def _known_from(day_col):
     return F.date_add(day_col, 1).cast("timestamp")
 
 
-def item_window_stats(events, days):
+def item_window_stats(events, days, label: LabelRule = LabelRule()):
     """``gold.item_window_stats`` rows for the target days.
 
     Args:
         events: bronze rows (at least ``item_id``, ``event_date``, ``event_type``, ``rating``) covering the 7 days
             up to each target day.
         days: DataFrame with one column ``event_date`` (date): the days D to compute.
+        label: the source's rule for a positive (``features.source.LabelRule``; the configured source's
+            ``label``); the default is the schema's default rule.
 
     Returns:
         One row per (item, D) with an event in [D - 6, D], in ``ITEM_WINDOW_STATS``'s columns.
@@ -68,7 +63,8 @@ def item_window_stats(events, days):
     from pyspark.sql import functions as F
 
     longest = max(WINDOWS_DAYS)
-    exploded = (events.select("item_id", F.col("event_date").alias("_day"), _positive().alias("_pos"))
+    positive = label.spark_column().cast("bigint")
+    exploded = (events.select("item_id", F.col("event_date").alias("_day"), positive.alias("_pos"))
                 .withColumn("_age", F.explode(F.sequence(F.lit(0), F.lit(longest - 1))))  # days since the event
                 .withColumn("event_date", F.date_add("_day", F.col("_age")))
                 .join(F.broadcast(days.select("event_date").distinct()), "event_date"))
@@ -129,7 +125,7 @@ def ensure_table(spark, spec: TableSpec, path: str) -> None:
      .partitionedBy(*spec.partition_by).execute())
 
 
-def feature_rows(bronze, day: date, last: date):
+def feature_rows(bronze, day: date, last: date, label: LabelRule = LabelRule()):
     """Both views' rows for the days ``day``..``last`` (inclusive), computed from ``bronze``: what the daily job
     writes, and the batch recomputation the speed layer is checked against.
 
@@ -145,7 +141,7 @@ def feature_rows(bronze, day: date, last: date):
     days = spark.createDataFrame([(d,) for d in days_between(day, last)], "event_date date")
     window = bronze.where(F.col("event_date").between(F.date_sub(lo, max(WINDOWS_DAYS) - 1), hi))
     targets = bronze.where(F.col("event_date").between(lo, hi)).select("user_id", "event_date").distinct()
-    return item_window_stats(window, days), user_recent_items(bronze.where(F.col("event_date") <= hi), targets)
+    return item_window_stats(window, days, label), user_recent_items(bronze.where(F.col("event_date") <= hi), targets)
 
 
 def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -> dict:
@@ -158,6 +154,7 @@ def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -
 
     Raises:
         TableNotFoundError: bronze has not been written (run the ingest stage).
+        SourceError: the configured source file (``cfg.source``, which gives the label rule) is missing or wrong.
         ValueError: ``last`` before ``day``.
     """
     from delta.tables import DeltaTable
@@ -169,7 +166,8 @@ def run_daily(spark, cfg: PlatformConfig, day: date, last: date | None = None) -
     bronze_path = BRONZE_INTERACTIONS.path(lake)
     if not DeltaTable.isDeltaTable(spark, bronze_path):
         raise TableNotFoundError(BRONZE_INTERACTIONS.name, bronze_path, "the ingest stage (pipelines/ingest.py)")
-    items, users = feature_rows(spark.read.format("delta").load(bronze_path), day, last)
+    label = load_source(cfg.source, cfg.raw_dir).label  # positives as the CTR label counts them
+    items, users = feature_rows(spark.read.format("delta").load(bronze_path), day, last, label)
     result = {"date": day.isoformat(), "last": last.isoformat(), "versions": {}}
     # (not BETWEEN: Delta 4.0's partition pruning of replaceWhere fails on it with an unresolved-attribute error)
     where = f"event_date >= '{day.isoformat()}' AND event_date <= '{last.isoformat()}'"

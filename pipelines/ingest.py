@@ -65,6 +65,7 @@ from features.events import (
 )
 from features.errors import PlatformError, TableNotFoundError
 from features.results import write_stage_result
+from features.source import LabelRule, load_source
 from features.tables import (
     BRONZE_INTERACTIONS,
     INGEST_BATCHES,
@@ -358,11 +359,12 @@ def _materialize(df):
 
 
 def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
-                  known_users: list[int] | None = None, known_items: list[int] | None = None):
+                  known_users: list[int] | None = None, known_items: list[int] | None = None,
+                  label: LabelRule = LabelRule()):
     """The foreachBatch function: validate, MERGE valid events into bronze, append rejects to quarantine, with
-    ``speed_layer`` MERGE the feature rows the batch's events change (``pipelines.speed_layer``), and log the
-    batch's counts (``quarantine.ingest_batches``). Every step is idempotent, so a batch replayed after a crash at
-    any point between them ends in the same tables.
+    ``speed_layer`` MERGE the feature rows the batch's events change (``pipelines.speed_layer``; ``label``, the data
+    source's label rule, decides their positives), and log the batch's counts (``quarantine.ingest_batches``).
+    Every step is idempotent, so a batch replayed after a crash at any point between them ends in the same tables.
 
     The batch is read from Kafka, parsed and validated once (:func:`_materialize`); everything after reads that
     copy. One aggregation gives every count the batch needs, and the deduplication within the batch (a sort by
@@ -438,7 +440,8 @@ def _batch_writer(lake_dir: Path, checkpoint: Path, speed_layer: bool = True,
                  .option("txnAppId", f"ingest-quarantine-{query_id}").option("txnVersion", batch_id)
                  .save(quarantine_path))
             lap("quarantine")
-            speed = (update_speed_tables(spark, lake_dir, bronze(), valid, f"ingest-speed-{query_id}", batch_id)
+            speed = (update_speed_tables(spark, lake_dir, bronze(), valid, f"ingest-speed-{query_id}", batch_id,
+                                         label)
                      if speed_layer else {})
             lap("speed")
             _log_batch(INGEST_BATCHES.path(lake_dir), f"ingest-batches-{query_id}", batch_id,
@@ -591,7 +594,8 @@ def run_ingest(spark, cfg: PlatformConfig, trigger: str = "available-now", inter
     if max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
     writer = (reader.load().writeStream.queryName(f"ingest-{cfg.kafka.topic}")
-              .foreachBatch(_batch_writer(cfg.lake_dir, checkpoint, speed_layer, known_users, known_items))
+              .foreachBatch(_batch_writer(cfg.lake_dir, checkpoint, speed_layer, known_users, known_items,
+                                          load_source(cfg.source, cfg.raw_dir).label))
               .option("checkpointLocation", str(checkpoint)))
     writer = (writer.trigger(availableNow=True) if trigger == "available-now"
               else writer.trigger(processingTime=f"{interval_s} seconds"))

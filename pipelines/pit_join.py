@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from features.config import PlatformConfig, load_config
-from features.definitions import POSITIVE_RATING
+from features.source import LabelRule, load_source
 from features.errors import PlatformError, TableNotFoundError
 from features.results import write_stage_result
 from features.tables import BRONZE_INTERACTIONS, PIT_TRAINING_SET, TableSpec
@@ -79,17 +79,13 @@ def point_in_time_join(samples, view: FeatureView, rows, sample_id: str = "event
     return samples.join(matched, sample_id, "left")
 
 
-def samples_from_bronze(bronze):
-    """One sample per bronze event: ``event_id, user_id, item_id, event_time, label`` (rating >= 4 stars, or a
-    click)."""
-    from pyspark.sql import functions as F
-
-    label = ((F.col("event_type") == "click")
-             | ((F.col("event_type") == "rating") & (F.col("rating") >= POSITIVE_RATING))).cast("int")
-    return bronze.select("event_id", "user_id", "item_id", "event_time", label.alias("label"))
+def samples_from_bronze(bronze, label: LabelRule = LabelRule()):
+    """One sample per bronze event: ``event_id, user_id, item_id, event_time, label`` (int 0/1 by ``label``, the
+    source's rule, ``features.source.LabelRule``)."""
+    return bronze.select("event_id", "user_id", "item_id", "event_time", label.spark_column().alias("label"))
 
 
-def training_set(spark, lake_dir: Path, versions: dict[str, int] | None = None):
+def training_set(spark, lake_dir: Path, versions: dict[str, int] | None = None, label: LabelRule = LabelRule()):
     """The training set DataFrame and the versions it read: ``{table name: Delta version}`` of bronze and every
     view's source (``versions`` pins them; missing ones read the latest)."""
     from pyspark.sql import functions as F
@@ -99,7 +95,7 @@ def training_set(spark, lake_dir: Path, versions: dict[str, int] | None = None):
     used = {}
     bronze, used[BRONZE_INTERACTIONS.name] = read_at(spark, BRONZE_INTERACTIONS, lake_dir,
                                                      versions.get(BRONZE_INTERACTIONS.name))
-    out = samples_from_bronze(bronze)
+    out = samples_from_bronze(bronze, label)
     for view in FEATURE_VIEWS.values():
         spec = view.source.table
         rows, used[spec.name] = read_at(spark, spec, lake_dir, versions.get(spec.name))
@@ -114,7 +110,7 @@ def build_training_set(spark, cfg: PlatformConfig, versions: dict[str, int] | No
     Returns:
         ``rows``, ``sources`` ({table: version read}) and ``version`` (the training set's own Delta version).
     """
-    df, used = training_set(spark, cfg.lake_dir, versions)
+    df, used = training_set(spark, cfg.lake_dir, versions, load_source(cfg.source, cfg.raw_dir).label)
     path = PIT_TRAINING_SET.path(cfg.lake_dir)
     (df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
      .option("userMetadata", json.dumps({"sources": used}, sort_keys=True)).save(path))
@@ -141,7 +137,8 @@ def recorded_sources(spark, cfg: PlatformConfig, version: int) -> dict[str, int]
 
 def rebuild_training_set(spark, cfg: PlatformConfig, version: int):
     """Training-set ``version`` recomputed from its recorded inputs (Delta time travel), as a DataFrame."""
-    return training_set(spark, cfg.lake_dir, recorded_sources(spark, cfg, version))[0]
+    return training_set(spark, cfg.lake_dir, recorded_sources(spark, cfg, version),
+                        load_source(cfg.source, cfg.raw_dir).label)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

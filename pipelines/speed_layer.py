@@ -28,6 +28,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+from features.source import LabelRule
 from features.tables import ITEM_WINDOW_STATS, USER_RECENT_ITEMS
 from features.views import WINDOWS_DAYS
 from pipelines.daily_features import days_between, ensure_table, item_window_stats, user_recent_items
@@ -56,7 +57,8 @@ def ensure_speed_tables(spark, lake_dir: Path) -> None:
         ensure_table(spark, spec, spec.path(lake_dir))
 
 
-def update_speed_tables(spark, lake_dir: Path, bronze, batch_events, app_id: str, batch_id: int) -> dict:
+def update_speed_tables(spark, lake_dir: Path, bronze, batch_events, app_id: str, batch_id: int,
+                        label: LabelRule = LabelRule()) -> dict:
     """MERGE the feature rows that ``batch_events`` touch, recomputed from ``bronze``, into the speed tables.
 
     Args:
@@ -66,6 +68,8 @@ def update_speed_tables(spark, lake_dir: Path, bronze, batch_events, app_id: str
         batch_events: this micro-batch's valid events, deduplicated on event_id (bronze columns), whether or not
             bronze held them before this batch: a replayed batch must touch the same keys as the original.
         app_id, batch_id: the idempotency key of this micro-batch (Delta txnAppId / txnVersion).
+        label: the source's rule for a positive (the configured source's ``label``), as the daily job uses it;
+            the default is the schema's default rule.
 
     Returns:
         ``{"item_days": n, "users": n}``: days of item rows and users recomputed (0, 0 for a batch with no valid
@@ -82,7 +86,7 @@ def update_speed_tables(spark, lake_dir: Path, bronze, batch_events, app_id: str
     lo, hi = days[0].isoformat(), days[-1].isoformat()
     window = bronze.where(F.col("event_date").between(F.date_sub(F.lit(lo).cast("date"), max(WINDOWS_DAYS) - 1),
                                                       F.lit(hi).cast("date")))
-    items = item_window_stats(window, spark.createDataFrame([(d,) for d in days], "event_date date"))
+    items = item_window_stats(window, spark.createDataFrame([(d,) for d in days], "event_date date"), label)
 
     users_from = batch_events.groupBy("user_id").agg(F.min("event_date").alias("_from"))
     user_events = bronze.join(F.broadcast(users_from), "user_id")

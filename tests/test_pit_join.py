@@ -16,6 +16,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
+from features.source import LabelRule
 from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, PIT_TRAINING_SET, USER_RECENT_ITEMS
 from features.views import ITEM_STATS, RECENT_ITEMS, USER_HISTORY, WINDOWS_DAYS, is_positive
 
@@ -47,14 +48,14 @@ BASE_EVENTS = make_events(seed=11, n=150)
 # ------------------------------------------------------------------------------------------------ naive oracles
 
 
-def oracle_item_stats(events: list[dict], day: date) -> dict[int, tuple]:
+def oracle_item_stats(events: list[dict], day: date, label: LabelRule = LabelRule()) -> dict[int, tuple]:
     out = {}
     for item in sorted({e["item_id"] for e in events}):
         row = []
         for w in WINDOWS_DAYS:
             inside = [e for e in events if e["item_id"] == item
                       and day - timedelta(days=w - 1) <= e["event_time"].date() <= day]
-            pos = sum(is_positive(e["event_type"], e["rating"]) for e in inside)
+            pos = sum(is_positive(e["event_type"], e["rating"], label) for e in inside)
             row += [len(inside), pos, pos / len(inside) if inside else None]
         if row[3 * WINDOWS_DAYS.index(max(WINDOWS_DAYS))]:  # an event in the longest window
             out[item] = tuple(row)
@@ -162,6 +163,29 @@ def test_daily_features_match_the_definitions(spark, built):
     assert got_users == users
     for r in table_rows(spark, ITEM_WINDOW_STATS, lake_cfg.lake_dir):  # known from the next midnight
         assert r[-1] == datetime(r[1].year, r[1].month, r[1].day) + timedelta(days=1)
+
+
+def test_a_source_rule_other_than_four_stars_decides_the_features_positives_and_the_labels(spark, built):
+    """A source whose label rule is ``rating >= 3``: the daily item stats count 3-star ratings as positives and the
+    point-in-time samples label them 1, as the oracle does with the same rule (the default rule's rows differ)."""
+    from pipelines.daily_features import feature_rows
+    from pipelines.pit_join import samples_from_bronze
+
+    lake_cfg, _ = built
+    three = LabelRule(threshold=3)
+    assert any(e["event_type"] == "rating" and 3 <= e["rating"] < 4 for e in BASE_EVENTS)
+    bronze = spark.read.format("delta").load(BRONZE_INTERACTIONS.path(lake_cfg.lake_dir))
+    first, last = all_days(BASE_EVENTS)
+    items, _ = feature_rows(bronze, first, last, three)
+    got = {(r["item_id"], r["event_date"]): tuple(r)[2:8] for r in items.collect()}
+    want, day = {}, first
+    while day <= last:
+        want.update({(item, day): stats for item, stats in oracle_item_stats(BASE_EVENTS, day, three).items()})
+        day += timedelta(days=1)
+    assert approx(got) == approx(want)
+    assert approx(want) != approx(oracle_feature_rows(BASE_EVENTS)[0])
+    labels = {r["event_id"]: r["label"] for r in samples_from_bronze(bronze, three).collect()}
+    assert labels == {e["event_id"]: int(is_positive(e["event_type"], e["rating"], three)) for e in BASE_EVENTS}
 
 
 def test_point_in_time_join_matches_the_oracle(spark, built):
