@@ -9,7 +9,8 @@ A bundle holds
   registry version's index is built once with ``BundleSpec.hnsw``, its recall@10 measured and both saved
   (``serving.registry.materialize``);
 - the ranker, any registered ranker (``BundleSpec.ranker_model``; DeepFM by default), rebuilt unsharded from its
-  model folder by ``training.artifacts.load_model``;
+  model folder by ``training.artifacts.load_model``, its pooled lookups fused for serving (``serving.fused``; kept
+  only where a probe request gives the model's own logits);
 - user profiles and item genres from the lake's Parquet export of ``gold.ctr_samples``: a user's side-feature
   indices from their latest sample, their items in time order with the stars given (recent = the last
   ``recent_items``; seen = all; the behaviour history a sequence ranker reads = the last ``MAX_HISTORY``);
@@ -20,9 +21,10 @@ A bundle holds
 Recommendation (``recommend``), per request:
 1. unknown user -> ``popularity`` fallback (the most popular items);
 2. candidates: the union, in order, of the ``per_item`` nearest items (ANN, cosine) of each recent item, minus the
-   items the user has seen; for a retriever with a query encoder of its own (``ModelSpec.query_encoder``, e.g.
-   matrix factorisation's user vector) the ``recent_items * per_item`` nearest items to the user's query instead
-   (it needs the model folder of the served version: the export's);
+   items the user has seen (each item's neighbours are searched once and kept, ``NeighbourCache``); for a
+   retriever with a query encoder of its own (``ModelSpec.query_encoder``, e.g. matrix factorisation's user
+   vector) the ``recent_items * per_item`` nearest items to the user's query instead (it needs the model folder of
+   the served version: the export's);
 3. rank the candidates with the ranker in one batched forward pass, each candidate a row holding every declared
    feature the ranker reads (user features, candidate item, its genres, the behaviour history and its stars, the
    user's and the item's counters); score = sigmoid(logit), the predicted probability of a rating >= 4; best
@@ -160,10 +162,14 @@ class RankerInputs:
         self.genre_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n_rows + 1,)
         self.genre_values = np.fromiter((x for i in range(n_rows) for x in item_genres.get(i, ())), np.int64,
                                         count=int(lengths.sum()))
-        self.item_counters = {f.name: np.full(n_rows, np.nan) for f in self.dense if f.name.startswith("item_")}
+        raw = {f.name: np.full(n_rows, np.nan) for f in self.dense if f.name.startswith("item_")}
         for i, counters in item_counters.items():
-            for name, column in self.item_counters.items():
+            for name, column in raw.items():
                 column[i] = counters.get(name, np.nan)
+        # the items' dense columns as the model reads them, once per bundle: (n_rows,) float32 each
+        self.item_dense = {f.name: dense_inputs({f.name: raw[f.name]}, (f,))[:, 0] for f in self.dense
+                           if f.name in raw}
+        self.user_dense = tuple(f for f in self.dense if f.name not in raw)
 
     def _genres(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts = self.genre_offsets[cand]
@@ -199,10 +205,37 @@ class RankerInputs:
                                                   lengths=torch.from_numpy(np.concatenate(lengths)))
         if not self.dense:
             return kjt, None
-        columns = {f.name: self.item_counters[f.name][cand] if f.name in self.item_counters
-                   else np.full(c, np.nan if profile.counters.get(f.name) is None else profile.counters[f.name])
-                   for f in self.dense}  # null (no event yet) read as 0, as in training
-        return kjt, torch.from_numpy(dense_inputs(columns, self.dense))  # (C, F_dense)
+        user = iter(dense_inputs({f.name: [profile.counters.get(f.name)] for f in self.user_dense},
+                                 self.user_dense)[0] if self.user_dense else ())  # null read as 0, as in training
+        dense = np.empty((c, len(self.dense)), np.float32)  # (C, F_dense)
+        for j, f in enumerate(self.dense):
+            dense[:, j] = self.item_dense[f.name][cand] if f.name in self.item_dense else next(user)
+        return kjt, torch.from_numpy(dense)
+
+
+class NeighbourCache:
+    """The ``k`` ANN neighbours of each indexed item, searched on the item's first use and kept: in a served index
+    an item's neighbours never change, and one HNSW search per recent item was most of a request's candidate time.
+
+    Args:
+        index: the served index.
+        vectors: (N, D) its items' vectors, a row per item (``ServingBundle.vectors``).
+        k: neighbours kept per item (at most N).
+
+    Call: ``of_rows(rows: list of R row numbers of vectors) -> (R, k) int64`` item_idx, best first, ``-1`` where
+    fewer were found: the same as ``index.search(vectors[rows], k)[1]``. Holds at most N x k ids (8 bytes each).
+    """
+
+    def __init__(self, index: ItemIndex, vectors: np.ndarray, k: int) -> None:
+        self.index, self.vectors, self.k = index, vectors, k
+        self._of_row: dict[int, np.ndarray] = {}
+
+    def of_rows(self, rows: list[int]) -> np.ndarray:
+        missing = [r for r in rows if r not in self._of_row]
+        if missing:
+            _, idx = self.index.search(self.vectors[missing], self.k)  # (M, k)
+            self._of_row.update(zip(missing, idx))
+        return np.stack([self._of_row[r] for r in rows])  # (R, k)
 
 
 @dataclass(frozen=True)
@@ -214,7 +247,8 @@ class Scored:
 
 @dataclass(frozen=True)
 class ServingBundle:
-    """Everything one model version serves with; never mutated after ``load_bundle`` builds it."""
+    """Everything one model version serves with; never mutated after ``load_bundle`` builds it, but for the
+    neighbour cache filling up as items are first asked for."""
 
     spec: BundleSpec
     retrieval_version: str
@@ -234,6 +268,7 @@ class ServingBundle:
     item_counters: dict = field(default_factory=dict)  # item_idx -> {item_prior_events, item_prior_rating}
     encoder: object | None = None            # the retriever's own training.query.QueryEncoder, or None
     ranker_inputs: RankerInputs | None = None  # built from the fields above when a ranker is present
+    neighbours: NeighbourCache | None = None  # each item's ``spec.per_item`` ANN neighbours, filled on first use
 
     @property
     def version(self) -> str:
@@ -273,7 +308,7 @@ class ServingBundle:
             rows = [self.row_of_idx[i] for i in profile.items if i in self.row_of_idx][-self.spec.recent_items:]
             if not rows:
                 return []
-            _, idx = self.index.search(self.vectors[rows], min(self.spec.per_item, self.index.ntotal))  # (R, P)
+            idx = self.neighbours.of_rows(rows)  # (R, P)
         out, taken = [], set(profile.seen)
         for i in idx.reshape(-1).tolist():
             if i >= 0 and i not in taken:
@@ -452,6 +487,22 @@ def _load_lake(cfg: PlatformConfig) -> tuple[dict, dict, tuple, dict]:
     return users, genres, popular, _counters(t, "item_idx", "item")
 
 
+def _fuse_lookups(ranker, inputs: RankerInputs, users: dict, item_idx: np.ndarray, n_probe: int = 3) -> None:
+    """Fuse the ranker's pooled lookups in place (``serving.fused``), checked on the requests of the first
+    ``n_probe`` users with up to 64 indexed items as candidates; left unfused without users (nothing to score)."""
+    import torch
+
+    from serving.fused import fuse_lookups
+
+    try:
+        probes = [inputs.build(p, item_idx[:64]) for p in list(users.values())[:n_probe]]
+        if probes:
+            fused = fuse_lookups(ranker.module, lambda m: torch.cat([m(f, dense) for f, dense in probes]))
+            log.info("%s: fused lookups %s", ranker.spec.name, fused or "none")
+    except Exception:  # the model fails on its own inputs: leave it as it is; /recommend will say why
+        log.exception("%s: cannot probe the ranker; serving it unfused", ranker.spec.name)
+
+
 def load_bundle(cfg: PlatformConfig, spec: BundleSpec | None = None) -> ServingBundle:
     """Read everything a bundle needs (seconds: the lake export dominates).
 
@@ -482,6 +533,7 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec | None = None) -> ServingB
         n_rows = 1 + max([int(item_idx.max(initial=0)), *genres, *item_counters])
         ranker_inputs = RankerInputs(ranker.spec.features_of(ranker.config),
                                      getattr(ranker.config, "dense_features", ()), genres, item_counters, n_rows)
+        _fuse_lookups(ranker, ranker_inputs, users, item_idx)
     return ServingBundle(
         spec=spec, retrieval_version=version, ranker_version=ranker_version, item_ids=item_ids,
         item_idx=item_idx, vectors=vectors, index=index,
@@ -489,7 +541,8 @@ def load_bundle(cfg: PlatformConfig, spec: BundleSpec | None = None) -> ServingB
         id_of_idx=dict(zip(item_idx.tolist(), item_ids.tolist())),
         row_of_idx={int(i): r for r, i in enumerate(item_idx)},
         popular=popular, users=users, item_genres=genres, ranker=ranker, loaded_at=t0, item_counters=item_counters,
-        encoder=encoder, ranker_inputs=ranker_inputs)
+        encoder=encoder, ranker_inputs=ranker_inputs,
+        neighbours=NeighbourCache(index, vectors, min(spec.per_item, index.ntotal)))
 
 
 # ----------------------------------------------------------------------------------------------- policy

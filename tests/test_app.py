@@ -189,6 +189,24 @@ def test_recommend_matches_bruteforce_reference(client, world):
         assert not {x["item_id"] for x in body["items"]} & {100 + i for i in ref[u][1]}   # nothing seen
 
 
+def test_served_ranker_is_fused_and_gives_its_own_logits(world):
+    """The bundle serves the ranker with fused lookups (serving.fused), and on every user's real request its logits
+    are the model's own forward's, rebuilt unfused from the same folder."""
+    from serving.bundle import load_bundle
+    from serving.fused import FusedBagCollection
+    from training.artifacts import load_model
+
+    cfg = world[0]
+    bundle = load_bundle(cfg, SPEC)
+    own = load_model(cfg.run_dir / "models" / "deepfm").module
+    assert any(isinstance(m, FusedBagCollection) for m in bundle.ranker.module.modules())
+    assert not any(isinstance(m, FusedBagCollection) for m in own.modules())
+    for profile in bundle.users.values():
+        features, dense = bundle.ranker_inputs.build(profile, np.asarray(bundle.candidates(profile)))
+        with torch.inference_mode():
+            assert (bundle.ranker.module(features, dense) - own(features, dense)).abs().max().item() <= 1e-6
+
+
 def test_popularity_fallback_for_unknown_ids(client, world):
     # positives in train: label 1 for j = 0, 2, 4 of each user; count per item, most first, ties by item id
     _, ref, _, _ = world
