@@ -104,7 +104,7 @@ class LabelRule(_Strict):
     of type ``view`` is not (``features.events.EVENT_TYPES``); the rule decides ``rating`` events. This is the one
     definition of a positive: the CTR label (``pipelines.features_batch``), the daily and speed-layer feature views
     (``pipelines.daily_features``, ``pipelines.speed_layer``), the point-in-time samples (``pipelines.pit_join``)
-    and the Python oracle (``features.views.is_positive``) all use it.
+    and the tests' Python oracles all use it.
 
     >>> LabelRule(threshold=3).positive("rating", 3.0), LabelRule().positive("rating", 3.0)
     (True, False)

@@ -19,10 +19,6 @@ Feature definitions (the same Spark code computes them in both paths):
 (7, 'feature_ts', ('item_id',))
 >>> [f.name for f in USER_HISTORY.schema]
 ['recent_items', 'recent_len']
->>> is_positive("click", 1.0), is_positive("view", 5.0), is_positive("rating", 4.0)
-(True, False, True)
->>> is_positive("rating", 3.0, LabelRule(threshold=3))
-True
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from features.definitions import ITEM, USER, Entity
-from features.source import LabelRule
 from features.tables import ITEM_WINDOW_STATS, USER_RECENT_ITEMS, TableSpec
 
 #: Days of event time of each sliding window of item_window_stats.
@@ -101,9 +96,3 @@ USER_HISTORY = FeatureView(
     schema=(Field("recent_items", "array<int>"), Field("recent_len", "int")),
 )
 FEATURE_VIEWS: dict[str, FeatureView] = {v.name: v for v in (ITEM_STATS, USER_HISTORY)}
-
-
-def is_positive(event_type: str, rating: float, label: LabelRule = LabelRule(), click: float | None = None) -> bool:
-    """Whether an event counts as a positive in the CTR features: ``label.positive`` (the source's rule; rating in
-    stars, click 0/1 or None)."""
-    return label.positive(event_type, rating, click)

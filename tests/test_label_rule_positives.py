@@ -8,7 +8,6 @@ import pytest
 
 from features.config import ROOT
 from features.source import LabelRule, load_source
-from features.views import is_positive
 
 # (event_type, rating, click): every event type, ratings either side of 3 and 4 stars, with and without a click
 EVENTS = [(t, r, c) for t in ("rating", "view", "click") for r in (1.0, 2.5, 3.0, 3.5, 4.0, 5.0) for c in (0.0, 1.0)]
@@ -21,7 +20,7 @@ def _hard_coded(event_type: str, rating: float) -> bool:
 
 def test_threshold_three_counts_the_ratings_the_rule_says():
     rule = LabelRule(rule="rating_at_least", threshold=3)
-    got = [is_positive(t, r, rule, c) for t, r, c in EVENTS]
+    got = [rule.positive(t, r, c) for t, r, c in EVENTS]
     want = [t == "click" or (t == "rating" and r >= 3.0) for t, r, _ in EVENTS]
     assert got == want
     assert got != [_hard_coded(t, r) for t, r, _ in EVENTS]  # 3 and 3.5 stars now count
@@ -33,17 +32,18 @@ def test_threshold_three_counts_the_ratings_the_rule_says():
 def test_other_rules_keep_the_event_type_semantics(rule):
     for t, r, c in EVENTS:
         by_rule = rule.rule == "any_event" or c == 1.0
-        assert is_positive(t, r, rule, c) == (t == "click" or (t != "view" and by_rule)), (t, r, c)
+        assert rule.positive(t, r, c) == (t == "click" or (t != "view" and by_rule)), (t, r, c)
 
 
 def test_movielens_source_gives_the_positives_of_before():
     rule = load_source(ROOT / "features" / "sources" / "movielens-100k.yaml", ROOT / "data").label
-    assert [is_positive(t, r, rule) for t, r, _ in EVENTS] == [_hard_coded(t, r) for t, r, _ in EVENTS]
-    assert [is_positive(t, r) for t, r, _ in EVENTS] == [_hard_coded(t, r) for t, r, _ in EVENTS]  # the default
+    assert [rule.positive(t, r) for t, r, _ in EVENTS] == [_hard_coded(t, r) for t, r, _ in EVENTS]
+    default = LabelRule()
+    assert [default.positive(t, r) for t, r, _ in EVENTS] == [_hard_coded(t, r) for t, r, _ in EVENTS]
 
 
 def test_generated_source_gives_the_positives_of_before():
     """The generator's events are ``rating`` events with 5 stars for a click and 1 for none (its Parquet log)."""
     rule = load_source(ROOT / "features" / "sources" / "generated.yaml", ROOT / "data").label
     for click, rating in ((1.0, 5.0), (0.0, 1.0)):
-        assert is_positive("rating", rating, rule, click) == _hard_coded("rating", rating)
+        assert rule.positive("rating", rating, click) == _hard_coded("rating", rating)

@@ -18,7 +18,7 @@ import pytest
 
 from features.source import LabelRule
 from features.tables import BRONZE_INTERACTIONS, ITEM_WINDOW_STATS, PIT_TRAINING_SET, USER_RECENT_ITEMS
-from features.views import ITEM_STATS, RECENT_ITEMS, USER_HISTORY, WINDOWS_DAYS, is_positive
+from features.views import ITEM_STATS, RECENT_ITEMS, USER_HISTORY, WINDOWS_DAYS
 
 START = datetime(1998, 1, 1, tzinfo=timezone.utc)
 DAYS = 40
@@ -55,7 +55,7 @@ def oracle_item_stats(events: list[dict], day: date, label: LabelRule = LabelRul
         for w in WINDOWS_DAYS:
             inside = [e for e in events if e["item_id"] == item
                       and day - timedelta(days=w - 1) <= e["event_time"].date() <= day]
-            pos = sum(is_positive(e["event_type"], e["rating"], label) for e in inside)
+            pos = sum(label.positive(e["event_type"], e["rating"]) for e in inside)
             row += [len(inside), pos, pos / len(inside) if inside else None]
         if row[3 * WINDOWS_DAYS.index(max(WINDOWS_DAYS))]:  # an event in the longest window
             out[item] = tuple(row)
@@ -103,7 +103,7 @@ def oracle_pit(events: list[dict]) -> dict[str, tuple]:
                 feats += [best[1], len(best[1])] if best else [None, None]
             else:
                 feats += list(best[1]) if best else [None] * width
-        out[e["event_id"]] = (int(is_positive(e["event_type"], e["rating"])), *feats)
+        out[e["event_id"]] = (int(LabelRule().positive(e["event_type"], e["rating"])), *feats)
     return out
 
 
@@ -185,7 +185,7 @@ def test_a_source_rule_other_than_four_stars_decides_the_features_positives_and_
     assert approx(got) == approx(want)
     assert approx(want) != approx(oracle_feature_rows(BASE_EVENTS)[0])
     labels = {r["event_id"]: r["label"] for r in samples_from_bronze(bronze, three).collect()}
-    assert labels == {e["event_id"]: int(is_positive(e["event_type"], e["rating"], three)) for e in BASE_EVENTS}
+    assert labels == {e["event_id"]: int(three.positive(e["event_type"], e["rating"])) for e in BASE_EVENTS}
 
 
 def test_point_in_time_join_matches_the_oracle(spark, built):
